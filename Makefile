@@ -1,0 +1,42 @@
+# kubetune developer commands. Heavy artefacts (Go toolchain, Python venv) are cached outside the
+# repository under $(KUBETUNE_CACHE), keyed by version, so a warm machine starts in seconds.
+SHELL := /bin/bash
+export KUBETUNE_CACHE ?= $(HOME)/.cache/kubetune
+export PYTHONPATH := $(CURDIR)/hack
+PY := .cache/venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+.cache/venv.stamp: pyproject.toml constraints.txt hack/venv.sh
+	@mkdir -p .cache
+	@ln -sfn "$$(hack/venv.sh)" .cache/venv
+	@touch $@
+
+venv: .cache/venv.stamp ## create or reuse the Python environment (cached by dependency hash)
+
+toolchain: ## build kube-apiserver, etcd, kwok, kubectl, helm from Go modules (cached)
+	@hack/toolchain.sh >/dev/null
+
+cluster-up: venv toolchain ## start the local control plane with fake GPU nodes; kubeconfig at .cache/kubeconfig
+	@$(PY) -m kubetune_dev cluster up
+
+cluster-down: venv ## stop the local control plane
+	@$(PY) -m kubetune_dev cluster down
+
+lint: venv ## ruff (lint + format) and mypy
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint toolchain ## everything CI runs: lint, types, and every test tier against a real control plane
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv ## only the fast tier
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-e2e: venv toolchain ## only the tests that need the control plane
+	$(PY) -m pytest -m e2e $(PYTEST_ARGS)

@@ -1,0 +1,78 @@
+"""Shared pytest wiring: test tiers, the local control plane, and the rule that nothing is skipped.
+
+Tiers (markers): unit (pure, fast), trainer (real torch on CPU), e2e (a real kube-apiserver), slow.
+The `cluster` fixture starts one local control plane per session, or reuses the one whose state
+directory KUBETUNE_TEST_CLUSTER names (started with `make cluster-up`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubetune_dev.cluster import LocalCluster, running_cluster, stop_processes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every test belongs to a tier; a test without an explicit one is a unit test.
+    tiers = {"unit", "trainer", "e2e"}
+    for item in items:
+        if not tiers & {m.name for m in item.iter_markers()}:
+            item.add_marker(pytest.mark.unit)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # A skipped test proves nothing. Only tests that need a GPU may skip on a machine without one.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    bad = [r for r in reporter.stats.get("skipped", []) if "gpu" not in getattr(r, "keywords", {})]
+    if bad and session.exitstatus == 0:
+        reporter.write_line(f"FAILED: {len(bad)} test(s) skipped without needing a GPU:", red=True)
+        for r in bad:
+            reporter.write_line(f"  {r.nodeid}: {r.longrepr[-1] if isinstance(r.longrepr, tuple) else r.longrepr}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _reap_abandoned_test_clusters() -> None:
+    """Stop clusters left by test sessions that died without tearing down (their pid is gone)."""
+    for state in (REPO / ".cache").glob("test-cluster-*"):
+        owner = int(state.name.rsplit("-", 1)[1])
+        if not Path(f"/proc/{owner}").exists():
+            stop_processes(state)
+            shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    given = os.environ.get("KUBETUNE_TEST_CLUSTER")
+    if given:
+        existing = running_cluster(Path(given))
+        if existing is None:
+            raise RuntimeError(f"KUBETUNE_TEST_CLUSTER={given} names no running cluster (make cluster-up?)")
+        yield existing
+        return
+    _reap_abandoned_test_clusters()
+    c = LocalCluster(state_dir=REPO / ".cache" / f"test-cluster-{os.getpid()}").start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(c.state_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def namespace(cluster: LocalCluster) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting)."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("wait", "--for=create", "serviceaccount/default", "-n", name, "--timeout=60s")
+    yield name
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,266 @@
+"""The trainer's configuration: what one training run needs, as a JSON document.
+
+The operator renders this document into a ConfigMap; the trainer reads it with `TrainerConfig.load`.
+The option groups shared with the FineTuneJob API (`DatasetOptions`, `MethodConfig`, `TrainingConfig`)
+are defined once here and reused by the operator's API models, so a field means the same thing in the
+CRD, in the rendered config and in the trainer.
+
+Pure pydantic: importing this module must never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+DatasetFormat = Literal["text", "prompt_completion", "messages", "alpaca", "sharegpt"]
+MethodType = Literal["lora", "qlora", "dora", "prefix", "prompt", "ia3", "full"]
+PEFT_METHODS: tuple[MethodType, ...] = ("lora", "qlora", "dora", "prefix", "prompt", "ia3")
+LORA_FAMILY: tuple[MethodType, ...] = ("lora", "qlora", "dora")
+Precision = Literal["bf16", "fp16", "fp32"]
+Scheduler = Literal["cosine", "linear", "constant"]
+
+
+class Model(BaseModel):
+    """Base for every config model: camelCase on the wire, unknown keys rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------
+# Option groups shared with the FineTuneJob API
+# ----------------------------------------------------------------------------------------------
+
+
+class DatasetOptions(Model):
+    format: DatasetFormat = Field(
+        "text",
+        description=(
+            "Row format. text: {text}. prompt_completion: {prompt, completion}. messages: "
+            "{messages: [{role, content}]} rendered with the tokenizer's chat template. alpaca: "
+            "{instruction, input?, output}. sharegpt: {conversations: [{from, value}]}. The loss is "
+            "computed only on completion / assistant tokens where the format marks them."
+        ),
+    )
+    eval_split: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description=(
+            "Fraction of rows held out for evaluation (0 to 0.5). Ignored when an eval source is given. "
+            "The split is deterministic for a given seed."
+        ),
+    )
+    max_seq_length: int = Field(
+        2048,
+        ge=16,
+        le=1048576,
+        description="Longest sequence in tokens; longer samples are truncated (and counted in the logs).",
+    )
+    packing: bool = Field(
+        True,
+        description=(
+            "Pack several samples into one sequence of up to maxSeqLength tokens with exact per-sample "
+            "attention boundaries (no cross-sample attention). Removes padding waste."
+        ),
+    )
+    shuffle: bool = Field(True, description="Shuffle training samples every epoch (seeded).")
+
+
+class LoraSettings(Model):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank: the inner dimension of the low-rank update.")
+    alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling numerator; the update is scaled by alpha/r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout applied to the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        description=(
+            'Module names to adapt, e.g. [q_proj, k_proj, v_proj, o_proj]; "all-linear" adapts every linear '
+            "layer except the output head."
+        ),
+    )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+
+
+class QuantizationSettings(Model):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type used by bitsandbytes.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bf16", "fp16"] = Field("bf16", description="Data type of the matmuls after dequantisation.")
+
+
+class VirtualTokenSettings(Model):
+    num_virtual_tokens: int = Field(
+        20, ge=1, le=1024, description="Number of trainable virtual tokens prepended to every sequence."
+    )
+    init_text: str | None = Field(
+        None,
+        description="Prompt tuning only: initialise the virtual tokens from this text instead of randomly.",
+    )
+
+
+class Ia3Settings(Model):
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        min_length=1,
+        description="Modules whose activations IA3 rescales.",
+    )
+    feedforward_modules: list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="The subset of targetModules that are feed-forward layers (their input is rescaled).",
+    )
+
+
+class FullSettings(Model):
+    sharding: Literal["auto", "fsdp", "ddp"] = Field(
+        "auto",
+        description=(
+            "How full fine-tuning spreads over GPUs. auto: FSDP2 (parameters, gradients and optimizer state "
+            "sharded) when more than one process trains, otherwise plain single-process training. ddp: "
+            "replicate the model on every GPU (only when it fits)."
+        ),
+    )
+
+
+class MethodConfig(Model):
+    type: MethodType = Field(
+        "lora",
+        description=(
+            "Fine-tuning method. lora, dora (weight-decomposed LoRA), qlora (LoRA on a 4-bit base, GPU only), "
+            "prefix and prompt (virtual tokens), ia3 (learned activation scaling), full (every weight)."
+        ),
+    )
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="Settings for lora, dora and qlora."
+    )
+    qlora: QuantizationSettings = Field(
+        default_factory=QuantizationSettings, description="Quantisation of the frozen base model for qlora."
+    )
+    prefix: VirtualTokenSettings = Field(
+        default_factory=VirtualTokenSettings, description="Settings for prefix tuning."
+    )
+    prompt: VirtualTokenSettings = Field(
+        default_factory=VirtualTokenSettings, description="Settings for prompt tuning."
+    )
+    ia3: Ia3Settings = Field(default_factory=Ia3Settings, description="Settings for ia3.")
+    full: FullSettings = Field(default_factory=FullSettings, description="Settings for full fine-tuning.")
+
+    @property
+    def is_peft(self) -> bool:
+        return self.type in PEFT_METHODS
+
+
+class TrainingConfig(Model):
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="Passes over the training data. Give epochs or maxSteps; when both are given maxSteps wins.",
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to train for; overrides epochs when given."
+    )
+    learning_rate: float = Field(2.0e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(
+        0.03, ge=0.0, le=0.5, description="Fraction of total steps spent warming the learning rate up from 0."
+    )
+    batch_size_per_device: int = Field(
+        4,
+        ge=1,
+        le=4096,
+        description="Sequences per process per micro-batch (with packing: packed sequences of maxSeqLength).",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches accumulated into one optimizer step."
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    precision: Precision = Field(
+        "bf16",
+        description="Compute precision. bf16 and fp16 use autocast with fp32 master weights; fp32 trains in full precision.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 20% slower."
+    )
+    compile: bool = Field(False, description="Compile each decoder block with torch.compile.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
+    log_every_steps: int = Field(10, ge=1, description="Log and publish metrics every N optimizer steps.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Evaluate on the eval split every N steps (always once at the end)."
+    )
+
+    @model_validator(mode="after")
+    def _length_given(self) -> TrainingConfig:
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1.0
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer-only parts: resolved local paths and the run's identity
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelConfig(Model):
+    source: str = Field(
+        description=(
+            "A local directory (what a PVC mount gives) or an hf:// model id downloaded into the cache dir "
+            "with the token from the HF_TOKEN environment variable."
+        )
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// sources.")
+    gguf_file: str | None = Field(None, description="GGUF file inside the source directory to load and dequantise.")
+    cache_dir: str | None = Field(None, description="Where hub downloads go.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the source to run.")
+
+
+class DatasetConfig(DatasetOptions):
+    path: str = Field(description="Local file or directory with the training rows.")
+    eval_path: str | None = Field(None, description="Local file or directory with evaluation rows.")
+
+
+class CheckpointConfig(Model):
+    dir: str = Field(description="Directory that holds this run's checkpoints.")
+    every_steps: int | None = Field(200, ge=1, description="Save every N optimizer steps.")
+    every_minutes: float | None = Field(None, gt=0, description="Save when this many minutes passed since the last save.")
+    keep_last: int = Field(3, ge=1, le=100, description="Valid checkpoints kept; older ones are deleted after a save.")
+
+
+class OutputConfig(Model):
+    dir: str = Field(description="Directory that receives the final adapter or model, tokenizer and manifest.")
+    merge_adapter: bool = Field(False, description="Also write the base model with the adapter merged in.")
+
+
+class MetricsConfig(Model):
+    port: int = Field(9400, ge=0, le=65535, description="Port of rank 0's /metrics and /progress; 0 disables.")
+
+
+class RunIdentity(Model):
+    """Who this training is, for the manifest and the logs."""
+
+    namespace: str = ""
+    name: str = ""
+    run: int = 1
+    generation: int | None = None
+
+
+class TrainerConfig(Model):
+    model: ModelConfig
+    dataset: DatasetConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig
+    output: OutputConfig
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    identity: RunIdentity = Field(default_factory=RunIdentity)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainerConfig:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def dump(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)
