@@ -1,0 +1,438 @@
+"""FineTuneJob spec: what to train, on what, where checkpoints and outputs go, and how runs behave.
+
+`method` and `training` are the trainer's own option groups and `dataset` extends the trainer's
+`DatasetOptions` (kubetune_trainer.config), so a field means the same thing in the CRD, in the rendered
+trainer config and in the trainer. Cross-field rules live in validation.py as CEL.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from kubetune_trainer.config import DatasetOptions, MethodConfig, TrainingConfig
+from pydantic import Field
+
+from kubetune_operator.api.common import DEFAULTED_GROUP, ApiModel, EmbeddedObject, Quantity
+
+SOURCE_FORMS = (
+    "hf://<org>/<name> (Hugging Face Hub), pvc://<claim>/<path> (a PersistentVolumeClaim in the job's "
+    "namespace, mounted read-only) or s3://<bucket>/<path>"
+)
+
+LabelValue = Annotated[str, Field(max_length=63)]
+AnnotationValue = Annotated[str, Field(max_length=4096)]
+
+
+# ----------------------------------------------------------------------------------------------
+# model and dataset
+# ----------------------------------------------------------------------------------------------
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the FineTuneJob's namespace. Its value reaches the workers only as an
+    environment variable from a secretKeyRef: never in a ConfigMap, the status, events or logs."""
+
+    name: str = Field(max_length=253, description="Name of the Secret, in the FineTuneJob's namespace.")
+    key: str = Field("token", max_length=253, description="Key inside the Secret that holds the credential.")
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    source: str = Field(
+        max_length=2048,
+        description=(
+            f"Where the base model comes from: {SOURCE_FORMS}. A pvc:// or s3:// path is a directory in "
+            "Hugging Face format (config.json, tokenizer, safetensors weights)."
+        ),
+    )
+    revision: str | None = Field(
+        None,
+        max_length=255,
+        description=(
+            "hf:// sources only: the branch, tag or commit to download. Omitted: the repository's default branch."
+        ),
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        None,
+        description=(
+            "hf:// sources only: the Hugging Face access token for gated or private repositories (exported to "
+            "the workers as HF_TOKEN; also used for hf:// dataset sources)."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description=(
+            "Allow Python code shipped with the model repository to run inside the workers. Enable only for "
+            "sources you trust."
+        ),
+    )
+
+
+class DatasetSpec(DatasetOptions):
+    """The training data, and the optional evaluation data."""
+
+    source: str = Field(
+        max_length=2048,
+        description=(
+            f"Training rows: {SOURCE_FORMS}. A file (.jsonl, .json, .parquet) or a directory of such files. "
+            "To retrain on new data, point this at the new version (e.g. pvc://datasets/support/v4.jsonl)."
+        ),
+    )
+    eval_source: str | None = Field(
+        None,
+        max_length=2048,
+        description=(
+            f"Evaluation rows in the same format: {SOURCE_FORMS}. Mutually exclusive with a non-zero evalSplit."
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# resources
+# ----------------------------------------------------------------------------------------------
+
+
+class Toleration(ApiModel):
+    """A toleration of a node taint, as in a Pod spec."""
+
+    key: str | None = Field(
+        None, max_length=316, description="Taint key to tolerate. Omitted (with operator Exists): every taint."
+    )
+    operator: Literal["Equal", "Exists"] = Field(
+        "Equal", description="Equal: the taint value must equal value. Exists: any value (value must be omitted)."
+    )
+    value: str | None = Field(None, max_length=63, description="Taint value to match when operator is Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to match. Omitted: every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None,
+        ge=0,
+        description="NoExecute only: how long the pod stays bound after the taint appears. Omitted: forever.",
+    )
+
+
+class Affinity(ApiModel):
+    """Scheduling constraints of the worker pods, as in a Pod spec's affinity (each part is passed on unchanged)."""
+
+    node_affinity: EmbeddedObject | None = Field(
+        None, description="A core/v1 NodeAffinity: which nodes the workers may or prefer to run on."
+    )
+    pod_affinity: EmbeddedObject | None = Field(
+        None, description="A core/v1 PodAffinity: run workers near pods matching a selector."
+    )
+    pod_anti_affinity: EmbeddedObject | None = Field(
+        None, description="A core/v1 PodAntiAffinity: keep workers away from pods matching a selector."
+    )
+
+
+class Resources(ApiModel):
+    """Where and with what the workers run. One worker pod runs per node; it starts one training process per GPU
+    (one process when gpusPerNode is 0)."""
+
+    num_nodes: int = Field(1, ge=1, le=1024, description="Number of worker pods (nodes) training together.")
+    gpus_per_node: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description=(
+            "GPUs (nvidia.com/gpu) requested by each worker pod. 0 trains on CPU (small models and tests only)."
+        ),
+    )
+    gpu_product: str | None = Field(
+        None,
+        max_length=63,
+        description=(
+            "Run only on nodes whose nvidia.com/gpu.product label equals this, e.g. NVIDIA-H100-80GB-HBM3. "
+            "Also selects the price per GPU-hour used for cost tracking."
+        ),
+    )
+    cpu: Quantity | None = Field(
+        None, description="CPU requested by each worker pod, e.g. 16 or 15500m. Omitted: no explicit request."
+    )
+    memory: Quantity | None = Field(
+        None,
+        description="Memory requested by each worker pod, and its limit, e.g. 200Gi. Omitted: no explicit request.",
+    )
+    shm_size: Quantity | None = Field(
+        None,
+        description=(
+            "Size limit of the memory-backed /dev/shm that data loaders and NCCL use, e.g. 16Gi; counts against "
+            "the pod's memory. Omitted: bounded by the pod's memory limit."
+        ),
+    )
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the worker pods require, in addition to the one gpuProduct implies.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints the worker pods tolerate."
+    )
+    affinity: Affinity | None = Field(None, description="Node and pod (anti-)affinity of the worker pods.")
+    priority_class_name: str | None = Field(
+        None,
+        max_length=253,
+        description="PriorityClass of the worker pods; a higher priority may preempt other workloads.",
+    )
+    queue_name: str | None = Field(
+        None,
+        max_length=63,
+        description=(
+            "Kueue LocalQueue to submit to. Kueue then admits the job's workers as one unit when quota allows; "
+            "until then the job stays Pending."
+        ),
+    )
+    image: str | None = Field(
+        None,
+        max_length=512,
+        description=(
+            "Container image of the workers. Omitted: the operator's image for the method (a PEFT image or a "
+            "full fine-tuning image, set in the Helm values)."
+        ),
+    )
+    pod_labels: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Extra labels on every worker pod (keys under kubetune.io/ are reserved for the operator).",
+    )
+    pod_annotations: dict[str, AnnotationValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Extra annotations on every worker pod (keys under kubetune.io/ are reserved for the operator).",
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint and output
+# ----------------------------------------------------------------------------------------------
+
+
+class ClaimTemplateMetadata(ApiModel):
+    """Labels and annotations of the PersistentVolumeClaim created from the template."""
+
+    labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=32, description="Labels of the claim.")
+    annotations: dict[str, AnnotationValue] = Field(
+        default_factory=dict, max_length=32, description="Annotations of the claim."
+    )
+
+
+class StorageRequest(ApiModel):
+    """The requested capacity."""
+
+    storage: Quantity = Field(description="Capacity of the volume, e.g. 500Gi.")
+
+
+class ClaimResources(ApiModel):
+    """Storage resources of the claim, as in a PersistentVolumeClaim spec."""
+
+    requests: StorageRequest = Field(description="The capacity to request.")
+
+
+class ClaimTemplateSpec(ApiModel):
+    """The part of a PersistentVolumeClaim spec a checkpoint volume needs."""
+
+    access_modes: list[Literal["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]] = Field(
+        min_length=1,
+        max_length=3,
+        description="How the volume can be mounted. Jobs with more than one node need ReadWriteMany.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    storage_class_name: str | None = Field(
+        None, max_length=253, description="StorageClass to provision from. Omitted: the cluster's default class."
+    )
+    resources: ClaimResources = Field(description="The capacity to request (resources.requests.storage).")
+
+
+class VolumeClaimTemplate(ApiModel):
+    """A PersistentVolumeClaim the FineTuneJob creates and owns."""
+
+    metadata: ClaimTemplateMetadata | None = Field(None, description="Labels and annotations of the claim.")
+    spec: ClaimTemplateSpec = Field(description="Access modes, storage class and size of the claim.")
+
+
+class CheckpointSpec(ApiModel):
+    """Where and how often training state is saved. Every attempt resumes from the run's latest valid checkpoint,
+    kept under <claim>/<namespace>/<job>/runs/<run>/."""
+
+    claim_name: str | None = Field(
+        None,
+        max_length=253,
+        description=(
+            "An existing PersistentVolumeClaim in the job's namespace. The job does not own it: deleting the job "
+            "keeps the checkpoints. Set exactly one of claimName and volumeClaimTemplate."
+        ),
+    )
+    volume_claim_template: VolumeClaimTemplate | None = Field(
+        None,
+        description=(
+            "A claim created for this job and owned by it: deleting the job deletes the claim and everything "
+            "on it. Set exactly one of claimName and volumeClaimTemplate."
+        ),
+    )
+    every_steps: int | None = Field(
+        None, ge=1, description="Save every N optimizer steps. Give everySteps, everyMinutes or both."
+    )
+    every_minutes: int | None = Field(
+        None,
+        ge=1,
+        le=1440,
+        description="Save when this many minutes passed since the last save. Give everySteps, everyMinutes or both.",
+    )
+    keep_last: int = Field(
+        3, ge=1, le=100, description="Valid checkpoints kept per run; older ones are deleted after each save."
+    )
+
+
+class OutputSpec(ApiModel):
+    """Where the trained adapter or model is written: <claim>/<path>/<namespace>/<job>/runs/<run>/."""
+
+    claim_name: str | None = Field(
+        None,
+        max_length=253,
+        description=(
+            "PersistentVolumeClaim that receives the outputs. Omitted: the checkpoint claim (with a "
+            "volumeClaimTemplate, that claim is deleted with the job: name a claim here to keep the weights)."
+        ),
+    )
+    path: str | None = Field(
+        None,
+        max_length=1024,
+        description="Relative directory inside the claim under which outputs are written. Omitted: the claim's root.",
+    )
+    merge_adapter: bool = Field(
+        False,
+        description=(
+            "Also write the base model with the adapter merged in, ready to serve without PEFT. For lora, "
+            "qlora, dora and ia3 only."
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# run policy, budget, evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+class RunPolicy(ApiModel):
+    """How runs and attempts behave. A run trains one spec generation (or one kubetune.io/rerun token); an attempt
+    is one execution of a run that resumes from the latest checkpoint."""
+
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="Attempts after the first that a run may use after failures (OOM, node loss, preemption, stall).",
+    )
+    backoff_policy: Literal["Exponential", "Fixed"] = Field(
+        "Exponential",
+        description=(
+            "Wait before the next attempt. Exponential: backoffSeconds doubled per restart, capped at "
+            "maxBackoffSeconds. Fixed: always backoffSeconds."
+        ),
+    )
+    backoff_seconds: int = Field(30, ge=0, le=3600, description="Wait before the first restart of a run.")
+    max_backoff_seconds: int = Field(
+        600, ge=0, le=86400, description="Longest wait between attempts with the Exponential policy."
+    )
+    active_deadline_seconds: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Wall-clock limit of a run, all attempts together; passing it fails the run (reason DeadlineExceeded)."
+        ),
+    )
+    stall_timeout_seconds: int = Field(
+        1800,
+        ge=1,
+        le=604800,
+        description=(
+            "Restart from the latest checkpoint (reason Stalled) when training reports no new step for this long."
+        ),
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Delete the FineTuneJob this long after it finished. Checkpoints and outputs on claims it does not own "
+            "stay. Leave unset for jobs kept in git: Argo CD or Flux would re-create a deleted job and retrain."
+        ),
+    )
+    suspend: bool = Field(
+        False,
+        description="Stop the workers (checkpointing first) and keep the job suspended until set back to false.",
+    )
+    on_spec_change: Literal["Restart", "Queue"] = Field(
+        "Restart",
+        description=(
+            "What a spec change (a new generation) or a new kubetune.io/rerun annotation does to a run in flight. "
+            "Restart: stop it and start a new run now. Queue: let it finish, then start the new run."
+        ),
+    )
+
+
+class Budget(ApiModel):
+    """Spending limits per run. When accrued or projected spend passes a limit, the run checkpoints and stops with
+    reason BudgetExceeded."""
+
+    max_cost_usd: float | None = Field(
+        None,
+        gt=0,
+        alias="maxCostUSD",
+        description="Most the run may cost, in US dollars (GPU-hours x the operator's price for the GPU product).",
+    )
+    max_gpu_hours: float | None = Field(None, gt=0, description="Most GPU-hours the run may use.")
+
+
+class Evaluation(ApiModel):
+    """A quality gate on the finished run."""
+
+    max_eval_loss: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "The run fails (reason EvalGateFailed) and its output is not promoted when the final evaluation "
+            "loss is above this. Needs evaluation data (dataset.evalSplit or dataset.evalSource)."
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the spec
+# ----------------------------------------------------------------------------------------------
+
+
+class FineTuneJobSpec(ApiModel):
+    """The fine-tuning to run. Editing the spec starts a new run (see runPolicy.onSpecChange)."""
+
+    model: ModelSpec = Field(description="The base model to fine-tune.")
+    dataset: DatasetSpec = Field(description="Training data, optional evaluation data, and how rows become sequences.")
+    method: MethodConfig = Field(
+        default_factory=MethodConfig,
+        description="The fine-tuning method and its settings; only the group named by type may be given.",
+        json_schema_extra=DEFAULTED_GROUP,
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig,
+        description="Optimisation hyperparameters.",
+        json_schema_extra=DEFAULTED_GROUP,
+    )
+    resources: Resources = Field(
+        default_factory=Resources,
+        description="Nodes, GPUs, scheduling and pod settings of the workers.",
+        json_schema_extra=DEFAULTED_GROUP,
+    )
+    checkpoint: CheckpointSpec = Field(description="Where and how often training state is saved.")
+    output: OutputSpec = Field(
+        default_factory=OutputSpec,
+        description="Where the trained adapter or model is written.",
+        json_schema_extra=DEFAULTED_GROUP,
+    )
+    run_policy: RunPolicy = Field(
+        default_factory=RunPolicy,
+        description="Restarts, backoff, deadlines, stall detection, suspension and what a spec change does.",
+        json_schema_extra=DEFAULTED_GROUP,
+    )
+    budget: Budget | None = Field(None, description="Spending limits per run.")
+    evaluation: Evaluation | None = Field(None, description="A quality gate on the finished run.")

@@ -1,0 +1,263 @@
+"""FineTuneJob status, and the pure helpers the operator uses to maintain it.
+
+The status follows kstatus: a top-level observedGeneration, the abnormal-true Reconciling and Stalled
+conditions, a Ready summary, plus the job conditions Running, Succeeded, Failed and Suspended. `phase` is a
+one-word summary derived from the conditions (compute_phase) for printer columns and humans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from kubetune_operator.api.common import ApiModel, Time
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+ConditionType = Literal["Ready", "Reconciling", "Stalled", "Running", "Succeeded", "Failed", "Suspended"]
+RunResult = Literal["Succeeded", "Failed", "Cancelled"]
+AttemptReason = Literal[
+    "Completed",
+    "Error",
+    "OOMKilled",
+    "Preempted",
+    "Evicted",
+    "NodeLost",
+    "Stalled",
+    "BudgetExceeded",
+    "DeadlineExceeded",
+    "SpecChanged",
+    "Suspended",
+]
+
+# How many finished or running runs status.runs keeps (oldest dropped first).
+MAX_RUN_HISTORY = 20
+# The first attempt plus runPolicy.maxRestarts (at most 100) restarts.
+MAX_ATTEMPTS = 101
+
+# metav1.Condition's own validation (k8s.io/apimachinery/pkg/apis/meta/v1/types.go).
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+
+class Condition(ApiModel):
+    """One aspect of the job's state, in the shape of metav1.Condition."""
+
+    type: str = Field(
+        max_length=316,
+        pattern=CONDITION_TYPE_PATTERN,
+        description="Ready, Reconciling, Stalled, Running, Succeeded, Failed or Suspended.",
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation the condition was set for; older means out of date."
+    )
+    last_transition_time: Time = Field(description="When status last changed.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=REASON_PATTERN,
+        description="Why, as one CamelCase word (e.g. Training, BudgetExceeded).",
+    )
+    message: str = Field("", max_length=32768, description="Why, as a sentence for humans.")
+
+
+class Workers(ApiModel):
+    """The worker pods of the current attempt."""
+
+    active: int = Field(0, ge=0, description="Pods that exist and have not finished.")
+    ready: int = Field(0, ge=0, description="Pods running and ready.")
+    succeeded: int = Field(0, ge=0, description="Pods that finished successfully.")
+    failed: int = Field(0, ge=0, description="Pods that failed.")
+
+
+class Progress(ApiModel):
+    """Training progress of the current run, as last reported by rank 0 (updated at most every ~30 s)."""
+
+    step: int | None = Field(None, ge=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Optimizer steps the run will take.")
+    percent: int | None = Field(None, ge=0, le=100, description="step / totalSteps, in percent (rounded down).")
+    epoch: float | None = Field(None, ge=0, description="Passes over the training data done, fractional.")
+    loss: float | None = Field(None, description="Latest training loss.")
+    eval_loss: float | None = Field(None, description="Latest evaluation loss.")
+    tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all workers.")
+    mfu: float | None = Field(None, ge=0, le=1, description="Model FLOPs utilisation, 0 to 1.")
+    eta: str | None = Field(None, max_length=32, description="Estimated time left, for humans (e.g. 1h12m).")
+    eta_seconds: int | None = Field(None, ge=0, description="Estimated time left, in seconds.")
+    updated_at: Time | None = Field(None, description="When this progress was reported.")
+
+
+class CheckpointStatus(ApiModel):
+    """The latest valid checkpoint of the current run."""
+
+    latest: str | None = Field(None, max_length=4096, description="Path of the checkpoint inside the claim.")
+    step: int | None = Field(None, ge=0, description="Optimizer step it was taken at.")
+    saved_at: Time | None = Field(None, description="When it was saved.")
+
+
+class CostStatus(ApiModel):
+    """Spend of the current run."""
+
+    gpu_hours: float | None = Field(None, ge=0, description="GPU-hours used by the run's worker pods.")
+    usd: float | None = Field(None, ge=0, description="Accrued cost in US dollars.")
+    projected_usd: float | None = Field(
+        None,
+        ge=0,
+        alias="projectedUSD",
+        description="Expected cost of the whole run in US dollars, at the current rate.",
+    )
+
+
+class OutputStatus(ApiModel):
+    """The trained artefacts of the latest finished run."""
+
+    path: str | None = Field(
+        None, max_length=4096, description="Where the output is, e.g. pvc://ft-models/default/support-bot/runs/2."
+    )
+    promoted: bool | None = Field(
+        None, description="True when the output passed the evaluation gate (or there is none) and is final."
+    )
+
+
+class RunRecord(ApiModel):
+    """One run in the history."""
+
+    run: int = Field(ge=1, description="Run number, counting from 1.")
+    generation: int = Field(ge=1, description="The metadata.generation the run trained.")
+    rerun_token: str | None = Field(
+        None, max_length=256, description="The kubetune.io/rerun annotation value that started the run, if any."
+    )
+    result: RunResult | None = Field(
+        None, description="Succeeded, Failed or Cancelled (by a spec change or deletion); omitted while running."
+    )
+    reason: str | None = Field(
+        None, max_length=1024, pattern=REASON_PATTERN, description="Why the run ended, as one CamelCase word."
+    )
+    start_time: Time | None = Field(None, description="When the run's first attempt started.")
+    completion_time: Time | None = Field(None, description="When the run ended.")
+    attempts: int | None = Field(None, ge=1, description="Attempts the run used.")
+    final_loss: float | None = Field(None, description="Training loss at the end of the run.")
+    final_eval_loss: float | None = Field(None, description="Evaluation loss at the end of the run.")
+    output: str | None = Field(None, max_length=4096, description="Where the run's output is.")
+
+
+class AttemptRecord(ApiModel):
+    """One attempt of the current run."""
+
+    attempt: int = Field(ge=1, description="Attempt number within the run, counting from 1.")
+    start_time: Time | None = Field(None, description="When the attempt's workers were created.")
+    completion_time: Time | None = Field(None, description="When the attempt ended.")
+    reason: AttemptReason | None = Field(None, description="Why the attempt ended; omitted while it runs.")
+    message: str | None = Field(None, max_length=32768, description="Details, e.g. which pod failed and how.")
+    exit_code: int | None = Field(None, description="Exit code of the first failed worker container, if any.")
+
+
+class FineTuneJobStatus(ApiModel):
+    """The observed state of the job, written by the operator."""
+
+    observed_generation: int | None = Field(
+        None, ge=0, description="The metadata.generation the operator last acted on."
+    )
+    phase: Phase | None = Field(
+        None, description="Pending, Running, Succeeded, Failed or Suspended: a summary of the conditions."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Ready, Reconciling, Stalled, Running, Succeeded, Failed and Suspended, one entry per type.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    run: int | None = Field(None, ge=1, description="Number of the current (or last) run.")
+    attempt: int | None = Field(None, ge=1, description="Attempt number of the current run.")
+    start_time: Time | None = Field(None, description="When the current run started.")
+    completion_time: Time | None = Field(None, description="When the current run ended.")
+    workers: Workers | None = Field(None, description="The worker pods of the current attempt.")
+    progress: Progress | None = Field(None, description="Training progress of the current run.")
+    checkpoint: CheckpointStatus | None = Field(None, description="The latest valid checkpoint of the current run.")
+    cost: CostStatus | None = Field(None, description="Spend of the current run.")
+    output: OutputStatus | None = Field(None, description="The output of the latest finished run.")
+    runs: list[RunRecord] = Field(
+        default_factory=list,
+        max_length=MAX_RUN_HISTORY,
+        description=f"The last {MAX_RUN_HISTORY} runs, oldest first, the current one included.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["run"]},
+    )
+    attempts: list[AttemptRecord] = Field(
+        default_factory=list,
+        max_length=MAX_ATTEMPTS,
+        description="The attempts of the current run, oldest first, with why each ended.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["attempt"]},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# pure helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def get_condition(conditions: Sequence[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: Sequence[Condition], type_: str) -> bool:
+    condition = get_condition(conditions, type_)
+    return condition is not None and condition.status == "True"
+
+
+def set_condition(
+    conditions: Sequence[Condition],
+    type_: ConditionType,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    *,
+    observed_generation: int | None,
+    now: datetime,
+) -> list[Condition]:
+    """Return the conditions with `type_` set. Its lastTransitionTime moves only when its status changes, so
+    re-asserting the same state every reconcile does not look like a transition."""
+    old = get_condition(conditions, type_)
+    changed = old is None or old.status != status
+    new = Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        observed_generation=observed_generation,
+        last_transition_time=now if changed or old is None else old.last_transition_time,
+    )
+    if old is None:
+        return [*conditions, new]
+    return [new if c.type == type_ else c for c in conditions]
+
+
+def compute_phase(conditions: Sequence[Condition]) -> Phase:
+    """Terminal results win over suspension, suspension over running; anything else is Pending."""
+    phases: tuple[Phase, ...] = ("Succeeded", "Failed", "Suspended", "Running")
+    return next((phase for phase in phases if is_true(conditions, phase)), "Pending")
+
+
+def format_eta(seconds: float) -> str:
+    """A short human duration with the two largest units: 45s, 5m30s, 1h12m, 2d3h."""
+    total = max(0, round(seconds))
+    parts = [(total // 86400, "d"), (total % 86400 // 3600, "h"), (total % 3600 // 60, "m"), (total % 60, "s")]
+    first = next((i for i, (value, _) in enumerate(parts) if value), len(parts) - 1)
+    return "".join(f"{value}{unit}" for value, unit in parts[first : first + 2] if value) or "0s"
+
+
+def progress_percent(step: int, total_steps: int) -> int:
+    """Whole percent done, rounded down so 100 means finished; 0 when the total is not known yet."""
+    if total_steps <= 0:
+        return 0
+    return max(0, min(100, step * 100 // total_steps))
+
+
+def record_run(runs: Sequence[RunRecord], record: RunRecord) -> list[RunRecord]:
+    """Insert or replace `record` (matched by run number) and keep the newest MAX_RUN_HISTORY runs."""
+    kept = [r for r in runs if r.run != record.run]
+    return sorted([*kept, record], key=lambda r: r.run)[-MAX_RUN_HISTORY:]
