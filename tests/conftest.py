@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from kubetune_dev.cluster import LocalCluster, running_cluster, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]

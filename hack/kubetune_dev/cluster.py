@@ -11,6 +11,7 @@ two clusters in two directories run side by side.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,13 +41,14 @@ def free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """True while pid runs; a zombie counts as gone (and is reaped when it is our child)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state != "Z"
 
 
 def _cmdline(pid: int) -> str:
@@ -67,23 +69,23 @@ def stop_processes(state_dir: Path, grace: float = 10.0) -> list[str]:
         return []
     procs: dict[str, int] = json.loads(pid_file.read_text())
     marker = str(state_dir)
+
+    def ours(pid: int) -> bool:
+        return _alive(pid) and marker in _cmdline(pid)
+
     stopped = []
     for name, pid in reversed(list(procs.items())):
-        if _alive(pid) and marker in _cmdline(pid):
-            try:
+        if ours(pid):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            stopped.append(name)
+                stopped.append(name)
     deadline = time.monotonic() + grace
-    for name, pid in procs.items():
-        while _alive(pid) and marker in _cmdline(pid) and time.monotonic() < deadline:
+    for pid in procs.values():
+        while ours(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _alive(pid) and marker in _cmdline(pid):
-            try:
+        if ours(pid):
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     pid_file.unlink()
     return stopped
 
@@ -122,8 +124,7 @@ class LocalCluster:
         (self.state_dir / "pki").mkdir(parents=True)
         (self.state_dir / "logs").mkdir()
         self.ports = {
-            name: free_port()
-            for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
+            name: free_port() for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
         }
         certs = self._write_certs()
         self._write_kubeconfig(certs)
@@ -196,25 +197,44 @@ class LocalCluster:
         serving = ca.issue(
             "apiserver",
             "kube-apiserver",
-            server_names=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                          "kubernetes.default.svc.cluster.local"],
+            server_names=[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
             server_ips=["127.0.0.1", "10.96.0.1"],
         )
         admin = ca.issue("admin", "kubetune-admin", organisation="system:masters")
         sa = pki.service_account_keys(d)
         return {
-            "ca": ca.pair.cert, "ca-key": ca.pair.key, "serving": serving.cert, "serving-key": serving.key,
-            "admin": admin.cert, "admin-key": admin.key, "sa-pub": sa.cert, "sa-key": sa.key,
+            "ca": ca.pair.cert,
+            "ca-key": ca.pair.key,
+            "serving": serving.cert,
+            "serving-key": serving.key,
+            "admin": admin.cert,
+            "admin-key": admin.key,
+            "sa-pub": sa.cert,
+            "sa-key": sa.key,
         }
 
     def _write_kubeconfig(self, certs: dict[str, Path]) -> None:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "kubetune-local", "cluster": {
-                "server": self.server, "certificate-authority": str(certs["ca"])}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate": str(certs["admin"]), "client-key": str(certs["admin-key"])}}],
+            "clusters": [
+                {
+                    "name": "kubetune-local",
+                    "cluster": {"server": self.server, "certificate-authority": str(certs["ca"])},
+                }
+            ],
+            "users": [
+                {
+                    "name": "admin",
+                    "user": {"client-certificate": str(certs["admin"]), "client-key": str(certs["admin-key"])},
+                }
+            ],
             "contexts": [{"name": "kubetune-local", "context": {"cluster": "kubetune-local", "user": "admin"}}],
             "current-context": "kubetune-local",
         }
@@ -226,19 +246,25 @@ class LocalCluster:
         return [
             f"--name=kubetune-{self.ports['etcd']}",
             f"--data-dir={self.state_dir / 'etcd'}",
-            f"--listen-client-urls={client}", f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            f"--listen-client-urls={client}",
+            f"--advertise-client-urls={client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
             f"--initial-cluster=kubetune-{self.ports['etcd']}={peer}",
-            "--unsafe-no-fsync=true", "--quota-backend-bytes=4294967296", "--log-level=warn",
+            "--unsafe-no-fsync=true",
+            "--quota-backend-bytes=4294967296",
+            "--log-level=warn",
         ]
 
     def _apiserver_args(self, certs: dict[str, Path]) -> list[str]:
         return [
             f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
             f"--secure-port={self.ports['apiserver']}",
             f"--cert-dir={self.state_dir / 'pki'}",
-            f"--tls-cert-file={certs['serving']}", f"--tls-private-key-file={certs['serving-key']}",
+            f"--tls-cert-file={certs['serving']}",
+            f"--tls-private-key-file={certs['serving-key']}",
             f"--client-ca-file={certs['ca']}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={certs['sa-pub']}",
@@ -255,22 +281,27 @@ class LocalCluster:
     def _kcm_args(self, certs: dict[str, Path]) -> list[str]:
         return [
             f"--kubeconfig={self.kubeconfig}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.ports['controller-manager']}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.ports['controller-manager']}",
             "--leader-elect=false",
             f"--service-account-private-key-file={certs['sa-key']}",
             f"--root-ca-file={certs['ca']}",
-            f"--cluster-signing-cert-file={certs['ca']}", f"--cluster-signing-key-file={certs['ca-key']}",
+            f"--cluster-signing-cert-file={certs['ca']}",
+            f"--cluster-signing-key-file={certs['ca-key']}",
             "--use-service-account-credentials=false",
             # Fast reaction to finished Jobs and deleted owners keeps tests short.
-            "--concurrent-job-syncs=10", "--concurrent-gc-syncs=40",
+            "--concurrent-job-syncs=10",
+            "--concurrent-gc-syncs=40",
             "--v=1",
         ]
 
     def _scheduler_args(self) -> list[str]:
         return [
             f"--kubeconfig={self.kubeconfig}",
-            "--bind-address=127.0.0.1", f"--secure-port={self.ports['scheduler']}",
-            "--leader-elect=false", "--v=1",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.ports['scheduler']}",
+            "--leader-elect=false",
+            "--v=1",
         ]
 
     def _kwok_args(self) -> list[str]:
@@ -280,7 +311,8 @@ class LocalCluster:
             "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{self.ports['kwok']}",
-            "--cidr=10.244.0.0/16", "--node-ip=10.240.0.1",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.240.0.1",
         ]
 
     def _wait_ready(self, certs: dict[str, Path], timeout: float) -> None:
@@ -293,7 +325,7 @@ class LocalCluster:
                 with urllib.request.urlopen(f"{self.server}/readyz", context=ctx, timeout=5) as resp:
                     if resp.status == 200:
                         return
-            except Exception as e:  # noqa: BLE001 - any failure means "not yet"
+            except Exception as e:
                 last = str(e)
             time.sleep(0.3)
         log = (self.state_dir / "logs" / "kube-apiserver.log").read_text(errors="replace")[-3000:]
@@ -302,37 +334,60 @@ class LocalCluster:
     def _bootstrap_manifests(self) -> str:
         items: list[dict] = [
             {
-                "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-                "metadata": {"name": "kwok-volume",
-                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-                "provisioner": "kwok.x-k8s.io/volume", "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate",
+                "apiVersion": "storage.k8s.io/v1",
+                "kind": "StorageClass",
+                "metadata": {
+                    "name": "kwok-volume",
+                    "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+                },
+                "provisioner": "kwok.x-k8s.io/volume",
+                "reclaimPolicy": "Delete",
+                "volumeBindingMode": "Immediate",
             }
         ]
         pool = self.gpu_nodes
         for i in range(pool.count):
-            items.append(self._fake_node(
-                f"{pool.name_prefix}-{i}",
-                labels={GPU_PRODUCT_LABEL: pool.gpu_product, "nvidia.com/gpu.count": str(pool.gpus_per_node),
-                        "node.kubernetes.io/instance-type": "p5.48xlarge"},
-                resources={"cpu": pool.cpu, "memory": pool.memory, "pods": "110",
-                           "nvidia.com/gpu": str(pool.gpus_per_node)},
-            ))
+            items.append(
+                self._fake_node(
+                    f"{pool.name_prefix}-{i}",
+                    labels={
+                        GPU_PRODUCT_LABEL: pool.gpu_product,
+                        "nvidia.com/gpu.count": str(pool.gpus_per_node),
+                        "node.kubernetes.io/instance-type": "p5.48xlarge",
+                    },
+                    resources={
+                        "cpu": pool.cpu,
+                        "memory": pool.memory,
+                        "pods": "110",
+                        "nvidia.com/gpu": str(pool.gpus_per_node),
+                    },
+                )
+            )
         for i in range(self.cpu_nodes):
-            items.append(self._fake_node(
-                f"cpu-node-{i}", labels={"node.kubernetes.io/instance-type": "m5.4xlarge"},
-                resources={"cpu": "16", "memory": "64Gi", "pods": "110"},
-            ))
+            items.append(
+                self._fake_node(
+                    f"cpu-node-{i}",
+                    labels={"node.kubernetes.io/instance-type": "m5.4xlarge"},
+                    resources={"cpu": "16", "memory": "64Gi", "pods": "110"},
+                )
+            )
         return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
     @staticmethod
     def _fake_node(name: str, labels: dict[str, str], resources: dict[str, str]) -> dict:
         return {
-            "apiVersion": "v1", "kind": "Node",
+            "apiVersion": "v1",
+            "kind": "Node",
             "metadata": {
                 "name": name,
                 "annotations": {FAKE_NODE_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                           "kubernetes.io/arch": "amd64", "type": "kwok", **labels},
+                "labels": {
+                    "kubernetes.io/hostname": name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    "type": "kwok",
+                    **labels,
+                },
             },
             "status": {"capacity": resources, "allocatable": resources},
         }
@@ -344,8 +399,14 @@ class LocalCluster:
             out = self.kubectl("get", "nodes", "-o", "json", check=False)
             if out.returncode == 0:
                 nodes = json.loads(out.stdout)["items"]
-                ready = [n for n in nodes if any(
-                    c["type"] == "Ready" and c["status"] == "True" for c in n.get("status", {}).get("conditions", []))]
+                ready = [
+                    n
+                    for n in nodes
+                    if any(
+                        c["type"] == "Ready" and c["status"] == "True"
+                        for c in n.get("status", {}).get("conditions", [])
+                    )
+                ]
                 if len(ready) >= expected:
                     return
             time.sleep(0.5)
