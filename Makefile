@@ -40,3 +40,6 @@ test-unit: venv ## only the fast tier
 
 test-e2e: venv toolchain ## only the tests that need the control plane
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+crds: venv ## regenerate crds/ from the API models (tests fail when the committed CRD is stale)
+	$(PY) -m kubetune_operator.api.crd
