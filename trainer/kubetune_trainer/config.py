@@ -133,9 +133,7 @@ class MethodConfig(Model):
             "prefix and prompt (virtual tokens), ia3 (learned activation scaling), full (every weight)."
         ),
     )
-    lora: LoraSettings = Field(
-        default_factory=LoraSettings, description="Settings for lora, dora and qlora."
-    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Settings for lora, dora and qlora.")
     qlora: QuantizationSettings = Field(
         default_factory=QuantizationSettings, description="Quantisation of the frozen base model for qlora."
     )
@@ -160,9 +158,7 @@ class TrainingConfig(Model):
         le=1000,
         description="Passes over the training data. Give epochs or maxSteps; when both are given maxSteps wins.",
     )
-    max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to train for; overrides epochs when given."
-    )
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for; overrides epochs when given.")
     learning_rate: float = Field(2.0e-4, gt=0, le=1.0, description="Peak learning rate.")
     lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(
@@ -177,11 +173,16 @@ class TrainingConfig(Model):
     gradient_accumulation_steps: int = Field(
         1, ge=1, le=1024, description="Micro-batches accumulated into one optimizer step."
     )
-    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay (not applied to biases and norms).")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=1.0, description="AdamW weight decay (not applied to biases and norms)."
+    )
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
     precision: Precision = Field(
         "bf16",
-        description="Compute precision. bf16 and fp16 use autocast with fp32 master weights; fp32 trains in full precision.",
+        description=(
+            "Compute precision. bf16 and fp16 run under autocast and keep trained weights in fp32 (a PEFT method's "
+            "frozen base is stored in the compute dtype); fp32 trains in full precision."
+        ),
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about 20% slower."
@@ -226,7 +227,9 @@ class DatasetConfig(DatasetOptions):
 class CheckpointConfig(Model):
     dir: str = Field(description="Directory that holds this run's checkpoints.")
     every_steps: int | None = Field(200, ge=1, description="Save every N optimizer steps.")
-    every_minutes: float | None = Field(None, gt=0, description="Save when this many minutes passed since the last save.")
+    every_minutes: float | None = Field(
+        None, gt=0, description="Save when this many minutes passed since the last save."
+    )
     keep_last: int = Field(3, ge=1, le=100, description="Valid checkpoints kept; older ones are deleted after a save.")
 
 

@@ -1,0 +1,180 @@
+"""What a run leaves in `output.dir`.
+
+adapter_model.safetensors + adapter_config.json   PEFT methods (the adapter only)
+model.safetensors (or shards) + config.json        full fine-tuning, in the compute dtype
+tokenizer files
+merged/                                            output.mergeAdapter: base + adapter merged, with tokenizer
+metrics.jsonl                                      one record per log step (appended while training)
+loss.png                                           training and eval loss curves
+manifest.json                                      written last: base model, dataset hashes, resolved config,
+                                                   final metrics, world size, versions, output checksums
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainerConfig
+from .data import SourceFile
+from .modeling import DTYPES, compute_dtype, source_kwargs
+from .progress import rfc3339
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+MANIFEST = "manifest.json"
+MERGED = "merged"
+
+
+def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    path = out_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a kill
+    return records
+
+
+def keep_metrics_until(out_dir: Path, step: int) -> None:
+    """Drop records past the step a run resumes from (they will be produced again)."""
+    records = [r for r in read_metrics(out_dir) if r.get("step", 0) <= step]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    evals = [(r["step"], r["evalLoss"]) for r in records if r.get("evalLoss") is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_model(model: nn.Module, cfg: TrainerConfig, out_dir: Path, sharded: bool, is_main: bool) -> None:
+    """Collective under FSDP2 (every rank gathers its shards); only rank 0 writes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.method.is_peft:
+        if is_main:
+            model.save_pretrained(out_dir)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=sharded, cpu_offload=sharded))
+    if not is_main:
+        return
+    dtype = compute_dtype(cfg.training.precision) or torch.float32
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}
+    model.config.dtype = dtype
+    model.save_pretrained(out_dir, state_dict=state)
+
+
+def merge_adapter(cfg: TrainerConfig, out_dir: Path, tokenizer: Any) -> Path:
+    """Load the base again on the CPU, apply the saved adapter and write the merged weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    where, kwargs = source_kwargs(cfg.model)
+    q = cfg.method.qlora
+    dtype = DTYPES[q.compute_dtype] if cfg.method.type == "qlora" else compute_dtype(cfg.training.precision)
+    base = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or torch.float32, **kwargs)
+    merged = PeftModel.from_pretrained(base, str(out_dir)).merge_and_unload()
+    target = out_dir / MERGED
+    merged.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("kubetune", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(
+    out_dir: Path,
+    cfg: TrainerConfig,
+    *,
+    files: list[SourceFile],
+    eval_files: list[SourceFile],
+    final_metrics: dict[str, Any],
+    world_size: int,
+    parameters: dict[str, int],
+    resumed_from_step: int | None,
+) -> dict[str, Any]:
+    outputs = {
+        str(p.relative_to(out_dir)): _sha256(p)
+        for p in sorted(out_dir.rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, METRICS_FILE)
+    }
+    manifest = {
+        "kind": "adapter" if cfg.method.is_peft else "model",
+        "method": cfg.method.type,
+        "baseModel": {"source": cfg.model.source, "revision": cfg.model.revision, "ggufFile": cfg.model.gguf_file},
+        "dataset": {
+            "format": cfg.dataset.format,
+            "files": [vars(f) for f in files],
+            "evalFiles": [vars(f) for f in eval_files],
+        },
+        "config": json.loads(cfg.dump()),
+        "finalMetrics": final_metrics,
+        "worldSize": world_size,
+        "parameters": parameters,
+        "resumedFromStep": resumed_from_step,
+        "identity": cfg.identity.model_dump(by_alias=True),
+        "versions": _versions(),
+        "merged": MERGED if (out_dir / MERGED).is_dir() else None,
+        "outputs": outputs,
+        "createdAt": rfc3339(time.time()),
+    }
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(out_dir / MANIFEST)
+    return manifest

@@ -1,0 +1,236 @@
+"""What rank 0 publishes while it trains: Prometheus `/metrics` and a JSON `/progress` document.
+
+Both are served on `metrics.port` (bound to $POD_IP when set, else 0.0.0.0) by a small threaded HTTP server;
+a request only copies an in-memory snapshot, so polling is cheap.
+
+Prometheus metrics (no labels; the scrape target adds namespace and name):
+
+    kubetune_train_loss                      gauge      mean training loss over the last log interval
+    kubetune_train_eval_loss                 gauge      latest eval loss
+    kubetune_train_learning_rate             gauge
+    kubetune_train_grad_norm                 gauge      gradient norm before clipping (latest step)
+    kubetune_train_global_step               gauge      optimizer steps done
+    kubetune_train_total_steps               gauge
+    kubetune_train_tokens_total              counter    real (non-padding) tokens trained on, all ranks
+    kubetune_train_step_duration_seconds     histogram  wall time per optimizer step
+    kubetune_train_mfu_ratio                 gauge      model FLOPs utilisation, 0-1 (0 on CPU)
+    kubetune_train_gpu_memory_peak_bytes     gauge      peak CUDA memory allocated on rank 0 (0 on CPU)
+    kubetune_train_checkpoint_duration_seconds         gauge  duration of the latest checkpoint save
+    kubetune_train_last_checkpoint_timestamp_seconds   gauge  unix time of the latest checkpoint
+    kubetune_train_estimated_completion_timestamp_seconds  gauge  unix time training is expected to end
+
+`/progress` (camelCase JSON):
+
+    {
+      "state": "loading|training|evaluating|checkpointing|exporting|done|failed",
+      "reason": str | null,             # why it failed
+      "step": int, "totalSteps": int | null, "epoch": float,
+      "loss": float | null, "evalLoss": float | null, "evalPerplexity": float | null,
+      "learningRate": float | null, "gradNorm": float | null,
+      "tokensTotal": int, "tokensPerSecond": float | null, "mfu": float | null,
+      "etaSeconds": float | null, "worldSize": int,
+      "checkpoint": {"step": int, "path": str, "savedAt": RFC3339} | null,   # latest valid checkpoint
+      "resumedFromStep": int | null,
+      "startedAt": RFC3339, "updatedAt": RFC3339,
+      "history": [{"step": int, "loss": float, "evalLoss": float (only where evaluated)}, ...]
+    }
+
+`history` holds at most 500 points: when it would grow past that, every other older point is dropped, so
+it always spans the whole run at a coarser resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+STATES = ("loading", "training", "evaluating", "checkpointing", "exporting", "done", "failed")
+MAX_HISTORY = 500
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def downsample(points: list[dict[str, Any]], limit: int = MAX_HISTORY) -> list[dict[str, Any]]:
+    """Halve the resolution of the older points until the list fits; the newest point is always kept."""
+    while len(points) > limit:
+        points = points[:-1][::2] + points[-1:]
+    return points
+
+
+class Progress:
+    """Thread-safe training state, written by the loop and read by the HTTP server."""
+
+    def __init__(self, world_size: int) -> None:
+        self._lock = threading.Lock()
+        now = time.time()
+        self._doc: dict[str, Any] = {
+            "state": "loading",
+            "reason": None,
+            "step": 0,
+            "totalSteps": None,
+            "epoch": 0.0,
+            "loss": None,
+            "evalLoss": None,
+            "evalPerplexity": None,
+            "learningRate": None,
+            "gradNorm": None,
+            "tokensTotal": 0,
+            "tokensPerSecond": None,
+            "mfu": None,
+            "etaSeconds": None,
+            "worldSize": world_size,
+            "checkpoint": None,
+            "resumedFromStep": None,
+            "startedAt": rfc3339(now),
+            "updatedAt": rfc3339(now),
+        }
+        self._history: list[dict[str, Any]] = []
+        r = self.registry = CollectorRegistry()
+        p = "kubetune_train_"
+        self.loss = Gauge(p + "loss", "Mean training loss over the last log interval.", registry=r)
+        self.eval_loss = Gauge(p + "eval_loss", "Latest loss on the evaluation split.", registry=r)
+        self.learning_rate = Gauge(p + "learning_rate", "Current learning rate.", registry=r)
+        self.grad_norm = Gauge(p + "grad_norm", "Gradient norm before clipping at the latest step.", registry=r)
+        self.global_step = Gauge(p + "global_step", "Optimizer steps done.", registry=r)
+        self.total_steps = Gauge(p + "total_steps", "Optimizer steps the run will take.", registry=r)
+        self.tokens = Counter(p + "tokens", "Real (non-padding) tokens trained on, over all ranks.", registry=r)
+        self.step_duration = Histogram(
+            p + "step_duration_seconds", "Wall time of one optimizer step.", buckets=STEP_BUCKETS, registry=r
+        )
+        self.mfu = Gauge(p + "mfu_ratio", "Model FLOPs utilisation (0-1) against the dense bf16 peak.", registry=r)
+        self.gpu_memory_peak = Gauge(p + "gpu_memory_peak_bytes", "Peak CUDA memory allocated on rank 0.", registry=r)
+        self.checkpoint_duration = Gauge(
+            p + "checkpoint_duration_seconds", "Duration of the latest checkpoint save.", registry=r
+        )
+        self.last_checkpoint = Gauge(
+            p + "last_checkpoint_timestamp_seconds", "Unix time of the latest checkpoint.", registry=r
+        )
+        self.completion = Gauge(
+            p + "estimated_completion_timestamp_seconds", "Unix time training is expected to finish.", registry=r
+        )
+
+    def _update(self, **fields: Any) -> None:
+        with self._lock:
+            self._doc.update(fields)
+            self._doc["updatedAt"] = rfc3339(time.time())
+
+    def set_state(self, state: str, reason: str | None = None) -> None:
+        assert state in STATES, state
+        self._update(state=state, reason=reason)
+
+    def set_plan(self, total_steps: int) -> None:
+        self.total_steps.set(total_steps)
+        self._update(totalSteps=total_steps)
+
+    def resumed(
+        self, step: int, tokens_total: int, history: list[dict[str, Any]], checkpoint: dict[str, Any] | None
+    ) -> None:
+        self.global_step.set(step)
+        self.tokens.inc(tokens_total)
+        with self._lock:
+            self._history = downsample(list(history))
+        last_eval = next((h["evalLoss"] for h in reversed(history) if "evalLoss" in h), None)
+        if last_eval is not None:
+            self.eval_loss.set(last_eval)
+        self._update(
+            resumedFromStep=step, step=step, tokensTotal=tokens_total, evalLoss=last_eval, checkpoint=checkpoint
+        )
+
+    def step_done(self, step: int, epoch: float, duration: float, tokens: int) -> None:
+        self.step_duration.observe(duration)
+        self.global_step.set(step)
+        self.tokens.inc(tokens)
+        with self._lock:
+            self._doc["tokensTotal"] += tokens
+        self._update(step=step, epoch=round(epoch, 4))
+
+    def logged(
+        self,
+        *,
+        loss: float,
+        learning_rate: float,
+        grad_norm: float,
+        tokens_per_second: float,
+        mfu: float,
+        eta_seconds: float,
+        gpu_memory_peak: int,
+    ) -> None:
+        self.loss.set(loss)
+        self.learning_rate.set(learning_rate)
+        self.grad_norm.set(grad_norm)
+        self.mfu.set(mfu)
+        self.gpu_memory_peak.set(gpu_memory_peak)
+        self.completion.set(time.time() + eta_seconds)
+        with self._lock:
+            self._history = downsample([*self._history, {"step": self._doc["step"], "loss": loss}])
+        self._update(
+            loss=loss,
+            learningRate=learning_rate,
+            gradNorm=grad_norm,
+            tokensPerSecond=tokens_per_second,
+            mfu=mfu,
+            etaSeconds=eta_seconds,
+        )
+
+    def evaluated(self, step: int, eval_loss: float, perplexity: float) -> None:
+        self.eval_loss.set(eval_loss)
+        with self._lock:
+            if self._history and self._history[-1]["step"] == step:
+                self._history[-1] = {**self._history[-1], "evalLoss": eval_loss}
+        self._update(evalLoss=eval_loss, evalPerplexity=perplexity)
+
+    def checkpointed(self, step: int, path: str, saved_at: float, duration: float) -> None:
+        self.checkpoint_duration.set(duration)
+        self.last_checkpoint.set(saved_at)
+        self._update(checkpoint={"step": step, "path": path, "savedAt": rfc3339(saved_at)})
+
+    def history(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(h) for h in self._history]
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._doc, "history": [dict(h) for h in self._history]}
+
+
+def _handler(progress: Progress) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body, ctype = generate_latest(progress.registry), CONTENT_TYPE_LATEST
+            elif path == "/progress":
+                body, ctype = json.dumps(progress.snapshot()).encode(), "application/json"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # scrapes every 15 s are not news
+            pass
+
+    return Handler
+
+
+def serve(progress: Progress, host: str, port: int) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), _handler(progress))
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="kubetune-metrics", daemon=True).start()
+    log.info("serving /metrics and /progress on %s:%d", host, server.server_address[1])
+    return server

@@ -1,0 +1,501 @@
+"""The training run: load, resume, train, evaluate, checkpoint, export.
+
+One optimizer step on every rank:
+
+1. take this rank's micro-batches for the step (a pure function of the step, packing.Plan);
+2. agree over the gloo control group on the step's total target tokens and real tokens, whether a stop was
+   requested (SIGTERM on any rank) and whether a time-based checkpoint is due (rank 0's clock);
+3. forward/backward each micro-batch; each loss is sum(token losses) x world_size / (target tokens in the
+   whole global batch), so the averaged gradient is exactly the mean over every target token of the step,
+   whatever the split over ranks, micro-batches and packed rows;
+4. clip, step the optimizer and the schedule.
+
+On SIGTERM the loop saves a checkpoint at the next step boundary and raises `Stopped` (exit 143).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, export, mfu
+from .config import TrainerConfig
+from .data import IGNORE, PreparedData, Samples, prepare
+from .errors import Stopped, Terminated
+from .modeling import Prepared, build, check_supported, compute_dtype, load_tokenizer
+from .optim import make_optimizer, make_scheduler
+from .packing import (
+    Batch,
+    Plan,
+    collate_packed,
+    collate_padded,
+    eval_micro_batches,
+    pack_bins,
+    single_bins,
+    total_steps,
+)
+from .progress import Progress, serve
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+LOSS_CHUNK = 4096  # tokens per cross-entropy chunk: bounds the fp32 copy of the logits
+
+
+class StopSignal:
+    """SIGTERM/SIGINT: before training starts there is nothing to save, so stop at once; later, finish the
+    step and checkpoint."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.armed = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if not self.armed:
+            raise Terminated(f"stopped by {signal.Signals(signum).name} before training started")
+        self.requested = True
+
+    def install(self) -> dict[int, Any]:
+        return {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of the cross-entropy over target tokens, in fp32, a chunk of tokens at a time."""
+    logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens to the output
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_labels = labels.reshape(-1)
+    total = flat_logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, flat_labels.shape[0], LOSS_CHUNK):
+        end = start + LOSS_CHUNK
+        total = total + F.cross_entropy(
+            flat_logits[start:end].float(), flat_labels[start:end], ignore_index=IGNORE, reduction="sum"
+        )
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+@dataclass
+class Interval:
+    """Accumulators between two log lines."""
+
+    start: float
+    steps: int = 0
+    tokens: int = 0
+    targets: int = 0
+    sum_squared: int = 0
+    loss_sum: torch.Tensor | None = None
+    grad_norm: torch.Tensor | None = None
+
+
+class Run:
+    def __init__(self, cfg: TrainerConfig, rt: Runtime, progress: Progress) -> None:
+        self.cfg = cfg
+        self.rt = rt
+        self.progress = progress
+        self.stop = StopSignal()
+        self.out_dir = Path(cfg.output.dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir)
+        self.dtype = compute_dtype(cfg.training.precision)
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, rt = self.cfg, self.rt
+        check_supported(cfg, rt.device)
+        self.packed = cfg.dataset.packing and cfg.method.type not in ("prefix", "prompt")
+        if cfg.dataset.packing and not self.packed:
+            log.info("packing is off for %s tuning: its virtual tokens belong to every sample", cfg.method.type)
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.data: PreparedData = prepare(cfg.dataset, self.tokenizer, cfg.training.seed)
+        lengths = self.data.train.lengths()
+        self.bins = pack_bins(lengths, cfg.dataset.max_seq_length) if self.packed else single_bins(len(lengths))
+        self.eval_bins = self._bins(self.data.eval)
+        if self.packed:
+            log.info(
+                "packed %d samples into %d sequences of up to %d tokens (%.1f%% full)",
+                len(lengths),
+                len(self.bins),
+                cfg.dataset.max_seq_length,
+                100 * lengths.sum() / (len(self.bins) * cfg.dataset.max_seq_length),
+            )
+        t = cfg.training
+        bins_per_step = rt.world_size * t.gradient_accumulation_steps * t.batch_size_per_device
+        self.plan = Plan(
+            num_bins=len(self.bins),
+            world_size=rt.world_size,
+            accumulation=t.gradient_accumulation_steps,
+            batch_size=t.batch_size_per_device,
+            seed=t.seed,
+            shuffle=cfg.dataset.shuffle,
+            total_steps=total_steps(len(self.bins), bins_per_step, t.epochs, t.max_steps),
+        )
+        self.progress.set_plan(self.plan.total_steps)
+        # Same seed on every rank before the adapter exists: identical initial weights everywhere.
+        torch.manual_seed(t.seed)
+        self.prepared: Prepared = build(cfg, self.tokenizer, rt, self.packed)
+        torch.manual_seed(t.seed + rt.rank)  # dropout differs per rank
+        self.optimizer = make_optimizer(self.prepared.model, t, rt.device)
+        self.scheduler = make_scheduler(self.optimizer, t, self.plan.total_steps)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=t.precision == "fp16")
+        self.params = [p for p in self.prepared.model.parameters() if p.requires_grad]
+        self.peak = mfu.peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device.type == "cuda" else None
+
+    def _bins(self, samples: Samples | None) -> list[list[int]]:
+        if samples is None:
+            return []
+        lengths = samples.lengths()
+        return pack_bins(lengths, self.cfg.dataset.max_seq_length) if self.packed else single_bins(len(lengths))
+
+    def collate(self, samples: Samples, bins: list[list[int]]) -> Batch:
+        if self.packed:
+            batch = collate_packed(samples, bins)
+        else:
+            batch = collate_padded(samples, bins, self.tokenizer.pad_token_id)
+        return batch.to(self.rt.device)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        self.step = 0
+        self.tokens_total = 0
+        self.train_seconds = 0.0
+        self.resumed_from: int | None = None
+        self.last_loss: float | None = None
+        self.last_eval: tuple[float, float] | None = None
+        path = checkpoint.find_latest_valid(self.ckpt_dir, self.rt)
+        if path is None:
+            if self.rt.is_main:
+                export.keep_metrics_until(self.out_dir, 0)
+            return
+        restored = checkpoint.load(path, self.prepared.model, self.optimizer, self.rt, self.cfg.method.is_peft)
+        state = restored["trainer"]
+        self.scheduler.load_state_dict(restored["extra"]["scheduler"])
+        self.scaler.load_state_dict(restored["extra"]["scaler"])
+        self.step = self.resumed_from = state["step"]
+        self.tokens_total = state["tokensTotal"]
+        self.train_seconds = state["trainSeconds"]
+        self.last_loss = state["lastLoss"]
+        self.last_eval = tuple(state["lastEval"]) if state["lastEval"] else None  # type: ignore[assignment]
+        if state["worldSize"] != self.rt.world_size:
+            log.warning(
+                "checkpoint was written by %d processes, this run has %d: resuming, but the data order differs "
+                "from an uninterrupted run",
+                state["worldSize"],
+                self.rt.world_size,
+            )
+        self.progress.resumed(self.step, self.tokens_total, state["history"], self._checkpoint_info(path, state))
+        if self.rt.is_main:
+            export.keep_metrics_until(self.out_dir, self.step)
+        log.info("resumed from %s at step %d/%d", path, self.step, self.plan.total_steps)
+
+    @staticmethod
+    def _checkpoint_info(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+        from .progress import rfc3339
+
+        return {"step": state["step"], "path": str(path), "savedAt": rfc3339(state["savedAt"])}
+
+    def save_checkpoint(self) -> Path:
+        self.progress.set_state("checkpointing")
+        started = time.time()
+        saved_at = time.time()
+        state = {
+            "step": self.step,
+            "epoch": self.plan.epoch_of(self.step),
+            "tokensTotal": self.tokens_total,
+            "trainSeconds": self.train_seconds,
+            "worldSize": self.rt.world_size,
+            "totalSteps": self.plan.total_steps,
+            "lastLoss": self.last_loss,
+            "lastEval": list(self.last_eval) if self.last_eval else None,
+            "history": self.progress.history(),
+            "savedAt": saved_at,
+        }
+        extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+        path = checkpoint.save(
+            self.ckpt_dir,
+            self.step,
+            self.prepared.train_module if self.prepared.sharded else self.prepared.model,
+            self.optimizer,
+            extra,
+            state,
+            self.rt,
+            self.cfg.method.is_peft,
+            self.cfg.checkpoint.keep_last,
+        )
+        duration = time.time() - started
+        self.last_checkpoint_step = self.step
+        self.last_checkpoint_time = time.time()
+        self.progress.checkpointed(self.step, str(path), saved_at, duration)
+        log.info("checkpoint step %d saved to %s in %.1fs", self.step, path, duration)
+        self.progress.set_state("training")
+        return path
+
+    # -- steps -------------------------------------------------------------------------------------
+
+    def _checkpoint_time_due(self) -> bool:
+        minutes = self.cfg.checkpoint.every_minutes
+        return bool(minutes) and self.rt.is_main and time.time() - self.last_checkpoint_time >= minutes * 60
+
+    def train_step(self, batches: list[Batch], global_targets: float, interval: Interval) -> None:
+        module = self.prepared.train_module
+        ddp = self.rt.distributed and not self.prepared.sharded
+        last = len(batches) - 1
+        scale = self.rt.world_size / global_targets
+        for m, batch in enumerate(batches):
+            if self.prepared.sharded:
+                module.set_requires_gradient_sync(m == last)  # type: ignore[operator]
+            sync = nullcontext() if (not ddp or m == last) else module.no_sync()  # type: ignore[operator]
+            with sync:
+                with torch.autocast(self.rt.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                    logits = module(**batch.model_inputs()).logits
+                loss_sum = token_loss_sum(logits, batch.labels)
+                self.scaler.scale(loss_sum * scale).backward()
+            detached = loss_sum.detach()
+            interval.loss_sum = detached if interval.loss_sum is None else interval.loss_sum + detached
+        self.scaler.unscale_(self.optimizer)
+        limit = self.cfg.training.max_grad_norm or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, limit)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        interval.grad_norm = norm.detach()
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float] | None:
+        if not self.eval_bins:
+            return None
+        assert self.data.eval is not None
+        self.progress.set_state("evaluating")
+        module = self.prepared.train_module
+        module.eval()
+        loss = torch.zeros((), dtype=torch.float64)
+        count = 0
+        for bins, real in eval_micro_batches(
+            len(self.eval_bins), self.rt.world_size, self.rt.rank, self.cfg.training.batch_size_per_device
+        ):
+            batch = self.collate(self.data.eval, [self.eval_bins[b] for b in bins])
+            with torch.autocast(self.rt.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                logits = module(**batch.model_inputs()).logits
+            if real:
+                loss += token_loss_sum(logits, batch.labels).double().cpu()
+                count += batch.num_targets
+        module.train()
+        total, n = self.rt.sum_([loss.item(), float(count)])
+        eval_loss = total / n
+        perplexity = math.exp(min(eval_loss, 50.0))
+        self.progress.evaluated(self.step, eval_loss, perplexity)
+        self.progress.set_state("training")
+        log.info(
+            "eval step %d/%d | eval loss %.4f | perplexity %.3f",
+            self.step,
+            self.plan.total_steps,
+            eval_loss,
+            perplexity,
+        )
+        return eval_loss, perplexity
+
+    def log_interval(self, interval: Interval, now: float) -> float:
+        """Publish one log line's worth of figures; return the training loss of the interval."""
+        assert interval.loss_sum is not None and interval.grad_norm is not None
+        (loss_sum,) = self.rt.sum_([interval.loss_sum.item()])
+        loss = loss_sum / interval.targets
+        elapsed = max(now - interval.start, 1e-9)
+        tps = interval.tokens / elapsed
+        span = interval.sum_squared / max(interval.tokens, 1)
+        c = self.prepared.counts
+        fpt = mfu.flops_per_token(
+            c.matmul, c.layers, c.attention_width, span, peft=self.cfg.method.is_peft, adapter_params=c.trainable
+        )
+        ratio = mfu.mfu(fpt, tps / self.rt.world_size, self.peak)
+        eta = (self.plan.total_steps - self.step) * elapsed / interval.steps
+        lr = float(self.lr)
+        grad_norm = float(interval.grad_norm.item())
+        memory = torch.cuda.max_memory_allocated(self.rt.device) if self.rt.device.type == "cuda" else 0
+        self.progress.logged(
+            loss=loss,
+            learning_rate=lr,
+            grad_norm=grad_norm,
+            tokens_per_second=tps,
+            mfu=ratio,
+            eta_seconds=eta,
+            gpu_memory_peak=memory,
+        )
+        epoch = self.plan.epoch_of(self.step)
+        log.info(
+            "step %d/%d | epoch %.2f | loss %.4f | lr %.3g | grad norm %.3f | %s tok/s | mfu %.1f%% | eta %s",
+            self.step,
+            self.plan.total_steps,
+            epoch,
+            loss,
+            lr,
+            grad_norm,
+            f"{tps:,.0f}",
+            100 * ratio,
+            format_duration(eta),
+        )
+        if self.rt.is_main:
+            export.append_metrics(
+                self.out_dir,
+                {
+                    "step": self.step,
+                    "epoch": round(epoch, 4),
+                    "loss": loss,
+                    "learningRate": lr,
+                    "gradNorm": grad_norm,
+                    "tokensPerSecond": tps,
+                    "tokensTotal": self.tokens_total,
+                    "mfu": ratio,
+                    "gpuMemoryPeakBytes": memory,
+                    "time": time.time(),
+                },
+            )
+        return loss
+
+    def record_eval(self, result: tuple[float, float]) -> None:
+        self.last_eval = result
+        if self.rt.is_main:
+            export.append_metrics(
+                self.out_dir,
+                {"step": self.step, "evalLoss": result[0], "evalPerplexity": result[1], "time": time.time()},
+            )
+
+    def loop(self) -> None:
+        cfg, rt, plan = self.cfg, self.rt, self.plan
+        t = cfg.training
+        self.last_checkpoint_step = self.step
+        self.last_checkpoint_time = time.time()
+        self.stop.armed = True
+        self.progress.set_state("training")
+        self.prepared.train_module.train()
+        interval = Interval(start=time.time())
+        while self.step < plan.total_steps:
+            step_start = time.time()
+            micro = plan.micro_batches(self.step, rt.rank)
+            batches = [self.collate(self.data.train, [self.bins[b] for b in m]) for m in micro]
+            targets, tokens, sum_sq, stop, due = rt.sum_(
+                [
+                    sum(b.num_targets for b in batches),
+                    sum(b.num_tokens for b in batches),
+                    sum(b.sum_squared_lengths for b in batches),
+                    float(self.stop.requested),
+                    float(self._checkpoint_time_due()),
+                ]
+            )
+            if stop:
+                raise Stopped(self.step, self.save_checkpoint())
+            if due and self.last_checkpoint_step != self.step:
+                self.save_checkpoint()
+            self.train_step(batches, targets, interval)
+            self.step += 1
+            now = time.time()
+            self.tokens_total += int(tokens)
+            self.train_seconds += now - step_start
+            interval.steps += 1
+            interval.tokens += int(tokens)
+            interval.targets += int(targets)
+            interval.sum_squared += int(sum_sq)
+            self.progress.step_done(self.step, plan.epoch_of(self.step), now - step_start, int(tokens))
+            eval_due = bool(t.eval_every_steps) and self.step % t.eval_every_steps == 0
+            final = self.step == plan.total_steps
+            if self.step % t.log_every_steps == 0 or eval_due or final:
+                self.last_loss = self.log_interval(interval, now)
+                interval = Interval(start=time.time())
+            if eval_due or (final and self.eval_bins):
+                result = self.evaluate()
+                if result:
+                    self.record_eval(result)
+                interval.start = time.time()
+            every = cfg.checkpoint.every_steps
+            if (every and self.step % every == 0) or final:
+                self.save_checkpoint()
+                interval.start = time.time()
+        if self.stop.requested:  # arrived during the last steps, after the final checkpoint
+            raise Stopped(self.step, checkpoint.step_dir(self.ckpt_dir, self.step))
+
+    # -- outputs -----------------------------------------------------------------------------------
+
+    def finish(self) -> dict[str, Any]:
+        cfg, rt = self.cfg, self.rt
+        if self.last_eval is None and self.eval_bins:
+            result = self.evaluate()
+            if result:
+                self.record_eval(result)
+        self.progress.set_state("exporting")
+        export.save_model(self.prepared.model, cfg, self.out_dir, self.prepared.sharded, rt.is_main)
+        final = {
+            "steps": self.step,
+            "trainLoss": self.last_loss,
+            "evalLoss": self.last_eval[0] if self.last_eval else None,
+            "evalPerplexity": self.last_eval[1] if self.last_eval else None,
+            "tokensTotal": self.tokens_total,
+            "trainSeconds": round(self.train_seconds, 3),
+            "tokensPerSecond": self.tokens_total / self.train_seconds if self.train_seconds else None,
+            "epochs": round(self.plan.epoch_of(self.step), 4),
+        }
+        if rt.is_main:
+            self.tokenizer.save_pretrained(self.out_dir)
+            if cfg.output.merge_adapter and cfg.method.is_peft:
+                export.merge_adapter(cfg, self.out_dir, self.tokenizer)
+            records = export.read_metrics(self.out_dir)
+            export.plot_loss(records, self.out_dir / export.LOSS_PLOT, f"{cfg.method.type} fine-tuning")
+            c = self.prepared.counts
+            export.write_manifest(
+                self.out_dir,
+                cfg,
+                files=self.data.files,
+                eval_files=self.data.eval_files,
+                final_metrics=final,
+                world_size=rt.world_size,
+                parameters={"total": c.total, "trainable": c.trainable, "matmul": c.matmul},
+                resumed_from_step=self.resumed_from,
+            )
+            log.info("outputs written to %s", self.out_dir)
+        rt.barrier()
+        self.progress.set_state("done")
+        return final
+
+
+def run(cfg: TrainerConfig, rt: Runtime) -> dict[str, Any]:
+    """Train to the end (resuming from the latest valid checkpoint) and write the outputs."""
+    progress = Progress(rt.world_size)
+    server = None
+    if rt.is_main and cfg.metrics.port:
+        server = serve(progress, os.environ.get("POD_IP") or "0.0.0.0", cfg.metrics.port)
+    r = Run(cfg, rt, progress)
+    previous = r.stop.install()
+    try:
+        r.setup()
+        r.resume()
+        r.loop()
+        return r.finish()
+    except Exception as e:
+        if not isinstance(e, Terminated):
+            progress.set_state("failed", str(e))
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
