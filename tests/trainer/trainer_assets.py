@@ -136,6 +136,31 @@ def trainer_config(tmp: Path, model_dir: Path, data: Path, **sections: dict[str,
 
 
 def write_config(tmp: Path, cfg: dict[str, Any]) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "config.json"
     path.write_text(json.dumps(cfg))
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment for trainer subprocesses: offline, no termination log outside a pod."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBETUNE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def adapter_tensors(out_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(out_dir / "adapter_model.safetensors")

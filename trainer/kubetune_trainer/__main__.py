@@ -11,28 +11,12 @@ import logging
 import os
 import sys
 
-from pydantic import ValidationError
-
-from .config import TrainerConfig
+from .config import load_config
 from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TERMINATED, PermanentError, Terminated, report_exit
 
 log = logging.getLogger("kubetune_trainer")
 
 DEFAULT_CONFIG = "/etc/kubetune/config.json"
-
-
-def load_config(path: str) -> TrainerConfig:
-    try:
-        return TrainerConfig.load(path)
-    except FileNotFoundError:
-        raise PermanentError(f"config {path}: no such file") from None
-    except ValueError as e:
-        if isinstance(e, ValidationError):
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(root)"
-            more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
-            raise PermanentError(f"config {path}: {where}: {first['msg']}{more}") from None
-        raise PermanentError(f"config {path}: not valid JSON ({e})") from None
 
 
 def setup_logging() -> None:

@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+
+from .errors import PermanentError
 
 DatasetFormat = Literal["text", "prompt_completion", "messages", "alpaca", "sharegpt"]
 MethodType = Literal["lora", "qlora", "dora", "prefix", "prompt", "ia3", "full"]
@@ -267,3 +269,18 @@ class TrainerConfig(Model):
 
     def dump(self) -> str:
         return self.model_dump_json(by_alias=True, indent=2)
+
+
+def load_config(path: str) -> TrainerConfig:
+    """Load and validate a config file; any problem is a PermanentError with a one-line reason."""
+    try:
+        return TrainerConfig.load(path)
+    except FileNotFoundError:
+        raise PermanentError(f"config {path}: no such file") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(root)"
+        more = f" (and {e.error_count() - 1} more errors)" if e.error_count() > 1 else ""
+        raise PermanentError(f"config {path}: {where}: {first['msg']}{more}") from None
+    except ValueError as e:  # JSON syntax
+        raise PermanentError(f"config {path}: not valid JSON ({e})") from None

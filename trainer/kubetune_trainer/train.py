@@ -15,6 +15,7 @@ On SIGTERM the loop saves a checkpoint at the next step boundary and raises `Sto
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -435,8 +436,22 @@ class Run:
 
     # -- outputs -----------------------------------------------------------------------------------
 
+    def replica_digests(self) -> list[str]:
+        """sha256 of the trained weights as every rank sees them (collective); they must all agree."""
+        h = hashlib.sha256()
+        for name, p in self.prepared.model.named_parameters():
+            if p.requires_grad:
+                full = p.full_tensor() if hasattr(p, "full_tensor") else p
+                h.update(name.encode())
+                h.update(full.detach().float().cpu().numpy().tobytes())
+        digests = self.rt.gather_objects(h.hexdigest())
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the ranks ended with different weights: {digests}")
+        return digests
+
     def finish(self) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
+        digests = self.replica_digests()
         if self.last_eval is None and self.eval_bins:
             result = self.evaluate()
             if result:
@@ -469,6 +484,7 @@ class Run:
                 world_size=rt.world_size,
                 parameters={"total": c.total, "trainable": c.trainable, "matmul": c.matmul},
                 resumed_from_step=self.resumed_from,
+                replica_digests=digests,
             )
             log.info("outputs written to %s", self.out_dir)
         rt.barrier()

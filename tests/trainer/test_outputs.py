@@ -1,0 +1,160 @@
+"""What a finished run leaves behind, and what rank 0 publishes while it trains."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import trainer_assets as assets
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.progress import MAX_HISTORY, Progress, downsample, serve
+from kubetune_trainer.runtime import init_runtime
+from kubetune_trainer.train import run
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture(scope="module")
+def finished(
+    tmp_path_factory: pytest.TempPathFactory, llama_dir: Path, train_jsonl: Path
+) -> tuple[Path, dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = assets.trainer_config(
+        tmp,
+        llama_dir,
+        train_jsonl,
+        training={"maxSteps": 12, "logEverySteps": 4, "evalEverySteps": 6, "learningRate": 1e-2},
+        output={"mergeAdapter": True},
+        identity={"namespace": "team-a", "name": "bot", "run": 3},
+    )
+    result = run(TrainerConfig.model_validate(cfg), init_runtime())
+    return tmp, result
+
+
+def test_adapter_tokenizer_plot_and_metrics_history(finished: tuple[Path, dict[str, Any]]) -> None:
+    tmp, result = finished
+    out = tmp / "out"
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "loss.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [4, 6, 8, 12]  # log steps plus eval steps
+    assert [r["step"] for r in records if "evalLoss" in r] == [6, 12]
+    first = records[0]
+    assert {"loss", "learningRate", "gradNorm", "tokensPerSecond", "tokensTotal", "mfu", "epoch"} <= set(first)
+    assert result["evalLoss"] == records[-1]["evalLoss"]
+
+
+def test_manifest_describes_the_run(finished: tuple[Path, dict[str, Any]], llama_dir: Path, train_jsonl: Path) -> None:
+    tmp, result = finished
+    manifest = json.loads((tmp / "out" / "manifest.json").read_text())
+    assert manifest["kind"] == "adapter" and manifest["method"] == "lora"
+    assert manifest["baseModel"]["source"] == str(llama_dir)
+    import hashlib
+
+    [entry] = manifest["dataset"]["files"]
+    assert entry == {
+        "path": str(train_jsonl),
+        "sha256": hashlib.sha256(train_jsonl.read_bytes()).hexdigest(),
+        "rows": 160,
+    }
+    assert manifest["config"]["training"]["maxSteps"] == 12 and manifest["config"]["output"]["mergeAdapter"] is True
+    assert manifest["finalMetrics"] == result and result["evalPerplexity"] > 1
+    assert manifest["worldSize"] == 1 and manifest["identity"]["name"] == "bot"
+    assert {"torch", "transformers", "peft"} <= set(manifest["versions"])
+    assert manifest["merged"] == "merged"
+    assert "adapter_model.safetensors" in manifest["outputs"] and "merged/model.safetensors" in manifest["outputs"]
+    assert 0 < manifest["parameters"]["trainable"] < manifest["parameters"]["total"]
+
+
+@torch.no_grad()
+def test_merged_model_equals_base_plus_adapter(finished: tuple[Path, dict[str, Any]], llama_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = finished[0] / "out"
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(out)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(out / "merged")
+    ids = tok("repeat apple 3 times: apple apple apple", return_tensors="pt")["input_ids"]
+    a, b = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(llama_dir).eval()(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-4
+    assert (a - base).abs().max() > 1e-3  # the adapter did change something
+
+
+def get(url: str) -> tuple[str, str]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.headers["Content-Type"], r.read().decode()
+
+
+def test_metrics_and_progress_endpoints() -> None:
+    progress = Progress(world_size=2)
+    server = serve(progress, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        progress.set_plan(100)
+        progress.set_state("training")
+        progress.step_done(10, 0.25, 1.5, 4096)
+        progress.logged(
+            loss=1.5,
+            learning_rate=2e-4,
+            grad_norm=0.8,
+            tokens_per_second=2730.0,
+            mfu=0.31,
+            eta_seconds=135,
+            gpu_memory_peak=7,
+        )
+        progress.evaluated(10, 1.7, 5.47)
+        progress.checkpointed(10, "/ckpt/step-00000010", 1_700_000_000.0, 2.5)
+        ctype, text = get(base + "/metrics")
+        assert ctype.startswith("text/plain")
+        expected = {
+            "kubetune_train_loss 1.5",
+            "kubetune_train_eval_loss 1.7",
+            "kubetune_train_learning_rate 0.0002",
+            "kubetune_train_grad_norm 0.8",
+            "kubetune_train_global_step 10.0",
+            "kubetune_train_total_steps 100.0",
+            "kubetune_train_tokens_total 4096.0",
+            'kubetune_train_step_duration_seconds_bucket{le="2.5"} 1.0',
+            "kubetune_train_step_duration_seconds_count 1.0",
+            "kubetune_train_mfu_ratio 0.31",
+            "kubetune_train_gpu_memory_peak_bytes 7.0",
+            "kubetune_train_checkpoint_duration_seconds 2.5",
+            "kubetune_train_last_checkpoint_timestamp_seconds 1.7e+09",
+        }
+        assert expected <= set(text.splitlines())
+        assert "kubetune_train_estimated_completion_timestamp_seconds " in text
+        assert all(line.startswith("kubetune_train_") for line in text.splitlines() if not line.startswith("#"))
+        ctype, body = get(base + "/progress")
+        doc = json.loads(body)
+        assert ctype == "application/json"
+        assert doc["state"] == "training" and doc["step"] == 10 and doc["totalSteps"] == 100
+        assert doc["epoch"] == 0.25 and doc["loss"] == 1.5 and doc["evalLoss"] == 1.7 and doc["mfu"] == 0.31
+        assert doc["learningRate"] == 2e-4 and doc["tokensPerSecond"] == 2730.0 and doc["etaSeconds"] == 135
+        assert doc["checkpoint"] == {
+            "step": 10,
+            "path": "/ckpt/step-00000010",
+            "savedAt": "2023-11-14T22:13:20.000000Z",
+        }
+        assert doc["resumedFromStep"] is None and doc["worldSize"] == 2
+        assert doc["updatedAt"].endswith("Z") and doc["history"] == [{"step": 10, "loss": 1.5, "evalLoss": 1.7}]
+        with pytest.raises(urllib.error.HTTPError):
+            get(base + "/other")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_history_is_bounded_and_spans_the_run() -> None:
+    points = [{"step": i, "loss": 1.0} for i in range(1, 2001)]
+    kept = downsample(points)
+    assert len(kept) <= MAX_HISTORY
+    assert kept[0]["step"] == 1 and kept[-1]["step"] == 2000
+    steps = [p["step"] for p in kept]
+    assert steps == sorted(steps)
