@@ -1,0 +1,291 @@
+"""What a run costs, and the three guards that stop it: budget, stall and the evaluation gate.
+
+Everything here is pure: the operator passes in the API objects it read (pods and nodes as the API server
+returns them, camelCase JSON) and the time, and writes what comes back into the status.
+
+Cost is derived, not remembered. A pod holds its GPUs from `status.startTime` (the kubelet admitted it and
+the device plugin allocated the GPUs; image pulls included, as a cloud bill would) until its last container
+finished, or until now while it still runs or terminates. GPU-seconds x the price of the pod's node gives
+its cost. The pods of the current attempt are re-measured on every reconcile, so an operator restart loses
+nothing. The pods of a finished attempt are deleted with its Job, so before that the operator folds their
+final figures into a settled `Spend` with `accrue` and persists it with the attempt's completion: the run's
+cost is then settled + the live attempt's pods (`run_cost`).
+
+Price per GPU-hour, most specific first: the node's `node.kubernetes.io/instance-type` in
+`Pricing.by_instance_type` (a cloud SKU price, which already says which GPU it has), then its
+`nvidia.com/gpu.product` (or, when the node is unknown, `spec.resources.gpuProduct`) in
+`Pricing.by_gpu_product`, then `Pricing.default_usd_per_gpu_hour`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from kubetune_operator.api.spec import Budget, Evaluation, Resources
+from kubetune_operator.api.status import CostStatus, Progress, format_eta
+
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
+
+BUDGET_EXCEEDED: Final = "BudgetExceeded"
+STALLED: Final = "Stalled"
+EVAL_GATE_FAILED: Final = "EvalGateFailed"
+
+UsdPerHour = Annotated[float, Field(ge=0)]
+NodeLabels = Mapping[str, Mapping[str, str]]  # node name -> its labels
+
+
+class Pricing(BaseModel):
+    """Prices per GPU-hour in US dollars (operator settings, from the Helm values). Keys are label values:
+    instance types as in `node.kubernetes.io/instance-type`, GPU products as in `nvidia.com/gpu.product`."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+    default_usd_per_gpu_hour: UsdPerHour = Field(
+        2.0, description="Price when neither the instance type nor the GPU product has one."
+    )
+    by_gpu_product: dict[str, UsdPerHour] = Field(
+        default_factory=dict, description="Per GPU product, e.g. {NVIDIA-H100-80GB-HBM3: 4.0}."
+    )
+    by_instance_type: dict[str, UsdPerHour] = Field(
+        default_factory=dict, description="Per instance type, per GPU (not per node), e.g. {p5.48xlarge: 3.9}."
+    )
+
+
+def usd_per_gpu_hour(pricing: Pricing, *, instance_type: str | None, gpu_product: str | None) -> float:
+    """The price of one GPU-hour: instance type first, then GPU product, then the default."""
+    if instance_type is not None and instance_type in pricing.by_instance_type:
+        return pricing.by_instance_type[instance_type]
+    if gpu_product is not None and gpu_product in pricing.by_gpu_product:
+        return pricing.by_gpu_product[gpu_product]
+    return pricing.default_usd_per_gpu_hour
+
+
+# ----------------------------------------------------------------------------------------------
+# pods
+# ----------------------------------------------------------------------------------------------
+
+
+def _time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, str) and value:
+        return datetime.fromisoformat(value)
+    return None
+
+
+def _gpus(container: Mapping[str, Any]) -> int:
+    # An extended resource's request defaults to its limit, and the two must be equal when both are set.
+    resources = container.get("resources") or {}
+    quantity = (resources.get("requests") or {}).get(GPU_RESOURCE) or (resources.get("limits") or {}).get(GPU_RESOURCE)
+    return int(str(quantity)) if quantity is not None else 0
+
+
+def pod_gpus(pod: Mapping[str, Any]) -> int:
+    """GPUs the pod holds: the larger of its containers' sum and any single init container (the scheduler's rule)."""
+    spec = pod.get("spec") or {}
+    containers = sum(_gpus(c) for c in spec.get("containers") or [])
+    init = max((_gpus(c) for c in spec.get("initContainers") or []), default=0)
+    return max(containers, init)
+
+
+def pod_gpu_interval(pod: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime] | None:
+    """When the pod held its GPUs: from status.startTime to the end of its last container (now while it has not
+    finished). None when the kubelet never started it."""
+    status = pod.get("status") or {}
+    start = _time(status.get("startTime"))
+    if start is None:
+        return None
+    if status.get("phase") not in ("Succeeded", "Failed"):
+        return start, max(start, now)
+    # Finished: the last container end; a pod that never ran a container (e.g. its image never pulled)
+    # ended when its conditions last changed.
+    finished = [
+        _time(((s.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+        for s in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    ]
+    ends = [t for t in finished if t is not None] or [
+        t for t in (_time(c.get("lastTransitionTime")) for c in status.get("conditions") or []) if t is not None
+    ]
+    return start, max([start, *ends])
+
+
+def holds_gpus_now(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    return status.get("startTime") is not None and status.get("phase") not in ("Succeeded", "Failed")
+
+
+def pod_price(pod: Mapping[str, Any], *, pricing: Pricing, nodes: NodeLabels, gpu_product: str | None) -> float:
+    """Price per GPU-hour of the pod's node; `gpu_product` (the spec's) stands in for a node the operator
+    cannot see (not scheduled yet, or gone)."""
+    labels = nodes.get((pod.get("spec") or {}).get("nodeName") or "", {})
+    return usd_per_gpu_hour(
+        pricing,
+        instance_type=labels.get(INSTANCE_TYPE_LABEL),
+        gpu_product=labels.get(GPU_PRODUCT_LABEL) or gpu_product,
+    )
+
+
+@dataclass(frozen=True)
+class Spend:
+    """GPU time and money, added up over pods and attempts (price can differ per node, so both are kept)."""
+
+    gpu_seconds: float = 0.0
+    usd: float = 0.0
+
+    def __add__(self, other: Spend) -> Spend:
+        return Spend(self.gpu_seconds + other.gpu_seconds, self.usd + other.usd)
+
+
+def pods_spend(
+    pods: Iterable[Mapping[str, Any]],
+    *,
+    pricing: Pricing,
+    nodes: NodeLabels,
+    gpu_product: str | None,
+    now: datetime,
+) -> Spend:
+    """What the pods used so far (finished pods: all they ever used)."""
+    total = Spend()
+    for pod in pods:
+        gpus, interval = pod_gpus(pod), pod_gpu_interval(pod, now)
+        if not gpus or interval is None:
+            continue
+        gpu_seconds = gpus * (interval[1] - interval[0]).total_seconds()
+        price = pod_price(pod, pricing=pricing, nodes=nodes, gpu_product=gpu_product)
+        total += Spend(gpu_seconds, gpu_seconds / 3600 * price)
+    return total
+
+
+def accrue(
+    settled: Spend,
+    finished_attempt_pods: Iterable[Mapping[str, Any]],
+    *,
+    pricing: Pricing,
+    nodes: NodeLabels,
+    gpu_product: str | None,
+    now: datetime,
+) -> Spend:
+    """The settled spend after an attempt ended: call it once per attempt, with its pods, before deleting its Job,
+    and persist the result in the same status write that records the attempt's completion (that record is what
+    says "already accrued" after a restart)."""
+    return settled + pods_spend(finished_attempt_pods, pricing=pricing, nodes=nodes, gpu_product=gpu_product, now=now)
+
+
+def hourly_rate(
+    pods: Iterable[Mapping[str, Any]],
+    *,
+    resources: Resources,
+    pricing: Pricing,
+    nodes: NodeLabels,
+) -> float:
+    """USD per hour the run spends while it trains: the pods that hold GPUs now, at their nodes' prices; before
+    any does (queued, restarting), what the spec asks for at the spec's GPU product price."""
+    running = [p for p in pods if holds_gpus_now(p)]
+    if running:
+        return sum(
+            pod_gpus(p) * pod_price(p, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product) for p in running
+        )
+    planned_gpus = resources.num_nodes * resources.gpus_per_node
+    return planned_gpus * usd_per_gpu_hour(pricing, instance_type=None, gpu_product=resources.gpu_product)
+
+
+def run_cost(
+    *,
+    settled: Spend,
+    pods: Iterable[Mapping[str, Any]],
+    resources: Resources,
+    pricing: Pricing,
+    nodes: NodeLabels,
+    eta_seconds: float | None,
+    now: datetime,
+) -> CostStatus:
+    """status.cost of the run: settled (finished attempts) + the current attempt's pods, and the projection
+    accrued + eta x the current hourly rate. `eta_seconds`: the trainer's estimate of the time left; 0 once the
+    run is over (projected = accrued); None while unknown (no projection)."""
+    pods = list(pods)
+    spent = settled + pods_spend(pods, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product, now=now)
+    projected = None
+    if eta_seconds is not None and math.isfinite(eta_seconds):
+        rate = hourly_rate(pods, resources=resources, pricing=pricing, nodes=nodes)
+        projected = round(spent.usd + max(0.0, eta_seconds) / 3600 * rate, 2)
+    return CostStatus(gpu_hours=round(spent.gpu_seconds / 3600, 3), usd=round(spent.usd, 2), projected_usd=projected)
+
+
+# ----------------------------------------------------------------------------------------------
+# verdicts
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why the operator must act on a run: the condition/attempt reason, and a message naming the figures."""
+
+    reason: Literal["BudgetExceeded", "Stalled", "EvalGateFailed"]
+    message: str
+
+
+def budget_verdict(budget: Budget | None, cost: CostStatus | None) -> Verdict | None:
+    """BudgetExceeded when accrued cost reaches maxCostUSD, GPU-hours reach maxGpuHours, or the projected cost
+    passes maxCostUSD (stopping then saves the money a doomed run would burn)."""
+    if budget is None or cost is None:
+        return None
+    limit_usd, limit_hours = budget.max_cost_usd, budget.max_gpu_hours
+    if limit_usd is not None and cost.usd is not None and cost.usd >= limit_usd:
+        return Verdict(BUDGET_EXCEEDED, f"Accrued cost ${cost.usd:.2f} reached budget.maxCostUSD ${limit_usd:.2f}.")
+    if limit_hours is not None and cost.gpu_hours is not None and cost.gpu_hours >= limit_hours:
+        return Verdict(
+            BUDGET_EXCEEDED, f"GPU-hours used {cost.gpu_hours:.2f} reached budget.maxGpuHours {limit_hours:g}."
+        )
+    if limit_usd is not None and cost.projected_usd is not None and cost.projected_usd > limit_usd:
+        return Verdict(
+            BUDGET_EXCEEDED,
+            f"Projected cost ${cost.projected_usd:.2f} (accrued ${cost.usd or 0:.2f} + the time left at the current "
+            f"rate) is over budget.maxCostUSD ${limit_usd:.2f}.",
+        )
+    return None
+
+
+def stall_clock(progress: Progress | None, attempt_started: datetime) -> datetime:
+    """When the trainer last showed life: its latest report (it stamps one at every step, evaluation and
+    checkpoint) or, if later, the start of the current attempt (a restarted run gets a full timeout to load)."""
+    if progress is None or progress.updated_at is None:
+        return attempt_started
+    return max(progress.updated_at, attempt_started)
+
+
+def stall_verdict(timeout_seconds: int, *, since: datetime, step: int | None, now: datetime) -> Verdict | None:
+    """Stalled when no new step came for runPolicy.stallTimeoutSeconds. `since` is `stall_clock(...)`; judge only
+    right after a poll, so a stale status (e.g. the operator was down) is refreshed first."""
+    quiet = now - since
+    if quiet < timedelta(seconds=timeout_seconds):
+        return None
+    at = f"step {step}" if step is not None else "before the first step"
+    return Verdict(
+        STALLED,
+        f"No new training step for {format_eta(quiet.total_seconds())} ({at}; "
+        f"runPolicy.stallTimeoutSeconds is {timeout_seconds}).",
+    )
+
+
+def eval_gate_verdict(evaluation: Evaluation | None, final_eval_loss: float | None) -> Verdict | None:
+    """EvalGateFailed when the final evaluation loss is above evaluation.maxEvalLoss, or the run reported none
+    (or a NaN) although a gate is set: an output that could not be judged is not promoted."""
+    if evaluation is None or evaluation.max_eval_loss is None:
+        return None
+    limit = evaluation.max_eval_loss
+    if final_eval_loss is None or not math.isfinite(final_eval_loss):
+        return Verdict(EVAL_GATE_FAILED, f"No final evaluation loss was reported; evaluation.maxEvalLoss is {limit:g}.")
+    if final_eval_loss > limit:
+        return Verdict(
+            EVAL_GATE_FAILED, f"Final evaluation loss {final_eval_loss:.4g} is above evaluation.maxEvalLoss {limit:g}."
+        )
+    return None
