@@ -1,0 +1,291 @@
+"""The cost model and the run guards: prices, GPU time from pod objects, accrual over attempts, projection,
+and the BudgetExceeded / Stalled / EvalGateFailed verdicts."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+from kubetune_operator.api.spec import Budget, Evaluation, Resources
+from kubetune_operator.api.status import CostStatus, Progress
+from kubetune_operator.cost import (
+    Pricing,
+    Spend,
+    accrue,
+    budget_verdict,
+    eval_gate_verdict,
+    hourly_rate,
+    pod_gpu_interval,
+    pod_gpus,
+    pods_spend,
+    run_cost,
+    stall_clock,
+    stall_verdict,
+    usd_per_gpu_hour,
+)
+from observability_helpers import H100, T0, pod
+
+PRICING = Pricing(
+    default_usd_per_gpu_hour=2.0,
+    by_gpu_product={H100: 4.0, "NVIDIA-A100-SXM4-80GB": 1.5},
+    by_instance_type={"p5.48xlarge": 3.0},
+)
+NODES = {
+    "p5-node": {"node.kubernetes.io/instance-type": "p5.48xlarge", "nvidia.com/gpu.product": H100},
+    "h100-node": {"node.kubernetes.io/instance-type": "bare-metal", "nvidia.com/gpu.product": H100},
+    "plain-node": {},
+}
+HOUR = timedelta(hours=1)
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "gpu_product", "price"),
+    [
+        ("p5.48xlarge", H100, 3.0),  # instance type wins over the product
+        ("p5.48xlarge", None, 3.0),
+        ("unknown-sku", H100, 4.0),  # then the product
+        (None, "NVIDIA-A100-SXM4-80GB", 1.5),
+        ("unknown-sku", "unknown-gpu", 2.0),  # then the default
+        (None, None, 2.0),
+    ],
+)
+def test_price_lookup_order(instance_type: str | None, gpu_product: str | None, price: float) -> None:
+    assert usd_per_gpu_hour(PRICING, instance_type=instance_type, gpu_product=gpu_product) == price
+
+
+def test_pricing_reads_helm_style_camel_case_and_rejects_negative_prices() -> None:
+    parsed = Pricing.model_validate({"defaultUsdPerGpuHour": 1.25, "byGpuProduct": {H100: 4}})
+    assert parsed == Pricing(default_usd_per_gpu_hour=1.25, by_gpu_product={H100: 4.0})
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        Pricing(by_instance_type={"x": -1.0})
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "gpus"),
+    [
+        (pod(gpus=8), 8),
+        (pod(gpus=0), 0),
+        (pod(gpus=2, init_gpus=4), 4),  # an init container holding more sets the pod's request
+        (pod(gpus=4, init_gpus=1), 4),
+        (
+            {"spec": {"containers": [{"resources": {"requests": {"nvidia.com/gpu": "2"}}}, {"resources": {}}]}},
+            2,
+        ),
+    ],
+)
+def test_pod_gpus(the_pod: dict, gpus: int) -> None:
+    assert pod_gpus(the_pod) == gpus
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "interval"),
+    [
+        (pod(started=None), None),  # never admitted by a kubelet: held no GPU
+        (pod(started=T0), (T0, T0 + HOUR)),  # running: up to now
+        (pod(started=T0, finished=T0 + 0.5 * HOUR), (T0, T0 + 0.5 * HOUR)),
+        (pod(started=T0, finished=T0 + 0.5 * HOUR, phase="Failed"), (T0, T0 + 0.5 * HOUR)),
+        # terminating (deletionTimestamp set) is still Running: the GPUs are held while it checkpoints
+        ({**pod(started=T0), "metadata": {"deletionTimestamp": "2026-11-27T09:30:00Z"}}, (T0, T0 + HOUR)),
+        # failed before any container ran: it ended when its conditions last changed
+        (
+            {
+                "spec": {},
+                "status": {
+                    "phase": "Failed",
+                    "startTime": "2026-11-27T09:00:00Z",
+                    "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": "2026-11-27T09:05:00Z"}],
+                },
+            },
+            (T0, T0 + timedelta(minutes=5)),
+        ),
+    ],
+)
+def test_pod_gpu_interval(the_pod: dict, interval: tuple | None) -> None:
+    assert pod_gpu_interval(the_pod, now=T0 + HOUR) == interval
+
+
+def test_pods_spend_prices_each_pod_by_its_node() -> None:
+    pods = [
+        pod(gpus=8, node="p5-node", started=T0),  # 8 GPU-h at 3.0
+        pod(gpus=8, node="h100-node", started=T0, finished=T0 + 0.5 * HOUR),  # 4 GPU-h at 4.0 (product)
+        pod(gpus=2, node="gone-node", started=T0),  # 2 GPU-h, node unknown: the spec's product, 4.0
+        pod(gpus=8, node=None, started=None),  # pending: nothing
+    ]
+    spend = pods_spend(pods, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + HOUR)
+    assert spend.gpu_seconds == pytest.approx((8 + 4 + 2) * 3600)
+    assert spend.usd == pytest.approx(8 * 3.0 + 4 * 4.0 + 2 * 4.0)
+    # without a product in the spec, the unknown node falls to the default price
+    spend = pods_spend(pods[2:], pricing=PRICING, nodes=NODES, gpu_product=None, now=T0 + HOUR)
+    assert spend.usd == pytest.approx(2 * 2.0)
+
+
+def test_accrue_settles_finished_attempts_so_the_run_cost_survives_their_pods() -> None:
+    attempt1 = [pod(gpus=8, node="p5-node", started=T0, finished=T0 + HOUR, phase="Failed")]
+    settled = accrue(Spend(), attempt1, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + 2 * HOUR)
+    assert settled == Spend(gpu_seconds=8 * 3600, usd=24.0)
+    attempt2 = [pod(gpus=8, node="plain-node", started=T0 + 2 * HOUR, finished=T0 + 3 * HOUR)]
+    settled = accrue(settled, attempt2, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + 3 * HOUR)
+    assert settled == Spend(gpu_seconds=16 * 3600, usd=24.0 + 32.0)
+
+    # attempt 1's pods are gone; attempt 3 runs: the run's cost is the settled part plus the live pods
+    resources = Resources(num_nodes=1, gpus_per_node=8, gpu_product=H100)
+    live = [pod(gpus=8, node="p5-node", started=T0 + 4 * HOUR)]
+    cost = run_cost(
+        settled=settled,
+        pods=live,
+        resources=resources,
+        pricing=PRICING,
+        nodes=NODES,
+        eta_seconds=7200,
+        now=T0 + 5 * HOUR,
+    )
+    assert cost == CostStatus(gpu_hours=24.0, usd=56.0 + 24.0, projected_usd=80.0 + 2 * 8 * 3.0)
+
+
+@pytest.mark.parametrize(
+    ("pods", "rate"),
+    [
+        ([pod(gpus=8, node="p5-node"), pod(gpus=8, node="h100-node")], 8 * 3.0 + 8 * 4.0),  # live pods, their nodes
+        ([pod(gpus=8, node="p5-node"), pod(gpus=8, started=T0, finished=T0 + HOUR)], 8 * 3.0),  # finished: none
+        ([], 2 * 8 * 4.0),  # nothing holds GPUs (queued, restarting): the spec's shape at the spec's product price
+        ([pod(gpus=8, node=None, started=None)], 2 * 8 * 4.0),
+    ],
+)
+def test_hourly_rate(pods: list[dict], rate: float) -> None:
+    resources = Resources(num_nodes=2, gpus_per_node=8, gpu_product=H100)
+    assert hourly_rate(pods, resources=resources, pricing=PRICING, nodes=NODES) == pytest.approx(rate)
+
+
+@pytest.mark.parametrize(
+    ("eta_seconds", "projected"),
+    [
+        (3600, 8.0 + 8.0),  # $8 so far; 1 h left with nothing running: the planned 2 GPUs at $4
+        (0, 8.0),  # run over: projected = accrued
+        (None, None),  # trainer has not estimated yet: no projection rather than a guess
+        (float("nan"), None),
+    ],
+)
+def test_run_cost_projection(eta_seconds: float | None, projected: float | None) -> None:
+    settled = Spend(gpu_seconds=2 * 3600, usd=8.0)
+    resources = Resources(num_nodes=1, gpus_per_node=2, gpu_product=H100)
+    cost = run_cost(
+        settled=settled, pods=[], resources=resources, pricing=PRICING, nodes=NODES, eta_seconds=eta_seconds, now=T0
+    )
+    assert cost == CostStatus(gpu_hours=2.0, usd=8.0, projected_usd=projected)
+
+
+def test_run_cost_rounds_for_the_status() -> None:
+    live = [pod(gpus=1, node="plain-node", started=T0)]
+    resources = Resources(gpus_per_node=1)
+    cost = run_cost(
+        settled=Spend(),
+        pods=live,
+        resources=resources,
+        pricing=PRICING,
+        nodes=NODES,
+        eta_seconds=None,
+        now=T0 + timedelta(seconds=100),
+    )
+    assert (cost.gpu_hours, cost.usd) == (0.028, 0.06)
+
+
+# -- budget -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("budget", "cost", "message"),
+    [
+        (None, CostStatus(usd=1e6), None),
+        (Budget(max_cost_usd=50), None, None),
+        (Budget(max_cost_usd=50), CostStatus(usd=49.99, projected_usd=50.0), None),  # projection at the limit: ok
+        (Budget(max_cost_usd=50), CostStatus(usd=50.0), "Accrued cost $50.00 reached budget.maxCostUSD $50.00."),
+        (
+            Budget(max_cost_usd=50),
+            CostStatus(usd=12.0, projected_usd=63.4),
+            "Projected cost $63.40 (accrued $12.00 + the time left at the current rate) is over "
+            "budget.maxCostUSD $50.00.",
+        ),
+        (Budget(max_gpu_hours=800), CostStatus(gpu_hours=799.9, usd=1e6), None),  # no USD limit: only hours count
+        (
+            Budget(max_gpu_hours=800),
+            CostStatus(gpu_hours=801.25),
+            "GPU-hours used 801.25 reached budget.maxGpuHours 800.",
+        ),
+        (
+            Budget(max_cost_usd=2500, max_gpu_hours=800),  # both over: the accrued money is named first
+            CostStatus(gpu_hours=900, usd=2600, projected_usd=3000),
+            "Accrued cost $2600.00 reached budget.maxCostUSD $2500.00.",
+        ),
+    ],
+)
+def test_budget_verdict(budget: Budget | None, cost: CostStatus | None, message: str | None) -> None:
+    verdict = budget_verdict(budget, cost)
+    if message is None:
+        assert verdict is None
+    else:
+        assert verdict is not None
+        assert (verdict.reason, verdict.message) == ("BudgetExceeded", message)
+
+
+# -- stall --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("progress", "attempt_started", "clock"),
+    [
+        (None, T0, T0),
+        (Progress(step=5), T0, T0),  # no report time
+        (Progress(step=5, updated_at=T0 + HOUR), T0, T0 + HOUR),
+        # the report came from the previous attempt: the new attempt gets a full timeout from its start
+        (Progress(step=5, updated_at=T0), T0 + HOUR, T0 + HOUR),
+    ],
+)
+def test_stall_clock(progress: Progress | None, attempt_started: datetime, clock: datetime) -> None:
+    assert stall_clock(progress, attempt_started) == clock
+
+
+@pytest.mark.parametrize(
+    ("quiet", "step", "message"),
+    [
+        (timedelta(seconds=899), 1200, None),
+        (
+            timedelta(seconds=900),
+            1200,
+            "No new training step for 15m (step 1200; runPolicy.stallTimeoutSeconds is 900).",
+        ),
+        (
+            timedelta(hours=2, minutes=5),
+            None,
+            "No new training step for 2h5m (before the first step; runPolicy.stallTimeoutSeconds is 900).",
+        ),
+    ],
+)
+def test_stall_verdict(quiet: timedelta, step: int | None, message: str | None) -> None:
+    verdict = stall_verdict(900, since=T0, step=step, now=T0 + quiet)
+    assert (verdict.message if verdict else None) == message
+    assert verdict is None or verdict.reason == "Stalled"
+
+
+# -- evaluation gate ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "eval_loss", "message"),
+    [
+        (None, 9.0, None),
+        (Evaluation(), 9.0, None),
+        (Evaluation(max_eval_loss=1.5), 1.5, None),
+        (Evaluation(max_eval_loss=1.5), 1.2, None),
+        (Evaluation(max_eval_loss=1.5), 1.73, "Final evaluation loss 1.73 is above evaluation.maxEvalLoss 1.5."),
+        (Evaluation(max_eval_loss=1.5), None, "No final evaluation loss was reported; evaluation.maxEvalLoss is 1.5."),
+        (
+            Evaluation(max_eval_loss=1.5),
+            float("nan"),
+            "No final evaluation loss was reported; evaluation.maxEvalLoss is 1.5.",
+        ),
+    ],
+)
+def test_eval_gate_verdict(evaluation: Evaluation | None, eval_loss: float | None, message: str | None) -> None:
+    verdict = eval_gate_verdict(evaluation, eval_loss)
+    assert (verdict.message if verdict else None) == message
+    assert verdict is None or verdict.reason == "EvalGateFailed"

@@ -1,0 +1,251 @@
+"""Polling rank 0's /progress and mapping it into status.progress and status.checkpoint.
+
+The documents come from the real trainer's progress module (kubetune_trainer.progress), so a change of its
+shape breaks these tests rather than the operator in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from kubetune_operator.api.status import CheckpointStatus, Progress
+from kubetune_operator.progress import fetch_progress, parse_report, poll_due, poll_interval, to_status
+from kubetune_trainer import progress as trainer_progress
+from observability_helpers import T0
+
+SAVED_AT = datetime(2026, 11, 27, 9, 30, 0, tzinfo=UTC).timestamp()
+
+
+def trainer_doc() -> dict[str, Any]:
+    """What a real rank 0 publishes mid-run, through JSON as on the wire."""
+    p = trainer_progress.Progress(world_size=16)
+    p.set_plan(4000)
+    p.set_state("training")
+    for step in range(1, 1201):
+        p.step_done(step, epoch=step / 2000, duration=0.5, tokens=4096)
+    p.logged(
+        loss=1.234,
+        learning_rate=2e-4,
+        grad_norm=0.8,
+        tokens_per_second=48210.0,
+        mfu=0.41,
+        eta_seconds=5400.4,
+        gpu_memory_peak=60 * 2**30,
+    )
+    p.evaluated(1200, eval_loss=1.31, perplexity=3.7)
+    p.checkpointed(1200, "/checkpoints/ml-team/support-bot/runs/2/step-1200", SAVED_AT, duration=12.0)
+    doc: dict[str, Any] = json.loads(json.dumps(p.snapshot()))
+    return doc
+
+
+def test_a_real_trainer_document_maps_into_the_status() -> None:
+    doc = trainer_doc()
+    report = parse_report(doc)
+    assert report is not None
+    progress, checkpoint = to_status(report, previous_checkpoint=None, checkpoint_root="/checkpoints/ml-team")
+    assert progress == Progress(
+        step=1200,
+        total_steps=4000,
+        percent=30,
+        epoch=0.6,
+        loss=1.234,
+        eval_loss=1.31,
+        tokens_per_second=48210.0,
+        mfu=0.41,
+        eta="1h30m",
+        eta_seconds=5400,
+        updated_at=report.updated_at,
+    )
+    assert progress.updated_at is not None and abs(progress.updated_at.timestamp() - time.time()) < 60
+    assert checkpoint == CheckpointStatus(
+        latest="support-bot/runs/2/step-1200", step=1200, saved_at=datetime.fromtimestamp(SAVED_AT, UTC)
+    )
+    # the status accepts it: it serialises to JSON the API server takes
+    json.loads(progress.model_dump_json(by_alias=True))
+
+
+def test_a_fresh_trainer_has_no_progress_figures_yet() -> None:
+    report = parse_report(json.loads(json.dumps(trainer_progress.Progress(world_size=1).snapshot())))
+    assert report is not None
+    progress, checkpoint = to_status(report, previous_checkpoint=None, checkpoint_root=None)
+    assert (progress.step, progress.total_steps, progress.percent, progress.loss, progress.eta) == (
+        0,
+        None,
+        None,
+        None,
+        None,
+    )
+    assert checkpoint is None
+
+
+BASE = {"step": 10, "totalSteps": 100, "updatedAt": "2026-11-27T09:00:00Z"}
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"loss": float("nan")}, {"loss": None}),  # NaN cannot go into a Kubernetes object
+        ({"evalLoss": float("inf")}, {"eval_loss": None}),
+        ({"mfu": 1.7}, {"mfu": None}),  # outside 0-1: a broken figure, not a clamped one
+        ({"mfu": -0.1}, {"mfu": None}),
+        ({"tokensPerSecond": -5}, {"tokens_per_second": None}),
+        ({"etaSeconds": -3}, {"eta": None, "eta_seconds": None}),
+        ({"etaSeconds": 59.6}, {"eta": "1m", "eta_seconds": 60}),
+        ({"state": "done", "step": 100, "etaSeconds": 30}, {"percent": 100, "eta": "0s", "eta_seconds": 0}),
+        ({"step": 150}, {"percent": 100}),
+        ({"totalSteps": 0}, {"total_steps": None, "percent": None}),
+        ({"epoch": -1}, {"epoch": None}),
+        ({"unknownField": {"x": 1}}, {}),  # newer trainers may add fields
+    ],
+)
+def test_mapping_drops_figures_a_status_cannot_hold(fields: dict[str, Any], expected: dict[str, Any]) -> None:
+    report = parse_report({**BASE, **fields})
+    assert report is not None
+    progress, _ = to_status(report, previous_checkpoint=None, checkpoint_root=None)
+    for key, value in expected.items():
+        assert getattr(progress, key) == value, key
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"step": "many"},
+        {"totalSteps": [1]},
+        {"updatedAt": "yesterday"},
+        {"updatedAt": "2026-11-27T09:00:00"},  # no zone: ambiguous
+        {"checkpoint": {"step": 5}},
+    ],
+)
+def test_documents_of_another_shape_are_rejected(doc: dict[str, Any]) -> None:
+    assert parse_report(doc) is None
+
+
+@pytest.mark.parametrize(
+    ("reported_step", "root", "expected"),
+    [
+        (300, "/ckpt", CheckpointStatus(latest="runs/1/step-300", step=300, saved_at=T0)),
+        (300, "/ckpt/", CheckpointStatus(latest="runs/1/step-300", step=300, saved_at=T0)),
+        (300, "/elsewhere", CheckpointStatus(latest="/ckpt/runs/1/step-300", step=300, saved_at=T0)),
+        (300, "/ck", CheckpointStatus(latest="/ckpt/runs/1/step-300", step=300, saved_at=T0)),  # not a prefix dir
+        (100, "/ckpt", CheckpointStatus(latest="runs/1/step-200", step=200)),  # older than what status has
+        (None, "/ckpt", CheckpointStatus(latest="runs/1/step-200", step=200)),  # restarted trainer, still loading
+    ],
+)
+def test_checkpoint_is_the_newest_known(reported_step: int | None, root: str, expected: CheckpointStatus) -> None:
+    doc: dict[str, Any] = dict(BASE)
+    if reported_step is not None:
+        doc["checkpoint"] = {
+            "step": reported_step,
+            "path": f"/ckpt/runs/1/step-{reported_step}",
+            "savedAt": "2026-11-27T09:00:00Z",
+        }
+    report = parse_report(doc)
+    assert report is not None
+    previous = CheckpointStatus(latest="runs/1/step-200", step=200)
+    assert to_status(report, previous_checkpoint=previous, checkpoint_root=root)[1] == expected
+
+
+# -- polling ------------------------------------------------------------------------------------------
+
+
+def test_poll_interval_is_stable_per_job_and_spread_over_the_range() -> None:
+    intervals = [poll_interval(f"uid-{i}") for i in range(500)]
+    assert all(15.0 <= i <= 30.0 for i in intervals)
+    assert poll_interval("uid-7") == intervals[7]
+    assert max(intervals) - min(intervals) > 12  # spread, not all the same
+    assert 5.0 <= poll_interval("uid-7", low=5, high=10) <= 10.0
+
+
+@pytest.mark.parametrize(
+    ("last", "now", "due"),
+    [(None, 100.0, True), (90.0, 100.0, False), (80.0, 100.0, True), (85.0, 100.0, True)],
+)
+def test_poll_due(last: float | None, now: float, due: bool) -> None:
+    assert poll_due(last, now, interval=15.0) is due
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def server(routes: dict[str, Handler]) -> AsyncIterator[str]:
+    app = web.Application()
+    for path, handler in routes.items():
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_fetch_progress_returns_the_document_or_none_and_never_raises() -> None:
+    def reply(body: bytes, status: int = 200, content_type: str = "text/plain", delay: float = 0) -> Handler:
+        async def handler(_: web.Request) -> web.Response:
+            await asyncio.sleep(delay)
+            return web.Response(body=body, status=status, content_type=content_type)
+
+        return handler
+
+    routes: dict[str, Handler] = {
+        "/ok": reply(json.dumps({"step": 3}).encode()),  # wrong content type: the body still counts
+        "/error": reply(b"boom", status=500),
+        "/garbage": reply(b"<html>not json"),
+        "/array": reply(b"[1, 2]"),
+        "/binary": reply(b"\xff\xfe\x00", content_type="application/json"),
+        "/slow": reply(b"{}", delay=1.0),
+    }
+
+    async def scenario() -> None:
+        async with server(routes) as base, aiohttp.ClientSession() as session:
+            assert await fetch_progress(session, base + "/ok", timeout=2) == {"step": 3}
+            for path in ("/error", "/garbage", "/array", "/binary", "/missing"):
+                assert await fetch_progress(session, base + path, timeout=2) is None, path
+            started = time.monotonic()
+            assert await fetch_progress(session, base + "/slow", timeout=0.2) is None
+            assert time.monotonic() - started < 0.9
+            assert await fetch_progress(session, f"http://127.0.0.1:{closed_port()}/progress", timeout=2) is None
+            assert await fetch_progress(session, "http://no-such-host.invalid/progress", timeout=2) is None
+
+    asyncio.run(scenario())
+
+
+def test_fetch_progress_from_the_real_trainer_server() -> None:
+    p = trainer_progress.Progress(world_size=2)
+    p.set_plan(10)
+    p.step_done(4, epoch=0.4, duration=0.1, tokens=100)
+    httpd = trainer_progress.serve(p, "127.0.0.1", 0)
+
+    async def fetch() -> dict[str, Any] | None:
+        async with aiohttp.ClientSession() as session:
+            return await fetch_progress(session, f"http://127.0.0.1:{httpd.server_address[1]}/progress", timeout=2)
+
+    try:
+        doc = asyncio.run(fetch())
+    finally:
+        httpd.shutdown()
+    assert doc is not None
+    report = parse_report(doc)
+    assert report is not None
+    progress, _ = to_status(report, previous_checkpoint=None, checkpoint_root=None)
+    assert (progress.step, progress.total_steps, progress.percent, progress.epoch) == (4, 10, 40, 0.4)
