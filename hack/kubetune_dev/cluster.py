@@ -272,6 +272,10 @@ class LocalCluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
+            # `kubectl logs` for pods of a local node agent: the API server calls the agent's kubelet port with
+            # a client certificate from the cluster CA, which is all the agent accepts.
+            f"--kubelet-client-certificate={certs['admin']}",
+            f"--kubelet-client-key={certs['admin-key']}",
             # The `kubernetes` Service endpoints would point at a loopback address, which is invalid.
             "--endpoint-reconciler-type=none",
             "--profiling=false",
