@@ -1,15 +1,14 @@
 """What a run costs, and the three guards that stop it: budget, stall and the evaluation gate.
 
-Everything here is pure: the operator passes in the API objects it read (pods and nodes as the API server
-returns them, camelCase JSON) and the time, and writes what comes back into the status.
+Everything here is pure: the operator passes in what it observed (worker pods summarised by `pod_usage`, the
+labels of their nodes) and the time, and writes what comes back into the status.
 
-Cost is derived, not remembered. A pod holds its GPUs from `status.startTime` (the kubelet admitted it and
-the device plugin allocated the GPUs; image pulls included, as a cloud bill would) until its last container
-finished, or until now while it still runs or terminates. GPU-seconds x the price of the pod's node gives
-its cost. The pods of the current attempt are re-measured on every reconcile, so an operator restart loses
-nothing. The pods of a finished attempt are deleted with its Job, so before that the operator folds their
-final figures into a settled `Spend` with `accrue` and persists it with the attempt's completion: the run's
-cost is then settled + the live attempt's pods (`run_cost`).
+Cost is derived, not remembered. A pod holds its GPUs from `status.startTime` until its last container
+finished (see `pod_usage`); GPU-seconds x the price of the pod's node is its cost. The current attempt's pods
+are re-measured on every reconcile, so an operator restart loses nothing. A finished attempt's pods are
+deleted with its Job, so before that the operator folds their final figures into a settled `Spend` with
+`accrue` and persists it in the status together with the attempt's completion. The run's cost is then
+settled + the current attempt's pods (`run_cost`).
 
 Price per GPU-hour, most specific first: the node's `node.kubernetes.io/instance-type` in
 `Pricing.by_instance_type` (a cloud SKU price, which already says which GPU it has), then its
@@ -47,7 +46,7 @@ class Pricing(BaseModel):
     """Prices per GPU-hour in US dollars (operator settings, from the Helm values). Keys are label values:
     instance types as in `node.kubernetes.io/instance-type`, GPU products as in `nvidia.com/gpu.product`."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
     default_usd_per_gpu_hour: UsdPerHour = Field(
         2.0, description="Price when neither the instance type nor the GPU product has one."
@@ -74,6 +73,27 @@ def usd_per_gpu_hour(pricing: Pricing, *, instance_type: str | None, gpu_product
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PodUsage:
+    """What cost needs to know about one worker pod (`pod_usage` makes it from the API object, so a watch cache
+    can keep this instead of the pod)."""
+
+    gpus: int
+    node_name: str | None
+    start: datetime | None  # status.startTime; None: never admitted by a kubelet, held no GPU
+    end: datetime | None  # when its last container finished; None while it still holds its GPUs
+
+    def interval(self, now: datetime) -> tuple[datetime, datetime] | None:
+        """When the pod held its GPUs."""
+        if self.start is None:
+            return None
+        return self.start, max(self.start, self.end or now)
+
+    @property
+    def holds_gpus(self) -> bool:
+        return self.gpus > 0 and self.start is not None and self.end is None
+
+
 def _time(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return value
@@ -89,44 +109,36 @@ def _gpus(container: Mapping[str, Any]) -> int:
     return int(str(quantity)) if quantity is not None else 0
 
 
-def pod_gpus(pod: Mapping[str, Any]) -> int:
-    """GPUs the pod holds: the larger of its containers' sum and any single init container (the scheduler's rule)."""
-    spec = pod.get("spec") or {}
+def pod_usage(pod: Mapping[str, Any]) -> PodUsage:
+    """A pod as the API server returns it (camelCase JSON; times as RFC 3339 strings or datetimes).
+
+    GPUs: the larger of the containers' sum and any single init container (the scheduler's rule). A pod holds
+    them from status.startTime (the kubelet admitted it, the device plugin allocated the GPUs; image pulls
+    included, as a cloud bill would) until its last container finished; still Running (also while it
+    terminates and checkpoints) means until now. A finished pod that never ran a container ended when its
+    conditions last changed.
+    """
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
     containers = sum(_gpus(c) for c in spec.get("containers") or [])
     init = max((_gpus(c) for c in spec.get("initContainers") or []), default=0)
-    return max(containers, init)
-
-
-def pod_gpu_interval(pod: Mapping[str, Any], now: datetime) -> tuple[datetime, datetime] | None:
-    """When the pod held its GPUs: from status.startTime to the end of its last container (now while it has not
-    finished). None when the kubelet never started it."""
-    status = pod.get("status") or {}
     start = _time(status.get("startTime"))
-    if start is None:
-        return None
-    if status.get("phase") not in ("Succeeded", "Failed"):
-        return start, max(start, now)
-    # Finished: the last container end; a pod that never ran a container (e.g. its image never pulled)
-    # ended when its conditions last changed.
-    finished = [
-        _time(((s.get("state") or {}).get("terminated") or {}).get("finishedAt"))
-        for s in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
-    ]
-    ends = [t for t in finished if t is not None] or [
-        t for t in (_time(c.get("lastTransitionTime")) for c in status.get("conditions") or []) if t is not None
-    ]
-    return start, max([start, *ends])
+    end = None
+    if start is not None and status.get("phase") in ("Succeeded", "Failed"):
+        finished = [
+            _time(((s.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+            for s in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+        ]
+        ends = [t for t in finished if t is not None] or [
+            t for t in (_time(c.get("lastTransitionTime")) for c in status.get("conditions") or []) if t is not None
+        ]
+        end = max([start, *ends])
+    return PodUsage(gpus=max(containers, init), node_name=spec.get("nodeName"), start=start, end=end)
 
 
-def holds_gpus_now(pod: Mapping[str, Any]) -> bool:
-    status = pod.get("status") or {}
-    return status.get("startTime") is not None and status.get("phase") not in ("Succeeded", "Failed")
-
-
-def pod_price(pod: Mapping[str, Any], *, pricing: Pricing, nodes: NodeLabels, gpu_product: str | None) -> float:
+def pod_price(pod: PodUsage, *, pricing: Pricing, nodes: NodeLabels, gpu_product: str | None) -> float:
     """Price per GPU-hour of the pod's node; `gpu_product` (the spec's) stands in for a node the operator
     cannot see (not scheduled yet, or gone)."""
-    labels = nodes.get((pod.get("spec") or {}).get("nodeName") or "", {})
+    labels = nodes.get(pod.node_name or "", {})
     return usd_per_gpu_hour(
         pricing,
         instance_type=labels.get(INSTANCE_TYPE_LABEL),
@@ -146,7 +158,7 @@ class Spend:
 
 
 def pods_spend(
-    pods: Iterable[Mapping[str, Any]],
+    pods: Iterable[PodUsage],
     *,
     pricing: Pricing,
     nodes: NodeLabels,
@@ -156,10 +168,10 @@ def pods_spend(
     """What the pods used so far (finished pods: all they ever used)."""
     total = Spend()
     for pod in pods:
-        gpus, interval = pod_gpus(pod), pod_gpu_interval(pod, now)
-        if not gpus or interval is None:
+        interval = pod.interval(now)
+        if not pod.gpus or interval is None:
             continue
-        gpu_seconds = gpus * (interval[1] - interval[0]).total_seconds()
+        gpu_seconds = pod.gpus * (interval[1] - interval[0]).total_seconds()
         price = pod_price(pod, pricing=pricing, nodes=nodes, gpu_product=gpu_product)
         total += Spend(gpu_seconds, gpu_seconds / 3600 * price)
     return total
@@ -167,7 +179,7 @@ def pods_spend(
 
 def accrue(
     settled: Spend,
-    finished_attempt_pods: Iterable[Mapping[str, Any]],
+    finished_attempt_pods: Iterable[PodUsage],
     *,
     pricing: Pricing,
     nodes: NodeLabels,
@@ -180,19 +192,13 @@ def accrue(
     return settled + pods_spend(finished_attempt_pods, pricing=pricing, nodes=nodes, gpu_product=gpu_product, now=now)
 
 
-def hourly_rate(
-    pods: Iterable[Mapping[str, Any]],
-    *,
-    resources: Resources,
-    pricing: Pricing,
-    nodes: NodeLabels,
-) -> float:
+def hourly_rate(pods: Iterable[PodUsage], *, resources: Resources, pricing: Pricing, nodes: NodeLabels) -> float:
     """USD per hour the run spends while it trains: the pods that hold GPUs now, at their nodes' prices; before
     any does (queued, restarting), what the spec asks for at the spec's GPU product price."""
-    running = [p for p in pods if holds_gpus_now(p)]
-    if running:
+    holding = [p for p in pods if p.holds_gpus]
+    if holding:
         return sum(
-            pod_gpus(p) * pod_price(p, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product) for p in running
+            p.gpus * pod_price(p, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product) for p in holding
         )
     planned_gpus = resources.num_nodes * resources.gpus_per_node
     return planned_gpus * usd_per_gpu_hour(pricing, instance_type=None, gpu_product=resources.gpu_product)
@@ -201,7 +207,7 @@ def hourly_rate(
 def run_cost(
     *,
     settled: Spend,
-    pods: Iterable[Mapping[str, Any]],
+    pods: Iterable[PodUsage],
     resources: Resources,
     pricing: Pricing,
     nodes: NodeLabels,

@@ -4,19 +4,20 @@ and the BudgetExceeded / Stalled / EvalGateFailed verdicts."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from kubetune_operator.api.spec import Budget, Evaluation, Resources
 from kubetune_operator.api.status import CostStatus, Progress
 from kubetune_operator.cost import (
+    PodUsage,
     Pricing,
     Spend,
     accrue,
     budget_verdict,
     eval_gate_verdict,
     hourly_rate,
-    pod_gpu_interval,
-    pod_gpus,
+    pod_usage,
     pods_spend,
     run_cost,
     stall_clock,
@@ -36,6 +37,10 @@ NODES = {
     "plain-node": {},
 }
 HOUR = timedelta(hours=1)
+
+
+def usage(**kwargs: Any) -> PodUsage:
+    return pod_usage(pod(**kwargs))
 
 
 @pytest.mark.parametrize(
@@ -74,7 +79,7 @@ def test_pricing_reads_helm_style_camel_case_and_rejects_negative_prices() -> No
     ],
 )
 def test_pod_gpus(the_pod: dict, gpus: int) -> None:
-    assert pod_gpus(the_pod) == gpus
+    assert pod_usage(the_pod).gpus == gpus
 
 
 @pytest.mark.parametrize(
@@ -101,15 +106,17 @@ def test_pod_gpus(the_pod: dict, gpus: int) -> None:
     ],
 )
 def test_pod_gpu_interval(the_pod: dict, interval: tuple | None) -> None:
-    assert pod_gpu_interval(the_pod, now=T0 + HOUR) == interval
+    usage = pod_usage(the_pod)
+    assert usage.interval(now=T0 + HOUR) == interval
+    assert usage.holds_gpus is (interval is not None and interval[1] == T0 + HOUR and usage.gpus > 0)
 
 
 def test_pods_spend_prices_each_pod_by_its_node() -> None:
     pods = [
-        pod(gpus=8, node="p5-node", started=T0),  # 8 GPU-h at 3.0
-        pod(gpus=8, node="h100-node", started=T0, finished=T0 + 0.5 * HOUR),  # 4 GPU-h at 4.0 (product)
-        pod(gpus=2, node="gone-node", started=T0),  # 2 GPU-h, node unknown: the spec's product, 4.0
-        pod(gpus=8, node=None, started=None),  # pending: nothing
+        usage(gpus=8, node="p5-node", started=T0),  # 8 GPU-h at 3.0
+        usage(gpus=8, node="h100-node", started=T0, finished=T0 + 0.5 * HOUR),  # 4 GPU-h at 4.0 (product)
+        usage(gpus=2, node="gone-node", started=T0),  # 2 GPU-h, node unknown: the spec's product, 4.0
+        usage(gpus=8, node=None, started=None),  # pending: nothing
     ]
     spend = pods_spend(pods, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + HOUR)
     assert spend.gpu_seconds == pytest.approx((8 + 4 + 2) * 3600)
@@ -120,16 +127,16 @@ def test_pods_spend_prices_each_pod_by_its_node() -> None:
 
 
 def test_accrue_settles_finished_attempts_so_the_run_cost_survives_their_pods() -> None:
-    attempt1 = [pod(gpus=8, node="p5-node", started=T0, finished=T0 + HOUR, phase="Failed")]
+    attempt1 = [usage(gpus=8, node="p5-node", started=T0, finished=T0 + HOUR, phase="Failed")]
     settled = accrue(Spend(), attempt1, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + 2 * HOUR)
     assert settled == Spend(gpu_seconds=8 * 3600, usd=24.0)
-    attempt2 = [pod(gpus=8, node="plain-node", started=T0 + 2 * HOUR, finished=T0 + 3 * HOUR)]
+    attempt2 = [usage(gpus=8, node="plain-node", started=T0 + 2 * HOUR, finished=T0 + 3 * HOUR)]
     settled = accrue(settled, attempt2, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + 3 * HOUR)
     assert settled == Spend(gpu_seconds=16 * 3600, usd=24.0 + 32.0)
 
     # attempt 1's pods are gone; attempt 3 runs: the run's cost is the settled part plus the live pods
     resources = Resources(num_nodes=1, gpus_per_node=8, gpu_product=H100)
-    live = [pod(gpus=8, node="p5-node", started=T0 + 4 * HOUR)]
+    live = [usage(gpus=8, node="p5-node", started=T0 + 4 * HOUR)]
     cost = run_cost(
         settled=settled,
         pods=live,
@@ -145,13 +152,13 @@ def test_accrue_settles_finished_attempts_so_the_run_cost_survives_their_pods() 
 @pytest.mark.parametrize(
     ("pods", "rate"),
     [
-        ([pod(gpus=8, node="p5-node"), pod(gpus=8, node="h100-node")], 8 * 3.0 + 8 * 4.0),  # live pods, their nodes
-        ([pod(gpus=8, node="p5-node"), pod(gpus=8, started=T0, finished=T0 + HOUR)], 8 * 3.0),  # finished: none
+        ([usage(gpus=8, node="p5-node"), usage(gpus=8, node="h100-node")], 8 * 3.0 + 8 * 4.0),  # live pods, their nodes
+        ([usage(gpus=8, node="p5-node"), usage(gpus=8, started=T0, finished=T0 + HOUR)], 8 * 3.0),  # finished: none
         ([], 2 * 8 * 4.0),  # nothing holds GPUs (queued, restarting): the spec's shape at the spec's product price
-        ([pod(gpus=8, node=None, started=None)], 2 * 8 * 4.0),
+        ([usage(gpus=8, node=None, started=None)], 2 * 8 * 4.0),
     ],
 )
-def test_hourly_rate(pods: list[dict], rate: float) -> None:
+def test_hourly_rate(pods: list[PodUsage], rate: float) -> None:
     resources = Resources(num_nodes=2, gpus_per_node=8, gpu_product=H100)
     assert hourly_rate(pods, resources=resources, pricing=PRICING, nodes=NODES) == pytest.approx(rate)
 
@@ -175,7 +182,7 @@ def test_run_cost_projection(eta_seconds: float | None, projected: float | None)
 
 
 def test_run_cost_rounds_for_the_status() -> None:
-    live = [pod(gpus=1, node="plain-node", started=T0)]
+    live = [usage(gpus=1, node="plain-node", started=T0)]
     resources = Resources(gpus_per_node=1)
     cost = run_cost(
         settled=Spend(),
