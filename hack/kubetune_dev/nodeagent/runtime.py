@@ -252,6 +252,7 @@ class PodWorker:
             "argv": argv,
             "env": {**self.ctx.base_env, "HOSTNAME": hostname, **env},
             "error_file": str(error_file),
+            "scratch": str(self.dir / "sandbox" / name),
         }
         plan_file = self.dir / "plans" / f"{name}.json"
         plan_file.parent.mkdir(exist_ok=True)
@@ -304,7 +305,7 @@ class PodWorker:
         returncode = exited.result()
         signal_group(proc.pid, signal.SIGKILL)  # whatever the container left running in its group
         error_file = self.dir / "errors" / spec["name"]
-        start_error = error_file.read_text() if error_file.exists() else None
+        start_error = (error_file.read_text() if error_file.exists() else "") or None
         exit_code = returncode if returncode >= 0 else 128 - returncode
         message = termination_message(
             (self.dir / "termination" / spec["name"]).read_bytes(),
@@ -439,4 +440,5 @@ def remove_pod_volumes(directory: Path, uid: str) -> None:
     """A deleted pod's emptyDirs and materialised files go; its logs stay until the agent next starts."""
     shutil.rmtree(directory / "volumes", ignore_errors=True)
     shutil.rmtree(directory / "plans", ignore_errors=True)
+    shutil.rmtree(directory / "sandbox", ignore_errors=True)
     shutil.rmtree(MEMORY_ROOT / uid, ignore_errors=True)

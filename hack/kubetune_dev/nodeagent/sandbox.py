@@ -3,10 +3,16 @@ container: bind-mounts the container's volumes at the paths the pod asked for, s
 changes to the working directory and execs the command. Stdlib only, run as a script by path, so the
 container's environment never needs this package on its path.
 
-Usage: python sandbox.py PLAN.json   (PLAN: mounts, hostname, workdir, argv, env, error_file)
+Usage: python sandbox.py PLAN.json   (PLAN: mounts, hostname, workdir, argv, env, error_file, scratch)
 
-A failure before the exec is written to error_file and the process exits 128, which the agent reports
-as a StartError like a container runtime does.
+The machine's filesystem is never written to. A mount point (or working directory) missing on the machine
+is created in the namespace only: its parent directory is "shadowed" by a tmpfs holding bind mounts of
+everything the parent had, and the new entry is made in that tmpfs. For a parent that is `/` itself, the
+process changes root into such a tmpfs. Inside one of the container's own volumes, entries are created
+in the volume, as a container runtime does.
+
+A failure before the exec is written to error_file (which stays empty otherwise) and the process exits
+128, which the agent reports as a StartError like a container runtime does.
 """
 
 from __future__ import annotations
@@ -16,62 +22,129 @@ import json
 import os
 import socket
 import sys
+import tempfile
+from typing import NoReturn, TextIO
 
 MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_MOVE = 0x2000
 MS_REC = 0x4000
+MS_UNBINDABLE = 0x20000
+MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _mount(source: str | None, target: str, flags: int) -> None:
-    src = source.encode() if source is not None else None
-    if _libc.mount(src, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
+def _check(result: int, what: str) -> None:
+    if result != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+        raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _ensure_target(target: str, is_file: bool) -> None:
-    # A missing mount point is created on the machine's filesystem (empty; nothing is written through it).
-    if is_file:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        if not os.path.exists(target):
-            open(target, "a").close()
-    else:
-        os.makedirs(target, exist_ok=True)
+def _mount(source: str | None, target: str, flags: int, fstype: str | None = None) -> None:
+    src = source.encode() if source is not None else None
+    fs = fstype.encode() if fstype is not None else None
+    _check(_libc.mount(src, target.encode(), fs, ctypes.c_ulong(flags), None), f"mount {source} on {target}")
 
 
-def bind(source: str, target: str, read_only: bool) -> None:
-    _ensure_target(target, os.path.isfile(source))
-    _mount(source, target, MS_BIND | MS_REC)
-    if read_only:
-        _mount(None, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
+def _within(path: str, directories: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in directories)
+
+
+class Sandbox:
+    def __init__(self, scratch: str) -> None:
+        self.scratch = scratch  # the agent's per-container directory: holds the shadow mounts' sources
+        self.shadowed: list[str] = []  # directories covered by our tmpfs: entries may be added right there
+        self.owned: list[str] = []  # writable volumes and directories we made: entries may be added below
+        self._isolate_scratch()
+
+    def _isolate_scratch(self) -> None:
+        # An unbindable mount is left out of recursive binds: shadowing a directory above the scratch
+        # directory must not copy the shadow mounts being built there into themselves.
+        os.makedirs(self.scratch, exist_ok=True)
+        _mount(self.scratch, self.scratch, MS_BIND)
+        _mount(None, self.scratch, MS_UNBINDABLE)
+
+    def shadow(self, directory: str) -> None:
+        """Cover `directory` with a tmpfs that bind-mounts everything it held, so entries can be added.
+        The copy is built in the scratch directory, then moved over `directory` (or, for `/`, made the root)."""
+        holder = tempfile.mkdtemp(dir=self.scratch)
+        _mount(directory, holder, MS_BIND | MS_REC)
+        copy = tempfile.mkdtemp(dir=self.scratch)
+        _mount("tmpfs", copy, 0, "tmpfs")
+        for name in os.listdir(holder):
+            source, entry = os.path.join(holder, name), os.path.join(copy, name)
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), entry)
+            elif os.path.isdir(source):
+                os.mkdir(entry)
+                _mount(source, entry, MS_BIND | MS_REC)
+            else:
+                open(entry, "w").close()
+                _mount(source, entry, MS_BIND)
+        os.chmod(copy, os.stat(holder).st_mode & 0o7777)
+        _check(_libc.umount2(holder.encode(), MNT_DETACH), f"umount {holder}")
+        if directory == "/":
+            os.chroot(copy)
+            os.chdir("/")
+        else:
+            _mount(copy, directory, MS_MOVE)
+        if _within(self.scratch, [directory]):  # the copy holds the scratch directory, not its mount
+            self._isolate_scratch()
+        self.shadowed.append(directory)
+
+    def ensure(self, path: str, is_file: bool) -> None:
+        """Make `path` exist, creating its missing parents the same way."""
+        if os.path.lexists(path):
+            return
+        parent = os.path.dirname(path)
+        self.ensure(parent, is_file=False)
+        parent = os.path.realpath(parent)
+        if parent not in self.shadowed and not _within(parent, self.owned):
+            self.shadow(parent)
+        path = os.path.join(parent, os.path.basename(path))
+        if is_file:
+            open(path, "w").close()
+        else:
+            os.mkdir(path)
+            self.owned.append(path)
+
+    def bind(self, source: str, target: str, read_only: bool) -> None:
+        self.ensure(target, os.path.isfile(source))
+        _mount(source, target, MS_BIND | MS_REC)
+        if read_only:
+            _mount(None, target, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        elif os.path.isdir(source):
+            self.owned.append(os.path.realpath(target))
 
 
 def main(plan_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
     os.unlink(plan_path)  # it holds the container's secrets
+    # Opened before any mount can hide its path; left empty when the command starts.
+    errors = open(plan["error_file"], "w")  # noqa: SIM115 - closed on exec (not inheritable) or on exit
     try:
+        sandbox = Sandbox(plan["scratch"])
         for m in plan["mounts"]:
-            bind(m["source"], m["target"], m["read_only"])
+            sandbox.bind(m["source"], m["target"], m["read_only"])
         socket.sethostname(plan["hostname"])
-        os.makedirs(plan["workdir"], exist_ok=True)
+        sandbox.ensure(plan["workdir"], is_file=False)
         os.chdir(plan["workdir"])
     except OSError as e:
-        fail(plan, f"failed to create the container: {e}")
+        fail(errors, f"failed to create the container: {e}")
     try:
         os.execvpe(plan["argv"][0], plan["argv"], plan["env"])
     except FileNotFoundError:
-        fail(plan, f'exec: "{plan["argv"][0]}": executable file not found in $PATH')
+        fail(errors, f'exec: "{plan["argv"][0]}": executable file not found in $PATH')
     except OSError as e:
-        fail(plan, f'exec: "{plan["argv"][0]}": {e.strerror}')
+        fail(errors, f'exec: "{plan["argv"][0]}": {e.strerror}')
 
 
-def fail(plan: dict, message: str) -> None:
-    with open(plan["error_file"], "w") as f:
-        f.write(message)
+def fail(errors: TextIO, message: str) -> NoReturn:
+    errors.write(message)
+    errors.close()
     print(message, file=sys.stderr)
     sys.exit(128)
 
