@@ -149,17 +149,23 @@ class Resources(ApiModel):
         ),
     )
     cpu: Quantity | None = Field(
-        None, description="CPU requested by each worker pod, e.g. 16 or 15500m. Omitted: no explicit request."
+        None,
+        description=(
+            "CPU requested by each worker pod, e.g. 16 or 15500m. Omitted: the operator's default, if it has one."
+        ),
     )
     memory: Quantity | None = Field(
         None,
-        description="Memory requested by each worker pod, and its limit, e.g. 200Gi. Omitted: no explicit request.",
+        description=(
+            "Memory requested by each worker pod, and its limit, e.g. 200Gi. Omitted: the operator's default, if "
+            "it has one."
+        ),
     )
     shm_size: Quantity | None = Field(
         None,
         description=(
             "Size limit of the memory-backed /dev/shm that data loaders and NCCL use, e.g. 16Gi; counts against "
-            "the pod's memory. Omitted: bounded by the pod's memory limit."
+            "the pod's memory. Omitted: the operator's default, if it has one, else bounded by the pod's memory limit."
         ),
     )
     node_selector: dict[str, LabelValue] = Field(
@@ -355,8 +361,8 @@ class RunPolicy(ApiModel):
         None,
         ge=0,
         description=(
-            "Delete the FineTuneJob this long after it finished. Checkpoints and outputs on claims it does not own "
-            "stay. Leave unset for jobs kept in git: Argo CD or Flux would re-create a deleted job and retrain."
+            "Delete the run's workers, Services and ConfigMaps this long after the run finished. The FineTuneJob "
+            "(with its status and run history) and the checkpoints and outputs on its claims stay."
         ),
     )
     suspend: bool = Field(

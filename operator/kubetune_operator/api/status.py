@@ -132,6 +132,14 @@ class RunRecord(ApiModel):
     rerun_token: str | None = Field(
         None, max_length=256, description="The kubetune.io/rerun annotation value that started the run, if any."
     )
+    spec_hash: str | None = Field(
+        None,
+        max_length=64,
+        description=(
+            "Fingerprint of the spec fields that define what the run trains (all but runPolicy, budget and "
+            "evaluation); a different fingerprint starts a new run."
+        ),
+    )
     result: RunResult | None = Field(
         None, description="Succeeded, Failed or Cancelled (by a spec change or deletion); omitted while running."
     )
