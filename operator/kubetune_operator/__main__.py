@@ -1,0 +1,76 @@
+"""`kubetune-operator` (or `python -m kubetune_operator`): run the FineTuneJob operator.
+
+    kubetune-operator -A                              # every namespace (the default when none is given)
+    kubetune-operator -n team-a -n 'ml-*'             # some namespaces (globs allowed)
+    kubetune-operator --settings /etc/kubetune/settings.yaml -v
+
+Connects with $KUBECONFIG (or ~/.kube/config), else the pod's service account. Settings come from
+--settings or $KUBETUNE_SETTINGS, with KUBETUNE_* environment overrides (see settings.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+import kopf
+
+from kubetune_operator.controller import Controller
+from kubetune_operator.health import start_health_server
+from kubetune_operator.kube import Kube
+from kubetune_operator.settings import OperatorSettings, load_settings
+
+log = logging.getLogger("kubetune_operator")
+
+
+async def run_operator(settings: OperatorSettings, namespaces: list[str]) -> None:
+    kube = await Kube.connect()
+    controller = Controller(kube, settings)
+    kopf_settings = kopf.OperatorSettings()
+    controller.configure(kopf_settings)
+    controller.start_workers()
+    health = await start_health_server(controller, settings.health_port) if settings.health_port else None
+    log.info("watching %s", ", ".join(namespaces) if namespaces else "all namespaces")
+    try:
+        # Returns on SIGTERM/SIGINT (kopf installs the handlers).
+        await kopf.operator(
+            registry=controller.registry(),
+            settings=kopf_settings,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+            standalone=True,
+        )
+    finally:
+        await controller.stop_workers()
+        if health:
+            await health.cleanup()
+        log.info("reconcile summary %s", json.dumps(controller.stats.summary(kube.requests)))
+        await kube.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune-operator", description="Run the FineTuneJob operator.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "-n", "--namespace", action="append", default=[], help="namespace (or glob) to watch; repeatable"
+    )
+    where.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace")
+    parser.add_argument("--settings", help="settings file (YAML or JSON); default $KUBETUNE_SETTINGS")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log more")
+    verbosity.add_argument("--debug", action="store_true", help="log everything, kopf included")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    args = parser.parse_args(argv)
+
+    settings = load_settings(args.settings)
+    namespaces = [] if args.all_namespaces else (args.namespace or settings.namespaces)
+    kopf.configure(debug=args.debug, verbose=args.verbose, quiet=args.quiet)
+    asyncio.run(run_operator(settings, namespaces))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

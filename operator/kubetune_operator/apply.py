@@ -1,0 +1,153 @@
+"""Carry out a Plan against the API server: guarded, idempotent, in a safe order.
+
+Every mutation is tied to the FineTuneJob resourceVersion the plan was computed from. A status change is
+written first as a merge patch carrying that resourceVersion (409 if anyone wrote since); a plan without a
+status change confirms the version with a GET before touching children. So a replica or a restarted operator
+acting on a stale cache never creates the children of an attempt that was already replaced: it reconciles
+again instead. Creation is create-if-absent under deterministic names: a 409 means the child is there
+(adopted if ours, an error if someone else's).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubetune_operator.api import API_VERSION, KIND
+from kubetune_operator.api.common import format_time
+from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.reconcile import Event, Plan, status_wire
+from kubetune_operator.render import Manifest
+
+COMPONENT = "kubetune-operator"
+log = logging.getLogger(__name__)
+
+
+class StaleView(Exception):
+    """The FineTuneJob changed after the plan was computed; reconcile again with the newer object."""
+
+
+class Rejected(Exception):
+    """The API server refused a child as invalid: retrying the same spec cannot help."""
+
+
+@dataclass(frozen=True)
+class JobRef:
+    name: str
+    namespace: str
+    uid: str
+    resource_version: str
+
+
+@dataclass(frozen=True)
+class Applied:
+    # After a status write: the version it replaced (a cache still holding it is behind).
+    replaced_version: str | None = None
+
+
+async def apply_plan(kube: Kube, job: JobRef, current_status: dict[str, Any], plan: Plan, now: datetime) -> Applied:
+    applied = Applied()
+    desired = status_wire(plan.status)
+    if desired != current_status:
+        body = {"metadata": {"resourceVersion": job.resource_version}, "status": merge_diff(current_status, desired)}
+        try:
+            await kube.merge_patch(KIND, job.namespace, job.name, body, subresource="status")
+        except ApiError as e:
+            if e.status in (404, 409):
+                raise StaleView(str(e)) from e
+            raise
+        applied = Applied(replaced_version=job.resource_version)
+    elif plan.create or plan.delete:
+        await _confirm_version(kube, job)
+
+    for deletion in plan.delete:
+        # Foreground for Jobs: the Job stays visible until its pods are gone, so "workers still stopping" is
+        # observable; the workers get SIGTERM and checkpoint within their grace period.
+        propagation = "Foreground" if deletion.kind == "Job" else "Background"
+        await kube.delete(deletion.kind, job.namespace, deletion.name, propagation)
+    for manifest in plan.create:
+        await create_or_adopt(kube, job, manifest)
+    for event in plan.events:
+        try:
+            await post_event(kube, job, event, now)
+        except ApiError as e:
+            # Events are for humans; a lost one is not worth another reconcile.
+            log.warning("could not post event %s for %s/%s: %s", event.reason, job.namespace, job.name, e)
+    return applied
+
+
+async def _confirm_version(kube: Kube, job: JobRef) -> None:
+    try:
+        live = await kube.get(KIND, job.namespace, job.name)
+    except ApiError as e:
+        if e.status == 404:
+            raise StaleView("the FineTuneJob is gone") from e
+        raise
+    if live["metadata"]["resourceVersion"] != job.resource_version:
+        raise StaleView("the FineTuneJob changed")
+
+
+async def create_or_adopt(kube: Kube, job: JobRef, manifest: Manifest) -> None:
+    kind, name = manifest["kind"], manifest["metadata"]["name"]
+    try:
+        await kube.create(manifest)
+        return
+    except ApiError as e:
+        if e.status in (400, 422):
+            raise Rejected(f"{kind} {name}: {e.message}") from e
+        if e.status != 409:
+            raise
+    existing = await kube.get(kind, job.namespace, name)
+    owners = existing["metadata"].get("ownerReferences") or []
+    if not any(ref.get("uid") == job.uid and ref.get("controller") for ref in owners):
+        # A leftover of an earlier job with the same name (the garbage collector will remove it) or someone
+        # else's object: never take it over.
+        raise ApiError(409, "AlreadyExists", f"{kind} {name} exists and is not controlled by this FineTuneJob")
+    want = manifest["metadata"].get("labels") or {}
+    have = existing["metadata"].get("labels") or {}
+    if any(have.get(k) != v for k, v in want.items()):
+        await kube.merge_patch(kind, job.namespace, name, {"metadata": {"labels": want}})
+
+
+async def post_event(kube: Kube, job: JobRef, event: Event, now: datetime) -> None:
+    stamp = format_time(now)
+    await kube.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{job.name}.", "namespace": job.namespace},
+            "involvedObject": {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": job.name,
+                "namespace": job.namespace,
+                "uid": job.uid,
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message,
+            "source": {"component": COMPONENT},
+            "reportingComponent": f"kubetune.io/{COMPONENT}",
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+    )
+
+
+def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `old` into `new`: changed keys, nulls for removed ones."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            nested = merge_diff(before, value)
+            if nested:
+                patch[key] = nested
+        elif value != before or key not in old:
+            patch[key] = value
+    return patch

@@ -1,0 +1,299 @@
+"""The operator's moving parts: kopf watches feed caches and a work queue; workers reconcile.
+
+Why this shape rather than kopf's create/update handlers or a daemon per object:
+- Level-triggered: whatever happened, a worker reads the latest FineTuneJob and its children from the caches,
+  asks the pure `reconcile` what should be, and applies the plan. Nothing depends on seeing every event.
+- kopf indexes are the informer caches (summaries of children, filtered server-side by the operator's label),
+  and kopf holds every handler until they are filled, so a restart never mistakes "not listed yet" for
+  "missing". `@kopf.on.event` handlers only put the owning job's key in the queue: a pod's status change
+  wakes its FineTuneJob early; a timer per job (requeue_after) wakes it for backoffs, deadlines and polls.
+- No state-changing handlers, daemons or timers means no kopf finalizer and no kopf annotations on the user's
+  object: deleting a FineTuneJob never waits for the operator (children go by ownerReferences), and Argo CD
+  sees no diff it did not make.
+- kopf runs standalone. Peering pauses kopf's own handlers but not these workers, and correctness never
+  relied on a single replica anyway: deterministic names, create-if-absent and status writes guarded by
+  resourceVersion make a second replica harmless (apply.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+
+from kubetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob
+from kubetune_operator.apply import JobRef, Rejected, StaleView, apply_plan
+from kubetune_operator.kube import Kube
+from kubetune_operator.names import CHILD_SELECTOR, LABEL_JOB
+from kubetune_operator.observed import (
+    Observed,
+    Rejection,
+    summarize_child,
+    summarize_config_map,
+    summarize_job,
+    summarize_pod,
+)
+from kubetune_operator.reconcile import reconcile, status_wire
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, FineTuneJob name)
+
+# Children the operator watches: (group, version, plural), "" being the core group, and the summary its
+# cache keeps of each.
+CHILDREN: dict[str, tuple[tuple[str, str, str], Any]] = {
+    "jobs": (("batch", "v1", "jobs"), summarize_job),
+    "pods": (("", "v1", "pods"), summarize_pod),
+    "services": (("", "v1", "services"), summarize_child),
+    "configmaps": (("", "v1", "configmaps"), summarize_config_map),
+    "claims": (("", "v1", "persistentvolumeclaims"), summarize_child),
+}
+# After a status write, how long to wait for the watch to deliver it before acting on the cache anyway
+# (the write is guarded, so acting on a stale cache is safe, only wasteful).
+CONSISTENCY_TIMEOUT = 5.0
+MAX_ERROR_BACKOFF = 300.0
+STALE_RETRY = 1.0
+
+
+@dataclass
+class ReconcileStats:
+    """Reconcile durations and outcomes, summarised when the operator stops (and read by the benchmark)."""
+
+    durations: list[float] = field(default_factory=list)
+    errors: int = 0
+    conflicts: int = 0
+
+    def summary(self, requests: dict[str, int]) -> dict[str, Any]:
+        d = sorted(self.durations)
+
+        def ms(q: float) -> float:
+            return round(d[min(len(d) - 1, int(q * len(d)))] * 1000, 2) if d else 0.0
+
+        return {
+            "reconciles": len(d),
+            "errors": self.errors,
+            "conflicts": self.conflicts,
+            "p50_ms": ms(0.50),
+            "p90_ms": ms(0.90),
+            "p99_ms": ms(0.99),
+            "max_ms": ms(1.0),
+            "api_requests": sum(requests.values()),
+            "api_requests_by_kind": dict(sorted(requests.items())),
+        }
+
+
+class Controller:
+    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.queue: WorkQueue[Key] = WorkQueue()
+        self.stats = ReconcileStats()
+        self.ready = asyncio.Event()
+        self._caches: dict[str, kopf.Index[Key, Any]] = {}
+        self._rejections: dict[Key, Rejection] = {}
+        # The resourceVersion our last status write replaced, and when: a cache still at it is behind.
+        self._superseded: dict[Key, tuple[str, float]] = {}
+        self._errors: dict[Key, int] = {}
+        # Children created or deleted in the last moments, by job, with when: until the watch shows the change,
+        # the caches would say "missing" (or "still there") and invite a second, useless request.
+        self._in_flight: dict[Key, dict[tuple[str, str], float]] = {}
+        self._workers: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------------------------------
+    # kopf wiring
+    # ------------------------------------------------------------------------------------------
+
+    def registry(self) -> kopf.OperatorRegistry:
+        registry = kopf.OperatorRegistry()
+
+        @kopf.on.login(registry=registry)
+        async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+            # The same kubeconfig / in-cluster credentials as the operator's own client (kube.py).
+            return kopf.login_via_client(**kwargs)
+
+        @kopf.index(GROUP, VERSION, PLURAL, id="finetunejobs", registry=registry)
+        async def finetunejobs(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
+            meta = body.get("metadata", {})
+            kept = {k: meta[k] for k in ("name", "namespace", "uid", "generation", "resourceVersion") if k in meta}
+            for k in ("annotations", "deletionTimestamp"):
+                if k in meta:
+                    kept[k] = meta[k]
+            return {
+                (meta["namespace"], meta["name"]): {
+                    "metadata": kept,
+                    "spec": body.get("spec"),
+                    "status": body.get("status"),
+                }
+            }
+
+        @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+        async def finetunejob_changed(type: str, body: kopf.Body, **_: Any) -> None:
+            key = (body.metadata["namespace"], body.metadata["name"])
+            if type == "DELETED":
+                self.forget(key)
+            else:
+                self.queue.add(key)
+
+        for cache, (resource, summarize) in CHILDREN.items():
+            self._watch_children(registry, cache, resource, summarize)
+
+        @kopf.on.startup(registry=registry)
+        async def capture_caches(**kwargs: Any) -> None:
+            # kopf hands the (live) indexes to handlers as keyword arguments named after their functions.
+            self._caches = {"finetunejobs": kwargs["finetunejobs"]}
+            self._caches.update({cache: kwargs[cache] for cache in CHILDREN})
+            self.ready.set()
+
+        return registry
+
+    def _watch_children(
+        self, registry: kopf.OperatorRegistry, cache: str, resource: tuple[str, str, str], summarize: Any
+    ) -> None:
+        async def index(body: kopf.Body, **_: Any) -> dict[Key, Any]:
+            return {_owner_key(body): summarize(body)}
+
+        async def wake_owner(body: kopf.Body, **_: Any) -> None:
+            self.queue.add(_owner_key(body))
+
+        kopf.index(*resource, id=cache, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)(index)
+        kopf.on.event(*resource, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)(wake_owner)
+
+    def configure(self, kopf_settings: kopf.OperatorSettings) -> None:
+        """kopf settings (DESIGN section 9)."""
+        s = kopf_settings
+        # Only the operator's own children are listed and watched, filtered by the API server.
+        for resource, _ in CHILDREN.values():
+            s.watching.label_selectors[resource] = CHILD_SELECTOR
+        # Reconnect a watch that went silent (bookmarks arrive every minute), and bound every request.
+        s.watching.inactivity_timeout = 70.0
+        s.watching.server_timeout = 300
+        s.watching.connect_timeout = 10.0
+        s.networking.request_timeout = 60.0
+        s.queueing.error_delays = (1, 2, 5, 10, 30, 60)
+        # The operator posts its own Events, one per transition, with reasons; kopf's would repeat them.
+        s.posting.enabled = False
+        # No handler here stores progress, a diff base or a finalizer; should one ever do, it stays under our
+        # own prefix instead of kopf.zalando.org.
+        s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
+        s.persistence.finalizer = f"{GROUP}/finalizer"
+
+    # ------------------------------------------------------------------------------------------
+    # workers
+    # ------------------------------------------------------------------------------------------
+
+    def start_workers(self) -> None:
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"reconcile-worker-{i}")
+            for i in range(self.settings.reconcile_workers)
+        ]
+
+    async def stop_workers(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    def alive(self) -> bool:
+        return bool(self._workers) and not any(t.done() for t in self._workers)
+
+    def forget(self, key: Key) -> None:
+        self.queue.forget(key)
+        self._rejections.pop(key, None)
+        self._superseded.pop(key, None)
+        self._errors.pop(key, None)
+        self._in_flight.pop(key, None)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self.queue.get()
+            started = time.perf_counter()
+            try:
+                await self.reconcile_key(key)
+                self._errors.pop(key, None)
+            except Exception:
+                self.stats.errors += 1
+                failures = self._errors[key] = self._errors.get(key, 0) + 1
+                delay = min(2.0 ** (failures - 1), MAX_ERROR_BACKOFF)
+                log.exception("reconciling %s/%s failed (retry %d in %.0fs)", *key, failures, delay)
+                self.queue.add(key, delay)
+            finally:
+                self.stats.durations.append(time.perf_counter() - started)
+                self.queue.done(key)
+
+    async def reconcile_key(self, key: Key) -> None:
+        body = _only(self._caches["finetunejobs"], key)
+        if body is None:
+            self.forget(key)
+            return
+        meta = body["metadata"]
+        version = meta["resourceVersion"]
+        superseded = self._superseded.get(key)
+        if superseded and superseded[0] == version:
+            waited = time.monotonic() - superseded[1]
+            if waited < CONSISTENCY_TIMEOUT:
+                # Our own write is on its way through the watch, which enqueues the job when it lands.
+                self.queue.add(key, CONSISTENCY_TIMEOUT - waited)
+                return
+        ftj = FineTuneJob.model_validate(body)
+        plan = reconcile(ftj, self.observe(key), self.settings, datetime.now(UTC))
+        job = JobRef(meta["name"], meta["namespace"], meta["uid"], version)
+        try:
+            applied = await apply_plan(self.kube, job, status_wire(ftj.status), plan, datetime.now(UTC))
+        except StaleView:
+            self.stats.conflicts += 1
+            self.queue.add(key, STALE_RETRY)
+            return
+        except Rejected as e:
+            log.warning("%s/%s: %s", *key, e)
+            self._rejections[key] = Rejection(run=plan.status.run or 1, message=str(e))
+            self.queue.add(key)
+            return
+        touched = [(m["kind"], m["metadata"]["name"]) for m in plan.create]
+        touched += [(d.kind, d.name) for d in plan.delete]
+        if touched:
+            self._in_flight.setdefault(key, {}).update(dict.fromkeys(touched, time.monotonic()))
+        if applied.replaced_version:
+            self._superseded[key] = (applied.replaced_version, time.monotonic())
+        if plan.requeue_after is not None:
+            self.queue.add(key, plan.requeue_after)
+
+    def observe(self, key: Key) -> Observed:
+        """Everything the caches hold about one job: the pure reconcile's input."""
+        c = self._caches
+        recent = {
+            child: at
+            for child, at in self._in_flight.pop(key, {}).items()
+            if time.monotonic() - at < CONSISTENCY_TIMEOUT
+        }
+        if recent:
+            self._in_flight[key] = recent
+        return Observed(
+            jobs=tuple(_all(c["jobs"], key)),
+            pods=tuple(_all(c["pods"], key)),
+            services=tuple(_all(c["services"], key)),
+            config_maps=tuple(_all(c["configmaps"], key)),
+            claims=tuple(_all(c["claims"], key)),
+            rejection=self._rejections.get(key),
+            in_flight=frozenset(recent),
+        )
+
+
+def _owner_key(child: kopf.Body) -> Key:
+    return child.metadata["namespace"], child.metadata.labels[LABEL_JOB]
+
+
+def _all(index: kopf.Index[Key, Any], key: Key) -> Iterator[Any]:
+    store = index.get(key)
+    return iter(store) if store is not None else iter(())
+
+
+def _only(index: kopf.Index[Key, Any], key: Key) -> Any:
+    return next(_all(index, key), None)

@@ -1,0 +1,258 @@
+"""What the operator observed about one FineTuneJob: its children, their pods, and (from issue 6's pollers)
+the trainer's progress and the run's cost. The input of the pure reconcile.
+
+The `summarize_*` functions turn a raw API object into the few fields the decisions need. The watch caches
+hold only these summaries (not whole objects with managedFields), which keeps the operator's memory flat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from kubetune_operator.api.spec import FineTuneJobSpec
+from kubetune_operator.api.status import CheckpointStatus, CostStatus, Progress
+from kubetune_operator.names import COMPLETION_INDEX_LABEL, LABEL_ATTEMPT, LABEL_RUN
+from kubetune_operator.render import CONTAINER, SPEC_KEY, run_spec_from_json
+
+
+@dataclass(frozen=True)
+class ChildRef:
+    """A child that matters only by existing (Service, PersistentVolumeClaim)."""
+
+    kind: str
+    name: str
+    owner_uid: str | None
+    run: int | None = None
+    attempt: int | None = None
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's ConfigMap, with the spec the run was rendered from."""
+
+    name: str
+    owner_uid: str | None
+    run: int | None
+    spec_json: str | None
+    deleting: bool = False
+
+    def spec(self) -> FineTuneJobSpec | None:
+        return run_spec_from_json(self.spec_json)
+
+
+@dataclass(frozen=True)
+class JobState:
+    name: str
+    uid: str
+    owner_uid: str | None
+    run: int | None
+    attempt: int | None
+    suspended: bool
+    complete: bool
+    failed: bool
+    failure_message: str | None
+    start_time: datetime | None
+    completion_time: datetime | None
+    deleting: bool
+
+
+@dataclass(frozen=True)
+class Termination:
+    """How the trainer container of a pod ended."""
+
+    exit_code: int
+    reason: str | None
+    message: str | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class PodState:
+    name: str
+    # Pods belong to their Job; the job's uid tells this incarnation's pods from a re-created job's leftovers.
+    job_uid: str | None
+    run: int | None
+    attempt: int | None
+    index: int | None
+    phase: str
+    ready: bool
+    deleting: bool
+    node_name: str | None
+    start_time: datetime | None
+    reason: str | None
+    message: str | None
+    # Reason of a true DisruptionTarget condition: PreemptionByScheduler, DeletionByTaintManager, ...
+    disruption: str | None
+    termination: Termination | None
+    # Why a pod that is not running yet waits, e.g. "Unschedulable: 0/3 nodes are available: ...".
+    waiting: str | None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """The API server refused to create a child of this run as invalid: retrying cannot help."""
+
+    run: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    jobs: tuple[JobState, ...] = ()
+    pods: tuple[PodState, ...] = ()
+    services: tuple[ChildRef, ...] = ()
+    config_maps: tuple[RunConfig, ...] = ()
+    claims: tuple[ChildRef, ...] = ()
+    rejection: Rejection | None = None
+    # (kind, name) of children this operator just created or deleted that the caches do not reflect yet:
+    # not to be created or deleted again.
+    in_flight: frozenset[tuple[str, str]] = frozenset()
+    # Filled by issue 6's pollers (None: nothing new to report; the status keeps what it has).
+    progress: Progress | None = None
+    checkpoint: CheckpointStatus | None = None
+    cost: CostStatus | None = None
+
+    def owned_by(self, uid: str) -> Observed:
+        """Only the children of this incarnation of the job (a deleted and re-created job's leftovers are
+        the garbage collector's)."""
+        job_uids = {j.uid for j in self.jobs if j.owner_uid == uid}
+        return Observed(
+            jobs=tuple(j for j in self.jobs if j.owner_uid == uid),
+            pods=tuple(p for p in self.pods if p.job_uid in job_uids),
+            services=tuple(s for s in self.services if s.owner_uid == uid),
+            config_maps=tuple(c for c in self.config_maps if c.owner_uid == uid),
+            claims=tuple(c for c in self.claims if c.owner_uid == uid),
+            rejection=self.rejection,
+            in_flight=self.in_flight,
+            progress=self.progress,
+            checkpoint=self.checkpoint,
+            cost=self.cost,
+        )
+
+    def pods_of(self, run: int, attempt: int) -> list[PodState]:
+        return [p for p in self.pods if p.run == run and p.attempt == attempt]
+
+    def job(self, name: str) -> JobState | None:
+        return next((j for j in self.jobs if j.name == name), None)
+
+    def run_config(self, name: str) -> RunConfig | None:
+        return next((c for c in self.config_maps if c.name == name), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# raw API objects -> summaries
+# ----------------------------------------------------------------------------------------------
+
+Body = Mapping[str, Any]
+
+
+def summarize_job(body: Body) -> JobState:
+    meta, spec, status = _parts(body)
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    failure = conditions.get("Failed") or conditions.get("FailureTarget")
+    return JobState(
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        owner_uid=_controller_uid(meta),
+        run=_int_label(meta, LABEL_RUN),
+        attempt=_int_label(meta, LABEL_ATTEMPT),
+        suspended=bool(spec.get("suspend")),
+        complete="Complete" in conditions,
+        failed=failure is not None,
+        failure_message=_failure_text(failure) if failure else None,
+        start_time=parse_time(status.get("startTime")),
+        completion_time=parse_time(status.get("completionTime")),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def summarize_pod(body: Body) -> PodState:
+    meta, spec, status = _parts(body)
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    disruption = conditions.get("DisruptionTarget")
+    container: Body = next((c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER), {})
+    state = container.get("state") or {}
+    terminated = state.get("terminated")
+    return PodState(
+        name=meta.get("name", ""),
+        job_uid=_controller_uid(meta),
+        run=_int_label(meta, LABEL_RUN),
+        attempt=_int_label(meta, LABEL_ATTEMPT),
+        index=_int_label(meta, COMPLETION_INDEX_LABEL),
+        phase=status.get("phase") or "Pending",
+        ready=(conditions.get("Ready") or {}).get("status") == "True",
+        deleting=bool(meta.get("deletionTimestamp")),
+        node_name=spec.get("nodeName"),
+        start_time=parse_time(status.get("startTime")),
+        reason=status.get("reason"),
+        message=status.get("message"),
+        disruption=disruption.get("reason") if disruption and disruption.get("status") == "True" else None,
+        termination=Termination(
+            exit_code=int(terminated.get("exitCode", 0)),
+            reason=terminated.get("reason"),
+            message=(terminated.get("message") or "").strip() or None,
+            finished_at=parse_time(terminated.get("finishedAt")),
+        )
+        if terminated
+        else None,
+        waiting=_waiting_text(conditions.get("PodScheduled"), state.get("waiting")),
+    )
+
+
+def summarize_config_map(body: Body) -> RunConfig:
+    meta = body.get("metadata") or {}
+    return RunConfig(
+        name=meta.get("name", ""),
+        owner_uid=_controller_uid(meta),
+        run=_int_label(meta, LABEL_RUN),
+        spec_json=(body.get("data") or {}).get(SPEC_KEY),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def summarize_child(body: Body) -> ChildRef:
+    meta = body.get("metadata") or {}
+    return ChildRef(
+        kind=body.get("kind", ""),
+        name=meta.get("name", ""),
+        owner_uid=_controller_uid(meta),
+        run=_int_label(meta, LABEL_RUN),
+        attempt=_int_label(meta, LABEL_ATTEMPT),
+        deleting=bool(meta.get("deletionTimestamp")),
+    )
+
+
+def parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _parts(body: Body) -> tuple[Body, Body, Body]:
+    return body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+
+
+def _controller_uid(meta: Body) -> str | None:
+    return next((r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("controller")), None)
+
+
+def _int_label(meta: Body, key: str) -> int | None:
+    value = (meta.get("labels") or {}).get(key)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _failure_text(condition: Body) -> str:
+    return ": ".join(part for part in (condition.get("reason"), condition.get("message")) if part)
+
+
+def _waiting_text(scheduled: Body | None, waiting: Body | None) -> str | None:
+    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason"):
+        return _failure_text(scheduled)
+    if waiting and waiting.get("reason"):
+        return _failure_text(waiting)
+    return None

@@ -1,0 +1,335 @@
+"""Pure renderers: (FineTuneJob, run, attempt, settings) -> the Kubernetes objects that should exist. No I/O.
+
+Per run: a ConfigMap with the trainer config (and the spec the run trains, so later attempts of the run render
+the same workers even after the FineTuneJob's spec moved on). Per attempt: a headless Service and an Indexed
+batch/v1 Job whose pods run `kubetune-launch` (torchrun) with rank 0 reachable at `<job>-0.<service>`.
+Per job: the checkpoint claim, when the spec asks for a volumeClaimTemplate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune_trainer.config import (
+    CheckpointConfig,
+    DatasetConfig,
+    DatasetOptions,
+    MetricsConfig,
+    ModelConfig,
+    OutputConfig,
+    RunIdentity,
+    TrainerConfig,
+)
+
+from kubetune_operator.api import API_VERSION, KIND
+from kubetune_operator.api.spec import FineTuneJobSpec, VolumeClaimTemplate
+from kubetune_operator.names import (
+    KUEUE_QUEUE_LABEL,
+    attempt_name,
+    attempt_selector,
+    claim_name,
+    labels,
+    master_address,
+    run_config_name,
+)
+from kubetune_operator.settings import OperatorSettings
+from kubetune_operator.storage import WorkerStorage, worker_storage
+
+Manifest = dict[str, Any]
+
+CONTAINER = "trainer"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_KEY = "config.json"
+SPEC_KEY = "spec.json"
+GPU_RESOURCE = "nvidia.com/gpu"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+WORKER_UID = 1000
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The FineTuneJob whose children these are."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        # controller=true: the garbage collector deletes the child with the job; blockOwnerDeletion lets a
+        # foreground deletion of the job wait for it.
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def metadata(self, name: str, child_labels: dict[str, str]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": child_labels,
+            "ownerReferences": [self.reference()],
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# the run: trainer config
+# ----------------------------------------------------------------------------------------------
+
+
+def trainer_config(
+    owner: Owner, spec: FineTuneJobSpec, run: int, generation: int, settings: OperatorSettings
+) -> TrainerConfig:
+    storage = worker_storage(owner.namespace, owner.name, spec, run)
+    dataset_options = spec.dataset.model_dump(include=set(DatasetOptions.model_fields))
+    return TrainerConfig(
+        model=ModelConfig(
+            source=storage.model_source,
+            revision=spec.model.revision,
+            cache_dir=storage.cache_dir,
+            trust_remote_code=spec.model.trust_remote_code,
+        ),
+        dataset=DatasetConfig(**dataset_options, path=storage.dataset_path, eval_path=storage.eval_path),
+        method=spec.method,
+        training=spec.training,
+        checkpoint=CheckpointConfig(
+            dir=storage.checkpoint_dir,
+            every_steps=spec.checkpoint.every_steps,
+            every_minutes=spec.checkpoint.every_minutes,
+            keep_last=spec.checkpoint.keep_last,
+        ),
+        output=OutputConfig(dir=storage.output_dir, merge_adapter=spec.output.merge_adapter),
+        metrics=MetricsConfig(port=settings.trainer_metrics_port),
+        identity=RunIdentity(namespace=owner.namespace, name=owner.name, run=run, generation=generation),
+    )
+
+
+def render_config_map(
+    owner: Owner, spec: FineTuneJobSpec, run: int, generation: int, settings: OperatorSettings
+) -> Manifest:
+    config = trainer_config(owner, spec, run, generation, settings)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owner.metadata(run_config_name(owner.name, run), labels(owner.name, "config", run)),
+        # A run's config never changes; immutable ConfigMaps are also cheaper for the kubelets.
+        "immutable": True,
+        "data": {
+            CONFIG_KEY: config.dump(),
+            SPEC_KEY: spec.model_dump_json(by_alias=True, exclude_none=True),
+        },
+    }
+
+
+def run_spec_from_json(raw: str | None) -> FineTuneJobSpec | None:
+    """The spec a run was rendered from, as stored in its ConfigMap (None when absent or unreadable)."""
+    if not raw:
+        return None
+    try:
+        return FineTuneJobSpec.model_validate(json.loads(raw))
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the attempt: headless Service and Indexed Job
+# ----------------------------------------------------------------------------------------------
+
+
+def render_service(owner: Owner, run: int, attempt: int, settings: OperatorSettings) -> Manifest:
+    name = attempt_name(owner.name, run, attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": owner.metadata(name, labels(owner.name, "rendezvous", run, attempt)),
+        "spec": {
+            "clusterIP": "None",
+            # Workers must resolve rank 0 before it is Ready: readiness is the training itself.
+            "publishNotReadyAddresses": True,
+            "selector": attempt_selector(owner.name, run, attempt),
+            "ports": [{"name": "rendezvous", "port": settings.master_port, "targetPort": settings.master_port}],
+        },
+    }
+
+
+def render_job(owner: Owner, spec: FineTuneJobSpec, run: int, attempt: int, settings: OperatorSettings) -> Manifest:
+    name = attempt_name(owner.name, run, attempt)
+    res = spec.resources
+    job_labels = labels(owner.name, "worker", run, attempt)
+    if res.queue_name:
+        job_labels[KUEUE_QUEUE_LABEL] = res.queue_name
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": owner.metadata(name, job_labels),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": res.num_nodes,
+            "parallelism": res.num_nodes,
+            # Gang semantics: one failed worker fails the attempt; the operator decides about the next one.
+            "backoffLimit": 0,
+            # Under Kueue the Job waits suspended until Kueue admits all workers; the operator never unsuspends it.
+            "suspend": bool(res.queue_name),
+            "template": render_pod_template(owner, spec, run, attempt, settings),
+        },
+    }
+
+
+def render_pod_template(
+    owner: Owner, spec: FineTuneJobSpec, run: int, attempt: int, settings: OperatorSettings
+) -> Manifest:
+    res = spec.resources
+    storage = worker_storage(owner.namespace, owner.name, spec, run)
+    pod_labels = {**res.pod_labels, **labels(owner.name, "worker", run, attempt)}
+    annotations = {**res.pod_annotations, "kubectl.kubernetes.io/default-container": CONTAINER}
+    node_selector = dict(res.node_selector)
+    if res.gpu_product:
+        node_selector[GPU_PRODUCT_LABEL] = res.gpu_product
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": attempt_name(owner.name, run, attempt),
+        "automountServiceAccountToken": False,
+        # Hundreds of per-attempt Services in a namespace would otherwise become thousands of env vars.
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            # Re-owning a multi-terabyte checkpoint volume on every attempt would take hours.
+            "fsGroupChangePolicy": "OnRootMismatch",
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(owner, spec, run, attempt, storage, settings)],
+        "volumes": _volumes(owner, run, storage, spec, settings),
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in res.tolerations]
+    if res.affinity:
+        affinity = res.affinity.model_dump(by_alias=True, exclude_none=True)
+        if affinity:
+            pod_spec["affinity"] = affinity
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    return {"metadata": {"labels": pod_labels, "annotations": annotations}, "spec": pod_spec}
+
+
+def _container(
+    owner: Owner, spec: FineTuneJobSpec, run: int, attempt: int, storage: WorkerStorage, settings: OperatorSettings
+) -> Manifest:
+    res = spec.resources
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
+        {"name": "KUBETUNE_NNODES", "value": str(res.num_nodes)},
+        {"name": "KUBETUNE_NPROC_PER_NODE", "value": str(max(1, res.gpus_per_node))},
+        {"name": "KUBETUNE_MASTER_ADDR", "value": master_address(owner.name, run, attempt)},
+        {"name": "KUBETUNE_MASTER_PORT", "value": str(settings.master_port)},
+        {"name": "KUBETUNE_RDZV_TIMEOUT_SECONDS", "value": str(settings.rdzv_timeout_seconds)},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        # The root filesystem is read-only; tools that write under $HOME get the /tmp emptyDir.
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    token = spec.model.token_secret_ref
+    if token:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    cpu = res.cpu if res.cpu is not None else settings.default_cpu
+    memory = res.memory if res.memory is not None else settings.default_memory
+    if cpu is not None:
+        requests["cpu"] = str(cpu)
+    if memory is not None:
+        requests["memory"] = limits["memory"] = str(memory)
+    if res.gpus_per_node:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(res.gpus_per_node)
+    resources = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volume_of = {claim: _claim_volume(i) for i, (claim, _) in enumerate(storage.claims())}
+    for m in storage.mounts:
+        mount: dict[str, Any] = {"name": volume_of[m.claim], "mountPath": m.mount_path, "readOnly": m.read_only}
+        if m.sub_path:
+            mount["subPath"] = m.sub_path
+        mounts.append(mount)
+
+    return {
+        "name": CONTAINER,
+        "image": res.image or (settings.images.full if spec.method.type == "full" else settings.images.peft),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["kubetune-launch"],
+        "env": env,
+        "ports": [
+            {"name": "metrics", "containerPort": settings.trainer_metrics_port},
+            {"name": "rendezvous", "containerPort": settings.master_port},
+        ],
+        "resources": resources,
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "runAsNonRoot": True,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def _volumes(
+    owner: Owner, run: int, storage: WorkerStorage, spec: FineTuneJobSpec, settings: OperatorSettings
+) -> list[Manifest]:
+    shm: dict[str, Any] = {"medium": "Memory"}
+    shm_size = spec.resources.shm_size if spec.resources.shm_size is not None else settings.default_shm_size
+    if shm_size is not None:
+        shm["sizeLimit"] = str(shm_size)
+    volumes: list[Manifest] = [
+        {
+            "name": "config",
+            "configMap": {
+                "name": run_config_name(owner.name, run),
+                # Only the trainer config: the stored spec is the operator's business.
+                "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}],
+            },
+        },
+        {"name": "dshm", "emptyDir": shm},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    for i, (claim, read_only) in enumerate(storage.claims()):
+        volumes.append({"name": _claim_volume(i), "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+    return volumes
+
+
+def _claim_volume(i: int) -> str:
+    return f"claim-{i}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the job: an owned checkpoint claim
+# ----------------------------------------------------------------------------------------------
+
+
+def render_claim(owner: Owner, template: VolumeClaimTemplate) -> Manifest:
+    meta = template.metadata
+    metadata = owner.metadata(
+        claim_name(owner.name), {**(meta.labels if meta else {}), **labels(owner.name, "checkpoints")}
+    )
+    if meta and meta.annotations:
+        metadata["annotations"] = dict(meta.annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": metadata,
+        "spec": template.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }

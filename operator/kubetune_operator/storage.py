@@ -1,0 +1,102 @@
+"""Where a run's data lives on the claims and where the worker sees it (DESIGN section 5).
+
+    <checkpoint claim>/<namespace>/<job>/                      mounted at /kubetune/job (subPath)
+        runs/<run>/checkpoints/step-...                      checkpoints of the run
+        runs/<run>/                                          outputs, when the output claim is the checkpoint claim
+        cache/huggingface/                                   hub downloads, kept across attempts and runs
+    <output claim>/<output path>/<namespace>/<job>/         mounted at /kubetune/output (when it differs)
+        runs/<run>/                                          outputs
+    pvc://<claim>/<path> sources                             mounted read-only at /kubetune/sources/<role>/<name>
+
+Every mount uses a subPath, so a worker sees only its own job's directory and the source paths it was given.
+hf:// and s3:// sources are passed to the trainer unchanged.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+
+from kubetune_operator.api.spec import FineTuneJobSpec
+from kubetune_operator.names import claim_name
+
+JOB_DIR = "/kubetune/job"
+OUTPUT_DIR = "/kubetune/output"
+SOURCES_DIR = "/kubetune/sources"
+PVC_SCHEME = "pvc://"
+
+
+@dataclass(frozen=True)
+class ClaimMount:
+    claim: str
+    sub_path: str
+    mount_path: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class WorkerStorage:
+    mounts: tuple[ClaimMount, ...]
+    checkpoint_dir: str
+    output_dir: str
+    output_uri: str
+    cache_dir: str
+    model_source: str
+    dataset_path: str
+    eval_path: str | None
+
+    def claims(self) -> list[tuple[str, bool]]:
+        """Each claim once, in order of first use, with whether every mount of it is read-only."""
+        order: dict[str, bool] = {}
+        for m in self.mounts:
+            order[m.claim] = order.get(m.claim, True) and m.read_only
+        return list(order.items())
+
+
+def checkpoint_claim(job: str, spec: FineTuneJobSpec) -> str:
+    return spec.checkpoint.claim_name or claim_name(job)
+
+
+def output_uri(namespace: str, job: str, spec: FineTuneJobSpec, run: int) -> str:
+    claim = spec.output.claim_name or checkpoint_claim(job, spec)
+    return f"{PVC_SCHEME}{claim}/{_join(spec.output.path, namespace, job, 'runs', str(run))}"
+
+
+def worker_storage(namespace: str, job: str, spec: FineTuneJobSpec, run: int) -> WorkerStorage:
+    ckpt_claim = checkpoint_claim(job, spec)
+    mounts = [ClaimMount(ckpt_claim, _join(namespace, job), JOB_DIR, read_only=False)]
+    run_dir = f"runs/{run}"
+
+    out_claim = spec.output.claim_name or ckpt_claim
+    if out_claim == ckpt_claim and not spec.output.path:
+        output_dir = f"{JOB_DIR}/{run_dir}"
+    else:
+        mounts.append(ClaimMount(out_claim, _join(spec.output.path, namespace, job), OUTPUT_DIR, read_only=False))
+        output_dir = f"{OUTPUT_DIR}/{run_dir}"
+
+    def source(role: str, uri: str) -> str:
+        if not uri.startswith(PVC_SCHEME):
+            return uri
+        claim, _, path = uri[len(PVC_SCHEME) :].partition("/")
+        path = path.strip("/")
+        mount_path = f"{SOURCES_DIR}/{role}/{posixpath.basename(path) or claim}"
+        mounts.append(ClaimMount(claim, path, mount_path, read_only=True))
+        return mount_path
+
+    model = source("model", spec.model.source)
+    dataset = source("dataset", spec.dataset.source)
+    eval_path = source("eval", spec.dataset.eval_source) if spec.dataset.eval_source else None
+    return WorkerStorage(
+        mounts=tuple(mounts),
+        checkpoint_dir=f"{JOB_DIR}/{run_dir}/checkpoints",
+        output_dir=output_dir,
+        output_uri=output_uri(namespace, job, spec, run),
+        cache_dir=f"{JOB_DIR}/cache/huggingface",
+        model_source=model,
+        dataset_path=dataset,
+        eval_path=eval_path,
+    )
+
+
+def _join(*parts: str | None) -> str:
+    return "/".join(p.strip("/") for p in parts if p)
