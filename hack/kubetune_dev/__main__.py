@@ -57,10 +57,13 @@ def cluster_status(args: argparse.Namespace) -> int:
 
 
 def node_run(args: argparse.Namespace) -> int:
-    from kubetune_dev.nodeagent import run_agent
+    from kubetune_dev.nodeagent import parse_taint, run_agent
 
     labels = dict(item.split("=", 1) for item in args.label)
-    run_agent(args.name, Path(args.kubeconfig), Path(args.root), gpus=args.gpus, labels=labels, port=args.port)
+    taints = [parse_taint(t) for t in args.taint]
+    run_agent(
+        args.name, Path(args.kubeconfig), Path(args.root), gpus=args.gpus, labels=labels, taints=taints, port=args.port
+    )
     return 0
 
 
@@ -114,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--root", default=str(DEFAULT_NODE_ROOT), help="volumes, logs and hosts file (shared)")
     run.add_argument("--gpus", type=int, default=0, help="advertise this many fake nvidia.com/gpu")
     run.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="an extra node label")
+    run.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT", help="a node taint")
     run.add_argument("--port", type=int, default=0, help="the kubelet (logs) port; default: a free one")
     run.set_defaults(fn=node_run)
     logs = node_actions.add_parser("logs", help="print a container's log from the node agents' root")

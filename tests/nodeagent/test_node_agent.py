@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from kubetune_dev.cluster import LocalCluster, free_port
-from kubetune_dev.nodeagent.testing import HACK, LOCAL_NODE_SELECTOR, LocalNode, start_nodes
+from kubetune_dev.nodeagent.testing import HACK, LOCAL_PLACEMENT, LocalNode, start_nodes
 
 pytestmark = pytest.mark.e2e
 
@@ -49,13 +49,13 @@ def statuses(pod: dict, key: str = "containerStatuses") -> dict[str, dict]:
     return {s["name"]: s for s in pod["status"].get(key, [])}
 
 
-def pod(name: str, script: str, *, selector: dict[str, str] = LOCAL_NODE_SELECTOR, **spec: object) -> dict:
+def pod(name: str, script: str, *, placement: dict = LOCAL_PLACEMENT, **spec: object) -> dict:
     container = {"name": "main", "image": "ignored", "command": ["sh", "-c", script]}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": name},
-        "spec": {"restartPolicy": "Never", "nodeSelector": selector, "containers": [container], **spec},
+        "spec": {"restartPolicy": "Never", **placement, "containers": [container], **spec},
     }
 
 
@@ -272,7 +272,7 @@ else:
                 "spec": {
                     "subdomain": "ranks",
                     "restartPolicy": "Never",
-                    "nodeSelector": LOCAL_NODE_SELECTOR,
+                    **LOCAL_PLACEMENT,
                     "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [spread]}},
                     "containers": [{"name": "rank", "image": "ignored", "command": ["python", "-c", script]}],
                 }
@@ -350,7 +350,7 @@ def test_a_restarted_agent_fails_the_pods_it_left_and_gpus_are_advertised(
         capacity = get(cluster, "default", "node", name)["status"]["capacity"]
         assert capacity["nvidia.com/gpu"] == "2"
         marker = f"kt-orphan-{namespace}"
-        apply(cluster, namespace, pod("orphan", f"echo {marker}; sleep 600", selector=node.node_selector))
+        apply(cluster, namespace, pod("orphan", f"echo {marker}; sleep 600", placement=node.placement))
         wait_ready(cluster, namespace, "orphan")
         node.kill()
         assert processes_with(marker), "the pod's process outlives a crashed agent"
@@ -378,6 +378,7 @@ def test_node_is_registered_and_stays_ready(cluster: LocalCluster, node_agent: L
     assert "nvidia.com/gpu" not in status["capacity"]
     assert status["addresses"] == [{"type": "InternalIP", "address": "127.0.0.1"}]
     assert status["daemonEndpoints"]["kubeletEndpoint"]["Port"] == node_agent.port
+    assert {"key": "kubetune.io/local-node", "value": "true", "effect": "NoSchedule"} in node["spec"]["taints"]
 
     # Ready without a break for longer than the node lifecycle controller's grace period (40-50 s).
     ready = {c["type"]: c for c in status["conditions"]}["Ready"]

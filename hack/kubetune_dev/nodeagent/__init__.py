@@ -6,8 +6,9 @@ containers of every pod bound to that Node as ordinary processes of this machine
 
 What it does
 - Registers a Node with this machine's CPUs, memory and disk (and `--gpus N` fake `nvidia.com/gpu`, none
-  by default), labels kubernetes.io/hostname and kubetune.io/local-node=true, an InternalIP and a kubelet
-  port; keeps it Ready with a node-status heartbeat and a Lease in kube-node-lease renewed every 10 s.
+  by default), labels kubernetes.io/hostname and kubetune.io/local-node=true (plus --label), taints given
+  with --taint (tests reserve their nodes with kubetune.io/local-node=true:NoSchedule), an InternalIP and
+  a kubelet port; keeps it Ready with a node-status heartbeat and a Lease in kube-node-lease renewed every 10 s.
 - Runs init containers in order, then the containers: command + args with $(VAR) expansion; env with
   value, fieldRef, resourceFieldRef, secretKeyRef, configMapKeyRef and envFrom; workingDir (default /).
   Processes get the agent's PATH (its own Python environment's bin directory first) and HOME plus the
@@ -17,7 +18,9 @@ What it does
   by every agent with the same root, like a ReadWriteMany volume); emptyDir -> a per-pod directory
   (medium Memory: under /dev/shm); configMap, secret, downwardAPI and projected (incl. service-account
   tokens) materialised once at pod start; hostPath; generic ephemeral volumes as claims; subPath,
-  subPathExpr and readOnly honoured. A mount point missing on this machine is created there, empty.
+  subPathExpr and readOnly honoured. The machine's filesystem is not written for a mount point (or
+  working directory) it lacks: the parent is covered, in the container's namespace only, by a tmpfs of
+  bind mounts of what it held (for `/`, the container changes root into one), and the entry made there.
 - Each pod gets a loopback address 127.0.0.x (its podIP) and its own hostname (a UTS namespace). A hosts
   file shared by all agents with the same root, bind-mounted read-only over /etc/hosts, resolves
   `<hostname>.<subdomain>`, `<hostname>.<subdomain>.<ns>.svc.cluster.local` (and the forms between) and
@@ -38,13 +41,14 @@ What it does
 What it does NOT do
 - Images: `image` is ignored, so a container needs `command`; nothing is pulled or unpacked.
 - Isolation and limits: no cgroups, no resource limits, no PID or network namespace, no seccomp,
-  capabilities or user switching (securityContext is ignored; everything runs as root). Pods share the
-  machine's network: two pods listening on the same port collide.
+  capabilities or user switching (securityContext is ignored; everything runs as root). A container sees
+  the machine's filesystem (plus its volumes) and writes outside its volumes land on the machine. Pods
+  share the machine's network: two pods listening on the same port collide.
 - Probes (a running container counts as ready), lifecycle hooks, native sidecars, ephemeral containers,
   exec/attach/port-forward, hostAliases, activeDeadlineSeconds, live updates of configMap/secret volumes,
   token rotation, DNS for Services (only the pod names above resolve), image pull secrets.
 """
 
-from kubetune_dev.nodeagent.agent import LOCAL_NODE_LABEL, NodeAgent, run_agent
+from kubetune_dev.nodeagent.agent import LOCAL_NODE_LABEL, LOCAL_NODE_TAINT, NodeAgent, parse_taint, run_agent
 
-__all__ = ["LOCAL_NODE_LABEL", "NodeAgent", "run_agent"]
+__all__ = ["LOCAL_NODE_LABEL", "LOCAL_NODE_TAINT", "NodeAgent", "parse_taint", "run_agent"]

@@ -44,6 +44,9 @@ from kubetune_dev.nodeagent.status import (
 log = logging.getLogger("kubetune.nodeagent")
 
 LOCAL_NODE_LABEL = "kubetune.io/local-node"
+# The taint tests put on their local nodes, so that pods of other tests (meant for kwok's fake nodes)
+# never land on them: pods for a local node tolerate it.
+LOCAL_NODE_TAINT = {"key": LOCAL_NODE_LABEL, "value": "true", "effect": "NoSchedule"}
 LEASE_NAMESPACE = "kube-node-lease"
 LEASE_SECONDS = 40
 RENEW_SECONDS = 10.0
@@ -84,6 +87,7 @@ class NodeAgent:
         *,
         gpus: int = 0,
         labels: dict[str, str] | None = None,
+        taints: list[dict[str, str]] | None = None,
         address: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -98,6 +102,7 @@ class NodeAgent:
             LOCAL_NODE_LABEL: "true",
             **(labels or {}),
         }
+        self.taints = taints or []
         self.address = address
         self.port = port
         self.workers: dict[str, PodWorker] = {}
@@ -183,12 +188,12 @@ class NodeAgent:
                     "labels": self.labels,
                     "annotations": {"node.alpha.kubernetes.io/ttl": "0"},
                 },
+                "spec": {"taints": self.taints},
             }
             node = await self.kube.request("POST", "/api/v1/nodes", body)
         else:
-            node = await self.kube.request(
-                "PATCH", path, {"metadata": {"labels": self.labels}}, content_type=MERGE_PATCH
-            )
+            update = {"metadata": {"labels": self.labels}, "spec": {"taints": self.taints}}
+            node = await self.kube.request("PATCH", path, update, content_type=MERGE_PATCH)
         self.node_uid = node["metadata"]["uid"]
         await self._post_status(ready=True)
         await self._renew_lease()
@@ -376,8 +381,24 @@ class NodeAgent:
             await asyncio.wait(set(self.worker_tasks), timeout=SHUTDOWN_GRACE + 10)
 
 
+def parse_taint(text: str) -> dict[str, str]:
+    """`key=value:Effect` or `key:Effect`, as kubectl taint writes them."""
+    spec, _, effect = text.rpartition(":")
+    key, _, value = spec.partition("=")
+    if not key or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise ValueError(f"taint {text!r}: expected key[=value]:NoSchedule|PreferNoSchedule|NoExecute")
+    return {"key": key, "value": value, "effect": effect} if value else {"key": key, "effect": effect}
+
+
 def run_agent(
-    name: str, kubeconfig: Path, root: Path, *, gpus: int = 0, labels: dict[str, str] | None = None, port: int = 0
+    name: str,
+    kubeconfig: Path,
+    root: Path,
+    *,
+    gpus: int = 0,
+    labels: dict[str, str] | None = None,
+    taints: list[dict[str, str]] | None = None,
+    port: int = 0,
 ) -> None:
     """Run until SIGTERM or SIGINT, then stop the pods and mark the node NotReady."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -387,6 +408,6 @@ def run_agent(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await NodeAgent(name, kubeconfig, root, gpus=gpus, labels=labels, port=port).run(stop)
+        await NodeAgent(name, kubeconfig, root, gpus=gpus, labels=labels, taints=taints, port=port).run(stop)
 
     asyncio.run(main())

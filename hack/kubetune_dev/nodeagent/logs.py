@@ -83,11 +83,14 @@ def log_app(root: Path) -> web.Application:
         ns, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
         q = request.query
         directory = find_pod_dir(root, ns, pod)
+        if directory is None:
+            raise web.HTTPNotFound(text=f'pod "{pod}" has not run on this node')
         previous = q.get("previous") == "true"
-        path = find_log(directory, container, previous) if directory else None
-        if path is None:
-            what = "previous terminated container" if previous else "container"
-            raise web.HTTPNotFound(text=f'{what} "{container}" in pod "{pod}" has no logs on this node')
+        path = find_log(directory, container, previous)
+        if path is None:  # the kubelet's wording, which kubectl shows
+            if previous:
+                raise web.HTTPBadRequest(text=f'previous terminated container "{container}" in pod "{pod}" not found')
+            raise web.HTTPBadRequest(text=f'container "{container}" in pod "{pod}" is waiting to start')
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await response.prepare(request)
         async for chunk in read_log(

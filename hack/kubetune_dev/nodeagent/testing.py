@@ -4,13 +4,16 @@ pytest: `from kubetune_dev.nodeagent.testing import local_nodes, node_agent` in 
 session fixtures available (or list this module in `pytest_plugins` of the root conftest):
 
     def test_runs(cluster, namespace, node_agent):
-        pod = {..., "spec": {"nodeSelector": node_agent.node_selector, ...}}   # or LOCAL_NODE_SELECTOR
+        pod = {..., "spec": {**LOCAL_PLACEMENT, "containers": [...]}}    # any local node; or node_agent.placement
         ...
         assert (node_agent.claim_dir(namespace, "data") / "out.txt").exists()
         assert "done" in node_agent.pod_logs(namespace, "my-pod")
 
 `local_nodes` is two agents ("local-node-0", "local-node-1") sharing one root, so pods on either node see
-the same claim directories and resolve each other; `node_agent` is the first of them.
+the same claim directories and resolve each other; `node_agent` is the first of them. They are tainted
+(LOCAL_NODE_TAINT) so that pods of other tests, meant for kwok's fake nodes, never land on them: a pod for a
+local node needs LOCAL_PLACEMENT (node selector + toleration), e.g. a FineTuneJob's
+spec.resources.nodeSelector and spec.resources.tolerations.
 """
 
 from __future__ import annotations
@@ -29,10 +32,13 @@ import pytest
 
 from kubetune_dev.cluster import LocalCluster, free_port
 from kubetune_dev.nodeagent import logs
-from kubetune_dev.nodeagent.agent import LOCAL_NODE_LABEL
+from kubetune_dev.nodeagent.agent import LOCAL_NODE_LABEL, LOCAL_NODE_TAINT
 
 HACK = Path(__file__).resolve().parents[2]
 LOCAL_NODE_SELECTOR = {LOCAL_NODE_LABEL: "true"}
+LOCAL_NODE_TOLERATION = {"key": LOCAL_NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
+# Pod spec fields that place a pod on any local node.
+LOCAL_PLACEMENT = {"nodeSelector": LOCAL_NODE_SELECTOR, "tolerations": [LOCAL_NODE_TOLERATION]}
 
 
 @dataclass
@@ -47,6 +53,11 @@ class LocalNode:
     def node_selector(self) -> dict[str, str]:
         """Pins a pod to this node."""
         return {"kubernetes.io/hostname": self.name}
+
+    @property
+    def placement(self) -> dict:
+        """Pod spec fields that place a pod on this node."""
+        return {"nodeSelector": self.node_selector, "tolerations": [LOCAL_NODE_TOLERATION]}
 
     @property
     def log(self) -> Path:
@@ -90,9 +101,11 @@ def start_nodes(
     *,
     gpus: int = 0,
     labels: dict[str, str] | None = None,
+    reserved: bool = True,
     timeout: float = 60.0,
 ) -> list[LocalNode]:
-    """Start one agent per name (in parallel) and return once every Node is Ready on its new port."""
+    """Start one agent per name (in parallel) and return once every Node is Ready on its new port.
+    `reserved` taints the nodes with LOCAL_NODE_TAINT."""
     nodes = []
     for name in names:
         port = free_port()
@@ -102,6 +115,9 @@ def start_nodes(
         cmd += ["--kubeconfig", str(cluster.kubeconfig), "--root", str(root), "--gpus", str(gpus), "--port", str(port)]
         for key, value in (labels or {}).items():
             cmd += ["--label", f"{key}={value}"]
+        if reserved:
+            taint = LOCAL_NODE_TAINT
+            cmd += ["--taint", f"{taint['key']}={taint['value']}:{taint['effect']}"]
         pythonpath = os.pathsep.join(p for p in (str(HACK), os.environ.get("PYTHONPATH")) if p)
         with open(node_dir / "agent.log", "ab") as out:
             process = subprocess.Popen(
