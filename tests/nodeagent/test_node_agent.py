@@ -98,6 +98,7 @@ def test_pod_gets_config_secret_downward_api_and_writes_its_claim(
 echo "$MSG|$TOKEN|$NS|$IP|$NODE|$NOTE|$APP|$MEM_MIB|$(hostname)|$(pwd)|$0" > /data/out.txt
 cat {config_dir}/conf/settings.json >> /data/out.txt
 echo inside > /data/sub-view/in-sub.txt
+echo private > /tmp/scratch && echo shared > /dev/shm/segment && cat /tmp/scratch /dev/shm/segment > /dev/null
 if touch {config_dir}/x 2>/dev/null; then echo "config volume is writable"; exit 9; fi
 echo "wrote out.txt"
 """
@@ -126,7 +127,11 @@ echo "wrote out.txt"
             {"name": "cfg", "mountPath": config_dir, "readOnly": True},
             {"name": "data", "mountPath": "/data"},
             {"name": "data", "mountPath": "/data/sub-view", "subPath": "sub"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
         ],
+        # Ignored by the agent (documented), as the operator's pods set them.
+        securityContext={"runAsNonRoot": True, "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}},
     )
     writer["spec"]["volumes"] = [
         {
@@ -134,6 +139,8 @@ echo "wrote out.txt"
             "configMap": {"name": "cfg", "items": [{"key": "settings.json", "path": "conf/settings.json"}]},
         },
         {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
     ]
     apply(cluster, namespace, config, secret, claim("data"), writer)
 

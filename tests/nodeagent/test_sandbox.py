@@ -33,13 +33,17 @@ def run_sandbox(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: st
 
 def test_volumes_land_at_the_pods_paths_without_touching_the_machine(tmp_path: Path) -> None:
     volume, config, hosts, message = tmp_path / "claim", tmp_path / "config", tmp_path / "hosts", tmp_path / "msg"
-    volume.mkdir()
-    config.mkdir()
+    scratch_tmp, shm = tmp_path / "tmp-volume", tmp_path / "shm-volume"
+    for directory in (volume, config, scratch_tmp, shm):
+        directory.mkdir()
     (config / "setting").write_text("lr=0.1\n")
     hosts.write_text("127.0.0.9\tpeer-0.svc\n")
     message.write_text("")
     top, nested = f"/kt-{uuid.uuid4().hex[:8]}", f"/etc/kt-{uuid.uuid4().hex[:8]}"
+    # An emptyDir over /tmp comes first and covers every other source (tmp_path is under /tmp).
     mounts = [
+        {"source": str(scratch_tmp), "target": "/tmp", "read_only": False},
+        {"source": str(shm), "target": "/dev/shm", "read_only": False},
         {"source": str(volume), "target": f"{top}/data", "read_only": False},
         {"source": str(config), "target": f"{nested}/config", "read_only": True},
         {"source": str(hosts), "target": "/etc/hosts", "read_only": True},
@@ -51,6 +55,9 @@ mkdir {top}/data/made-inside
 cat {nested}/config/setting >> {top}/data/out
 getent hosts peer-0.svc >> {top}/data/out
 echo bye > /kt-termination-log
+echo private > /tmp/file
+echo shared > /dev/shm/segment
+test "$(ls /tmp)" = file
 if touch {nested}/config/x 2>/dev/null; then exit 9; fi
 """
     result = run_sandbox(tmp_path, mounts, ["sh", "-c", script], workdir=f"{top}/work")
@@ -58,6 +65,8 @@ if touch {nested}/config/x 2>/dev/null; then exit 9; fi
     assert (volume / "out").read_text() == f"hi pod-x {top}/work\nlr=0.1\n127.0.0.9       peer-0.svc\n"
     assert (volume / "made-inside").is_dir()
     assert message.read_text() == "bye\n"
+    assert (scratch_tmp / "file").read_text() == "private\n"
+    assert (shm / "segment").read_text() == "shared\n"
     assert (tmp_path / "error").read_text() == ""
     for path in (top, nested, "/kt-termination-log"):
         assert not Path(path).exists(), f"{path} was created on the machine"

@@ -52,19 +52,22 @@ def _within(path: str, directories: list[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in directories)
 
 
+def _fd_path(path: str, flags: int = 0) -> str:
+    """A path that keeps naming what `path` names now, whatever is mounted over it later."""
+    return f"/proc/self/fd/{os.open(path, os.O_PATH | flags)}"
+
+
 class Sandbox:
     def __init__(self, scratch: str) -> None:
-        self.scratch = scratch  # the agent's per-container directory: holds the shadow mounts' sources
+        # The agent's per-container directory, where shadow copies are built. Bound onto itself and made
+        # unbindable, recursive binds leave it out: a shadow of a directory above it never copies the
+        # mounts being built in it. Used through a descriptor, it stays reachable when a volume covers it.
+        os.makedirs(scratch, exist_ok=True)
+        _mount(scratch, scratch, MS_BIND)
+        _mount(None, scratch, MS_UNBINDABLE)
+        self.scratch = _fd_path(scratch, os.O_DIRECTORY)
         self.shadowed: list[str] = []  # directories covered by our tmpfs: entries may be added right there
         self.owned: list[str] = []  # writable volumes and directories we made: entries may be added below
-        self._isolate_scratch()
-
-    def _isolate_scratch(self) -> None:
-        # An unbindable mount is left out of recursive binds: shadowing a directory above the scratch
-        # directory must not copy the shadow mounts being built there into themselves.
-        os.makedirs(self.scratch, exist_ok=True)
-        _mount(self.scratch, self.scratch, MS_BIND)
-        _mount(None, self.scratch, MS_UNBINDABLE)
 
     def shadow(self, directory: str) -> None:
         """Cover `directory` with a tmpfs that bind-mounts everything it held, so entries can be added.
@@ -90,8 +93,6 @@ class Sandbox:
             os.chdir("/")
         else:
             _mount(copy, directory, MS_MOVE)
-        if _within(self.scratch, [directory]):  # the copy holds the scratch directory, not its mount
-            self._isolate_scratch()
         self.shadowed.append(directory)
 
     def ensure(self, path: str, is_file: bool) -> None:
@@ -111,6 +112,7 @@ class Sandbox:
             self.owned.append(path)
 
     def bind(self, source: str, target: str, read_only: bool) -> None:
+        """Bind `source` (a path from _fd_path: a volume may since cover where it lives) at `target`."""
         self.ensure(target, os.path.isfile(source))
         _mount(source, target, MS_BIND | MS_REC)
         if read_only:
@@ -126,9 +128,11 @@ def main(plan_path: str) -> None:
     # Opened before any mount can hide its path; left empty when the command starts.
     errors = open(plan["error_file"], "w")  # noqa: SIM115 - closed on exec (not inheritable) or on exit
     try:
+        # Every source is opened before anything is mounted: a volume at /tmp must not hide the others.
+        sources = [_fd_path(m["source"]) for m in plan["mounts"]]
         sandbox = Sandbox(plan["scratch"])
-        for m in plan["mounts"]:
-            sandbox.bind(m["source"], m["target"], m["read_only"])
+        for m, source in zip(plan["mounts"], sources, strict=True):
+            sandbox.bind(source, m["target"], m["read_only"])
         socket.sethostname(plan["hostname"])
         sandbox.ensure(plan["workdir"], is_file=False)
         os.chdir(plan["workdir"])
