@@ -112,20 +112,22 @@ class OperatorMetrics:
 
     @contextmanager
     def reconcile(self) -> Iterator[Reconcile]:
-        """Time and count one reconcile: `with metrics.reconcile() as r: ...`."""
+        """Time and count one reconcile: `with metrics.reconcile() as r: ...`. A cancelled one (operator shutting
+        down) had no outcome and is not counted."""
         outcome = Reconcile()
         start = time.perf_counter()
         try:
             yield outcome
-        except BaseException:
-            outcome.result = outcome.result or "error"
+        except Exception:
+            self._record(outcome.result or "error", start)
             raise
-        finally:
-            result = outcome.result or "success"
-            self._latency.observe(time.perf_counter() - start)
-            self._reconciles.labels(result).inc()
-            if result == "error":
-                self._errors.inc()
+        self._record(outcome.result or "success", start)
+
+    def _record(self, result: ReconcileResult, start: float) -> None:
+        self._latency.observe(time.perf_counter() - start)
+        self._reconciles.labels(result).inc()
+        if result == "error":
+            self._errors.inc()
 
 
 async def serve(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:

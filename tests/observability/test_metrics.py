@@ -232,6 +232,24 @@ def test_reconcile_counts_results_errors_and_latency() -> None:
     assert value("kubetune_operator_build_info", version="0.1.0") == 1
 
 
+def test_a_cancelled_reconcile_is_not_counted() -> None:
+    m = OperatorMetrics(list)
+
+    async def handler() -> None:
+        with m.reconcile():
+            await asyncio.sleep(10)
+
+    async def cancel() -> None:
+        task = asyncio.create_task(handler())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel())
+    assert m.registry.get_sample_value("kubetune_operator_reconcile_time_seconds_count") == 0
+
+
 def test_every_result_exists_before_the_first_reconcile() -> None:
     m = OperatorMetrics(list)
     for result in ("success", "error", "requeue", "requeue_after"):
