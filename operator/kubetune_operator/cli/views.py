@@ -1,0 +1,567 @@
+"""Pure text views of FineTuneJobs: the `list` and `cost` tables, `describe`, and `watch`'s progress line.
+
+Input is each object exactly as the API server returns it (a dict), read leniently, so a status field added by
+a newer operator never breaks an older CLI. `now` is a parameter, so every view is deterministic in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import yaml
+
+from kubetune_operator.api import RERUN_ANNOTATION, format_eta
+
+Obj = Mapping[str, Any]
+NONE = "-"
+COLUMN_GAP = "   "  # as kubectl's tables
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def dig(obj: Obj | None, *path: str) -> Any:
+    """obj[path[0]][path[1]]..., or None where any step is missing."""
+    for key in path:
+        if not isinstance(obj, Mapping):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Left-aligned columns, as `kubectl get` prints them."""
+    body = [list(r) for r in rows]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *body, strict=True)]
+    return "\n".join(
+        COLUMN_GAP.join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [list(headers), *body]
+    )
+
+
+def shown(obj: Obj) -> dict[str, Any]:
+    """The object (or List) without metadata.managedFields: noise to a human, which kubectl hides too."""
+    out = dict(obj)
+    if isinstance(out.get("metadata"), Mapping):
+        out["metadata"] = {k: v for k, v in out["metadata"].items() if k != "managedFields"}
+    if isinstance(out.get("items"), list):
+        out["items"] = [shown(item) for item in out["items"]]
+    return out
+
+
+def dump(doc: Obj, fmt: str) -> str:
+    """-o json or -o yaml."""
+    if fmt == "json":
+        return json.dumps(shown(doc), indent=2)
+    return yaml.safe_dump(shown(doc), sort_keys=False).rstrip("\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# values
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def age(value: str | None, now: datetime) -> str:
+    """How long ago an RFC 3339 time was, e.g. 5m30s."""
+    then = parse_time(value)
+    return format_eta((now - then).total_seconds()) if then else NONE
+
+
+def ago(value: str | None, now: datetime) -> str:
+    then = age(value, now)
+    return then if then == NONE else f"{then} ago"
+
+
+def duration(start: str | None, end: str | None) -> str:
+    begun, ended = parse_time(start), parse_time(end)
+    return format_eta((ended - begun).total_seconds()) if begun and ended else NONE
+
+
+def number(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) and math.isfinite(value) else NONE
+
+
+def usd(value: Any) -> str:
+    return f"${value:,.2f}" if isinstance(value, int | float) else NONE
+
+
+def rate(tokens_per_second: Any) -> str:
+    """48210.5 -> 48.2k tok/s."""
+    if not isinstance(tokens_per_second, int | float):
+        return NONE
+    for threshold, suffix in ((1e6, "M"), (1e3, "k")):
+        if tokens_per_second >= threshold:
+            return f"{tokens_per_second / threshold:.1f}{suffix} tok/s"
+    return f"{tokens_per_second:.0f} tok/s"
+
+
+def steps(progress: Obj | None) -> str:
+    """1200/4000 (30%), or just the step while the total is unknown."""
+    step, total, percent = dig(progress, "step"), dig(progress, "totalSteps"), dig(progress, "percent")
+    if step is None:
+        return NONE
+    if total is None:
+        return str(step)
+    return f"{step}/{total} ({percent if percent is not None else step * 100 // max(total, 1)}%)"
+
+
+def gpus(spec: Obj | None) -> str:
+    """2x8 (nodes x GPUs per node); CPU for a job without GPUs."""
+    nodes, per_node = dig(spec, "resources", "numNodes") or 1, dig(spec, "resources", "gpusPerNode")
+    if per_node == 0:
+        return f"{nodes}xCPU"
+    return f"{nodes}x{per_node if per_node is not None else 1}"
+
+
+def phase(job: Obj) -> str:
+    return dig(job, "status", "phase") or NONE
+
+
+def eta(job: Obj) -> str:
+    """The ETA only while it means something: the job is training."""
+    if phase(job) != "Running":
+        return NONE
+    return dig(job, "status", "progress", "eta") or NONE
+
+
+# ----------------------------------------------------------------------------------------------
+# list and cost
+
+
+def list_table(jobs: Sequence[Obj], *, now: datetime, all_namespaces: bool, wide: bool) -> str:
+    headers = ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "COST", "AGE"]
+    if wide:
+        headers += ["EVAL LOSS", "RUN", "ATTEMPT", "METHOD", "GPUS", "PROJECTED", "MODEL"]
+    rows = []
+    for job in jobs:
+        meta, status, spec = job["metadata"], job.get("status") or {}, job.get("spec") or {}
+        row = [
+            meta["name"],
+            phase(job),
+            steps(status.get("progress")),
+            number(dig(status, "progress", "loss")),
+            eta(job),
+            usd(dig(status, "cost", "usd")),
+            age(meta.get("creationTimestamp"), now),
+        ]
+        if wide:
+            row += [
+                number(dig(status, "progress", "evalLoss")),
+                str(status.get("run") or NONE),
+                str(status.get("attempt") or NONE),
+                dig(spec, "method", "type") or NONE,
+                gpus(spec),
+                usd(dig(status, "cost", "projectedUSD")),
+                dig(spec, "model", "source") or NONE,
+            ]
+        rows.append([meta["namespace"], *row] if all_namespaces else row)
+    return table(["NAMESPACE", *headers] if all_namespaces else headers, rows)
+
+
+def cost_table(jobs: Sequence[Obj], *, all_namespaces: bool) -> str:
+    """Spend of each job's current run, then totals per namespace (and overall, for several namespaces)."""
+    headers = ["NAME", "PHASE", "GPUS", "GPU-HOURS", "COST", "PROJECTED", "BUDGET"]
+    rows = []
+    totals: dict[str, list[float]] = {}
+    for job in jobs:
+        meta, status, spec = job["metadata"], job.get("status") or {}, job.get("spec") or {}
+        cost = status.get("cost") or {}
+        row = [
+            meta["name"],
+            phase(job),
+            gpus(spec),
+            number(cost.get("gpuHours"), 1),
+            usd(cost.get("usd")),
+            usd(cost.get("projectedUSD")),
+            usd(dig(spec, "budget", "maxCostUSD")),
+        ]
+        rows.append([meta["namespace"], *row] if all_namespaces else row)
+        total = totals.setdefault(meta["namespace"], [0, 0.0, 0.0, 0.0])
+        total[0] += 1
+        for i, key in enumerate(("gpuHours", "usd", "projectedUSD"), start=1):
+            total[i] += cost.get(key) or 0.0
+    by_namespace = [
+        [namespace, str(int(n)), number(hours, 1), usd(spent), usd(projected)]
+        for namespace, (n, hours, spent, projected) in sorted(totals.items())
+    ]
+    if len(by_namespace) > 1:
+        sums = [sum(column) for column in zip(*totals.values(), strict=True)]
+        by_namespace.append(["TOTAL", str(int(sums[0])), number(sums[1], 1), usd(sums[2]), usd(sums[3])])
+    jobs_table = table(["NAMESPACE", *headers] if all_namespaces else headers, rows)
+    return f"{jobs_table}\n\n{table(['NAMESPACE', 'JOBS', 'GPU-HOURS', 'COST', 'PROJECTED'], by_namespace)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# describe
+
+
+def _fields(pairs: Iterable[tuple[str, str | None]]) -> list[str]:
+    kept = [(label, value) for label, value in pairs if value]
+    width = max((len(label) for label, _ in kept), default=0) + 2
+    return [f"{label + ':':<{width}}{value}" for label, value in kept]
+
+
+def _section(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]], empty: str) -> list[str]:
+    if not rows:
+        return [f"{title}:", f"  {empty}"]
+    return [f"{title}:", *("  " + line for line in table(headers, rows).splitlines())]
+
+
+def _join(*parts: str | None) -> str:
+    return ", ".join(p for p in parts if p)
+
+
+def _model(spec: Obj) -> str:
+    source, revision = dig(spec, "model", "source") or NONE, dig(spec, "model", "revision")
+    return f"{source} @ {revision}" if revision else source
+
+
+def _dataset(spec: Obj) -> str:
+    d = spec.get("dataset") or {}
+    evaluation = (
+        f"eval {d['evalSource']}"
+        if d.get("evalSource")
+        else f"eval split {d['evalSplit']}"
+        if d.get("evalSplit")
+        else None
+    )
+    return _join(
+        d.get("source") or NONE,
+        d.get("format"),
+        evaluation,
+        f"max {d['maxSeqLength']} tokens" if d.get("maxSeqLength") else None,
+        "packed" if d.get("packing") else None,
+    )
+
+
+def _method(spec: Obj) -> str:
+    method = spec.get("method") or {}
+    kind = method.get("type") or "lora"
+    settings = method.get("lora" if kind in ("lora", "qlora", "dora") else kind) or {}
+    if kind in ("lora", "qlora", "dora"):
+        targets = ",".join(settings.get("targetModules") or [])
+        detail = _join(
+            f"r={settings['r']}" if "r" in settings else None,
+            f"alpha={settings['alpha']}" if "alpha" in settings else None,
+            f"targets {targets}" if targets else None,
+        )
+    elif kind in ("prefix", "prompt"):
+        detail = f"{settings['numVirtualTokens']} virtual tokens" if "numVirtualTokens" in settings else ""
+    elif kind == "full":
+        detail = f"sharding {settings['sharding']}" if "sharding" in settings else ""
+    else:
+        detail = ""
+    return f"{kind} ({detail})" if detail else kind
+
+
+def _training(spec: Obj) -> str:
+    t = spec.get("training") or {}
+    length = f"{t['maxSteps']} steps" if t.get("maxSteps") else f"{t['epochs']:g} epochs" if t.get("epochs") else None
+    batch = None
+    if t.get("batchSizePerDevice"):
+        accumulation = t.get("gradientAccumulationSteps") or 1
+        batch = f"batch {t['batchSizePerDevice']}/device" + (
+            f" x {accumulation} accumulated" if accumulation > 1 else ""
+        )
+    return _join(length, f"lr {t['learningRate']:g}" if t.get("learningRate") else None, batch, t.get("precision"))
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _resources(spec: Obj) -> str:
+    r = spec.get("resources") or {}
+    nodes, per_node = r.get("numNodes") or 1, r.get("gpusPerNode", 1)
+    queue = f", Kueue queue {r['queueName']}" if r.get("queueName") else ""
+    if per_node == 0:
+        return f"{_plural(nodes, 'node')}, CPU only{queue}"
+    product = f" ({r['gpuProduct']})" if r.get("gpuProduct") else ""
+    return f"{_plural(nodes, 'node')} x {_plural(per_node, 'GPU')}{product} = {_plural(nodes * per_node, 'GPU')}{queue}"
+
+
+def _checkpoints(spec: Obj) -> str:
+    c = spec.get("checkpoint") or {}
+    claim = f"claim {c['claimName']}" if c.get("claimName") else "claim from volumeClaimTemplate (owned by the job)"
+    every = " or ".join(
+        s
+        for s in (
+            f"{c['everySteps']} steps" if c.get("everySteps") else "",
+            f"{c['everyMinutes']} min" if c.get("everyMinutes") else "",
+        )
+        if s
+    )
+    return _join(claim, f"every {every}" if every else None, f"keep {c['keepLast']}" if c.get("keepLast") else None)
+
+
+def _policy(spec: Obj) -> str:
+    p = spec.get("runPolicy") or {}
+    return _join(
+        f"max {p['maxRestarts']} restarts" if "maxRestarts" in p else None,
+        f"stall timeout {format_eta(p['stallTimeoutSeconds'])}" if p.get("stallTimeoutSeconds") else None,
+        f"deadline {format_eta(p['activeDeadlineSeconds'])}" if p.get("activeDeadlineSeconds") else None,
+        "SUSPENDED" if p.get("suspend") else None,
+    )
+
+
+def _budget(spec: Obj) -> str | None:
+    b = spec.get("budget") or {}
+    return _join(
+        f"{usd(b['maxCostUSD'])} max" if b.get("maxCostUSD") else None,
+        f"{b['maxGpuHours']:g} GPU-hours max" if b.get("maxGpuHours") else None,
+    )
+
+
+def _cost(status: Obj, spec: Obj) -> str | None:
+    cost = status.get("cost") or {}
+    if not cost:
+        return None
+    limit = dig(spec, "budget", "maxCostUSD")
+    used = f"{cost.get('usd', 0) / limit:.0%} of the {usd(limit)} budget" if limit and "usd" in cost else None
+    return _join(
+        f"{number(cost['gpuHours'], 1)} GPU-hours" if "gpuHours" in cost else None,
+        f"{usd(cost['usd'])} so far" if "usd" in cost else None,
+        f"{usd(cost['projectedUSD'])} projected" if "projectedUSD" in cost else None,
+        used,
+    )
+
+
+def _progress(status: Obj, now: datetime) -> str | None:
+    p = status.get("progress") or {}
+    if not p:
+        return None
+    return _join(
+        f"step {steps(p)}",
+        f"epoch {p['epoch']:.2f}" if p.get("epoch") is not None else None,
+        f"loss {number(p['loss'])}" if p.get("loss") is not None else None,
+        f"eval loss {number(p['evalLoss'])}" if p.get("evalLoss") is not None else None,
+        rate(p["tokensPerSecond"]) if p.get("tokensPerSecond") is not None else None,
+        f"MFU {p['mfu']:.0%}" if p.get("mfu") is not None else None,
+        f"ETA {p['eta']}" if p.get("eta") and status.get("phase") == "Running" else None,
+        f"updated {ago(p['updatedAt'], now)}" if p.get("updatedAt") else None,
+    )
+
+
+def _workers(status: Obj) -> str | None:
+    w = status.get("workers")
+    if not w:
+        return None
+    return ", ".join(f"{w.get(k, 0)} {k}" for k in ("active", "ready", "succeeded", "failed"))
+
+
+def _checkpoint(status: Obj, now: datetime) -> str | None:
+    c = status.get("checkpoint") or {}
+    if not c.get("latest"):
+        return None
+    saved = f", saved {ago(c['savedAt'], now)}" if c.get("savedAt") else ""
+    return f"{c['latest']} (step {c.get('step', NONE)}{saved})"
+
+
+def _output(status: Obj) -> str | None:
+    o = status.get("output") or {}
+    if not o.get("path"):
+        return None
+    if o.get("promoted") is None:
+        return str(o["path"])
+    return f"{o['path']} ({'promoted' if o['promoted'] else 'not promoted: it failed the evaluation gate'})"
+
+
+def _event_time(event: Obj) -> str:
+    return str(
+        event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event.get("firstTimestamp")
+        or dig(event, "metadata", "creationTimestamp")
+        or ""
+    )
+
+
+def describe(job: Obj, events: Sequence[Obj], *, now: datetime, max_events: int = 15) -> str:
+    meta, spec, status = job["metadata"], job.get("spec") or {}, job.get("status") or {}
+    run, attempt = status.get("run"), status.get("attempt")
+    where = f" (run {run}, attempt {attempt})" if run else ""
+    lines = _fields(
+        [
+            ("Name", meta["name"]),
+            ("Namespace", meta["namespace"]),
+            ("Created", f"{meta.get('creationTimestamp')} ({ago(meta.get('creationTimestamp'), now)})"),
+            ("Phase", f"{phase(job)}{where}" if status.get("phase") else "- (no status yet: is the operator running?)"),
+            ("Model", _model(spec)),
+            ("Dataset", _dataset(spec)),
+            ("Method", _method(spec)),
+            ("Training", _training(spec)),
+            ("Resources", _resources(spec)),
+            ("Checkpoints", _checkpoints(spec)),
+            ("Run policy", _policy(spec)),
+            ("Budget", _budget(spec)),
+            ("Progress", _progress(status, now)),
+            ("Workers", _workers(status)),
+            ("Checkpoint", _checkpoint(status, now)),
+            ("Cost", _cost(status, spec)),
+            ("Output", _output(status)),
+        ]
+    )
+    conditions = [
+        [
+            c.get("type", ""),
+            c.get("status", ""),
+            c.get("reason", ""),
+            age(c.get("lastTransitionTime"), now),
+            c.get("message") or "",
+        ]
+        for c in status.get("conditions") or []
+    ]
+    lines += _section(
+        "Conditions",
+        ["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"],
+        conditions,
+        "none yet (has the operator seen this job?)",
+    )
+    runs = [
+        [
+            str(r.get("run")),
+            str(r.get("generation", NONE)),
+            r.get("result") or ("Running" if r.get("run") == run and phase(job) not in TERMINAL_PHASES else NONE),
+            r.get("reason") or NONE,
+            str(r.get("attempts") or NONE),
+            ago(r.get("startTime"), now),
+            duration(r.get("startTime"), r.get("completionTime")),
+            number(r.get("finalLoss")),
+            number(r.get("finalEvalLoss")),
+            r.get("output") or NONE,
+        ]
+        for r in status.get("runs") or []
+    ]
+    lines += _section(
+        "Runs",
+        ["RUN", "GEN", "RESULT", "REASON", "ATTEMPTS", "STARTED", "DURATION", "LOSS", "EVAL LOSS", "OUTPUT"],
+        runs,
+        "none yet",
+    )
+    attempts = [
+        [
+            str(a.get("attempt")),
+            ago(a.get("startTime"), now),
+            duration(a.get("startTime"), a.get("completionTime")),
+            a.get("reason") or ("Running" if a.get("attempt") == attempt else NONE),
+            str(a["exitCode"]) if a.get("exitCode") is not None else NONE,
+            a.get("message") or "",
+        ]
+        for a in status.get("attempts") or []
+    ]
+    lines += _section(
+        f"Attempts of run {run}" if run else "Attempts",
+        ["ATTEMPT", "STARTED", "DURATION", "REASON", "EXIT", "MESSAGE"],
+        attempts,
+        "none yet",
+    )
+    recent = sorted(events, key=_event_time)[-max_events:]
+    rows = [
+        [
+            e.get("type") or NONE,
+            e.get("reason") or NONE,
+            age(_event_time(e), now),
+            dig(e, "source", "component") or e.get("reportingComponent") or NONE,
+            " ".join((e.get("message") or "").split()),
+        ]
+        for e in recent
+    ]
+    lines += _section("Events", ["TYPE", "REASON", "AGE", "FROM", "MESSAGE"], rows, "none")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# watch
+
+
+def outcome(job: Obj) -> str | None:
+    """Succeeded or Failed once the operator has finished what was last asked for; None while anything is pending.
+
+    Right after a spec change or `rerun`, the status still shows the previous run's result until the operator
+    starts the new run: a result counts only when the operator has seen this generation and the current run
+    carries the current rerun token."""
+    status = job.get("status") or {}
+    meta = job.get("metadata") or {}
+    if status.get("phase") not in TERMINAL_PHASES:
+        return None
+    if (status.get("observedGeneration") or 0) < (meta.get("generation") or 1):
+        return None
+    token = (meta.get("annotations") or {}).get(RERUN_ANNOTATION)
+    current = next((r for r in status.get("runs") or [] if r.get("run") == status.get("run")), None)
+    if current is not None and current.get("rerunToken") != token:
+        return None
+    result: str = status["phase"]
+    return result
+
+
+def bar(fraction: float, width: int) -> str:
+    done = max(0, min(width, int(fraction * width)))
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
+def progress_line(job: Obj, *, width: int | None = None) -> str:
+    """One line for `watch`. With a terminal `width`, a progress bar sized to fit it; without one (output is not
+    a terminal), plain text that changes only when the job's state does, so each change prints once."""
+    status = job.get("status") or {}
+    p = status.get("progress") or {}
+    head = phase(job) if status.get("phase") else "Pending (waiting for the operator)"
+    if status.get("phase") in TERMINAL_PHASES and outcome(job) is None:
+        head += " (a new run was asked for: waiting for the operator)"
+    if (status.get("attempt") or 1) > 1:
+        head += f" attempt {status['attempt']}"
+    if status.get("phase") == "Pending" and status.get("workers"):
+        w = status["workers"]
+        head += f" ({w.get('ready', 0)}/{dig(job, 'spec', 'resources', 'numNodes') or 1} workers ready)"
+    tail = [
+        f"loss {number(p['loss'])}" if p.get("loss") is not None else "",
+        f"eval {number(p['evalLoss'])}" if p.get("evalLoss") is not None else "",
+        rate(p["tokensPerSecond"]) if p.get("tokensPerSecond") is not None and phase(job) == "Running" else "",
+        f"ETA {eta(job)}" if eta(job) != NONE else "",
+        usd(dig(status, "cost", "usd")) if dig(status, "cost", "usd") is not None else "",
+    ]
+    rest = "  ".join(t for t in tail if t)
+    step, total = p.get("step"), p.get("totalSteps")
+    if step is None:
+        line = f"{head}  {rest}".rstrip()
+    elif width is None or not total:
+        line = f"{head}  step {steps(p)}  {rest}".rstrip()
+    else:
+        count = f"{step}/{total} {p.get('percent', step * 100 // total)}%"
+        room = width - len(head) - len(count) - len(rest) - 8
+        drawn = f" {bar(step / total, min(30, room))}" if room >= 10 else ""
+        line = f"{head}{drawn} {count}  {rest}".rstrip()
+    return line if width is None else line[: max(width - 1, 0)]
+
+
+def result_line(job: Obj) -> str:
+    """The last line of `watch`: how the run ended, with its numbers and where the output is."""
+    status = job.get("status") or {}
+    final = phase(job)
+    condition: Obj = next((c for c in status.get("conditions") or [] if c.get("type") == final), {})
+    p, cost = status.get("progress") or {}, status.get("cost") or {}
+    run = status.get("run")
+    attempts = status.get("attempt")
+    summary = _join(
+        f"loss {number(p['loss'])}" if p.get("loss") is not None else None,
+        f"eval loss {number(p['evalLoss'])}" if p.get("evalLoss") is not None else None,
+        f"{number(cost['gpuHours'], 1)} GPU-hours" if cost.get("gpuHours") is not None else None,
+        usd(cost["usd"]) if cost.get("usd") is not None else None,
+    )
+    took = duration(status.get("startTime"), status.get("completionTime"))
+    what = f"run {run}" if run else "the run"
+    if final == "Succeeded":
+        output = dig(status, "output", "path")
+        return f"Succeeded: {what} finished in {took}: {summary}" + (f"; output {output}" if output else "")
+    why = _join(condition.get("reason"), condition.get("message"))
+    tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
+    return f"Failed: {what}{tries} ({why or 'no reason given'})" + (f"; {summary}" if summary else "")
