@@ -57,13 +57,18 @@ def cluster_status(args: argparse.Namespace) -> int:
 
 
 def node_run(args: argparse.Namespace) -> int:
-    from kubetune_dev.nodeagent import parse_taint, run_agent
+    from kubetune_dev.nodeagent import NodeAgent, parse_taint, run_agent
 
-    labels = dict(item.split("=", 1) for item in args.label)
-    taints = [parse_taint(t) for t in args.taint]
-    run_agent(
-        args.name, Path(args.kubeconfig), Path(args.root), gpus=args.gpus, labels=labels, taints=taints, port=args.port
+    agent = NodeAgent(
+        args.name,
+        Path(args.kubeconfig),
+        Path(args.root),
+        gpus=args.gpus,
+        labels=dict(item.split("=", 1) for item in args.label),
+        taints=[parse_taint(t) for t in args.taint],
+        port=args.port,
     )
+    run_agent(agent, exit_with_parent=args.exit_with_parent)
     return 0
 
 
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="an extra node label")
     run.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT", help="a node taint")
     run.add_argument("--port", type=int, default=0, help="the kubelet (logs) port; default: a free one")
+    run.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process dies")
     run.set_defaults(fn=node_run)
     logs = node_actions.add_parser("logs", help="print a container's log from the node agents' root")
     logs.add_argument("pod", metavar="NAMESPACE/POD")

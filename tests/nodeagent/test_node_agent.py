@@ -302,9 +302,11 @@ else:
 def test_deletion_sends_sigterm_then_sigkill_after_the_grace_period(
     cluster: LocalCluster, namespace: str, node_agent: LocalNode
 ) -> None:
+    # SIGTERM goes to the main process only (it may forward it); the rest of the container is SIGKILLed.
+    child = "trap 'echo child > /data/child-marker' TERM; while true; do sleep 0.2; done"
     graceful = pod(
         "graceful",
-        'trap "echo got-term > /data/marker; exit 0" TERM; echo started; while true; do sleep 0.2; done',
+        f'sh -c "{child}" & trap "echo got-term > /data/marker; sleep 0.5; exit 0" TERM; while :; do sleep 0.2; done',
         restartPolicy="Always",
         terminationGracePeriodSeconds=10,
         volumes=[{"name": "data", "persistentVolumeClaim": {"claimName": "marks"}}],
@@ -323,6 +325,7 @@ def test_deletion_sends_sigterm_then_sigkill_after_the_grace_period(
     cluster.kubectl("wait", "-n", namespace, "--for=delete", "pod/graceful", "--timeout=10s")
     assert time.monotonic() - started < 5
     assert (node_agent.claim_dir(namespace, "marks") / "marker").read_text() == "got-term\n"
+    assert not (node_agent.claim_dir(namespace, "marks") / "child-marker").exists()
     cluster.kubectl("wait", "-n", namespace, "--for=delete", "pod/stubborn", "--timeout=10s")
     assert 2 <= time.monotonic() - started < 8
     assert not processes_with(marker)

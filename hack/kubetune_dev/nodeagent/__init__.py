@@ -29,10 +29,12 @@ What it does
   Error, OOMKilled when the kernel's OOM-kill count rose while a SIGKILLed container ran, StartError),
   restart counts and termination messages (terminationMessagePath, FallbackToLogsOnError); honours
   restartPolicy with a short backoff (1 s doubling to 30 s).
-- Deletion: SIGTERM to the container's process group, SIGKILL after the grace period, final status,
-  then the pod is removed (delete with grace 0). On start, processes an earlier run left are killed and
-  the pods it had started are marked Failed (reason NodeAgentRestarted). On SIGTERM the agent stops its
-  pods (grace at most 10 s), marks them Failed (reason Terminated) and posts the Node NotReady.
+- Deletion: SIGTERM to each container's main process (as a runtime signals PID 1; the launcher forwards
+  it to torchrun), SIGKILL to the container's whole process group after the grace period (and to whatever
+  is left in the group when the main process exits), final status, then the pod is removed (delete with
+  grace 0). On start, processes an earlier run left are killed and the pods it had started are marked
+  Failed (reason NodeAgentRestarted). On SIGTERM the agent stops its pods (grace at most 10 s), marks
+  them Failed (reason Terminated) and posts the Node NotReady.
 - Logs: stdout+stderr per container run in <root>/pods/<ns>_<pod>_<uid>/logs/<container>/<n>.log, shown
   by `python -m kubetune_dev node logs NS/POD`, and served over HTTPS as the kubelet's
   /containerLogs/{ns}/{pod}/{container} (follow, tailLines, previous, limitBytes) so `kubectl logs` works;
@@ -44,6 +46,8 @@ What it does NOT do
   capabilities or user switching (securityContext is ignored; everything runs as root). A container sees
   the machine's filesystem (plus its volumes) and writes outside its volumes land on the machine. Pods
   share the machine's network: two pods listening on the same port collide.
+- PID 1 semantics: the main process is an ordinary process, so a SIGTERM without a handler ends it
+  (in a container, PID 1 would ignore it).
 - Probes (a running container counts as ready), lifecycle hooks, native sidecars, ephemeral containers,
   exec/attach/port-forward, hostAliases, activeDeadlineSeconds, live updates of configMap/secret volumes,
   token rotation, DNS for Services (only the pod names above resolve), image pull secrets.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ STATUS_EVERY = 3  # lease renewals between two node-status heartbeats
 FORCE_DELETE_GRACE = 2.0  # the kubelet's minimum when a pod vanishes from the API
 SHUTDOWN_GRACE = 10.0
 ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64"}
+PR_SET_PDEATHSIG = 1
 
 
 def machine_capacity(root: Path, gpus: int) -> dict[str, str]:
@@ -390,24 +392,22 @@ def parse_taint(text: str) -> dict[str, str]:
     return {"key": key, "value": value, "effect": effect} if value else {"key": key, "effect": effect}
 
 
-def run_agent(
-    name: str,
-    kubeconfig: Path,
-    root: Path,
-    *,
-    gpus: int = 0,
-    labels: dict[str, str] | None = None,
-    taints: list[dict[str, str]] | None = None,
-    port: int = 0,
-) -> None:
-    """Run until SIGTERM or SIGINT, then stop the pods and mark the node NotReady."""
+def run_agent(agent: NodeAgent, *, exit_with_parent: bool = False) -> None:
+    """Run until SIGTERM or SIGINT (or, with exit_with_parent, until the parent process dies), then stop
+    the pods and mark the node NotReady."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if exit_with_parent:
+        # A test session that dies without tearing down must not leave agents behind.
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            return
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await NodeAgent(name, kubeconfig, root, gpus=gpus, labels=labels, taints=taints, port=port).run(stop)
+        await agent.run(stop)
 
     asyncio.run(main())

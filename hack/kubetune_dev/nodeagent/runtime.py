@@ -141,6 +141,8 @@ class PodWorker:
                 await delete_pod(self.ctx.kube, self.namespace, self.name, self.uid)
         finally:
             self.ctx.network.release(self.uid)
+            # No container of the pod runs again: give back the memory its Memory-medium emptyDirs hold.
+            shutil.rmtree(self.memory_dir, ignore_errors=True)
             if self.delete_when_stopped:
                 remove_pod_volumes(self.dir, self.uid)
 
@@ -274,7 +276,7 @@ class PodWorker:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # its own process group, signalled as a whole
+                start_new_session=True,  # its own process group: what SIGKILL takes down as the container
             )
         run.container_id = f"local://{self.uid}/{name}/{run.restart_count}"
         run.state = {"running": {"startedAt": now()}}
@@ -292,7 +294,10 @@ class PodWorker:
         await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not exited.done():
-            signal_group(proc.pid, signal.SIGTERM)
+            # Like a container runtime, SIGTERM goes to the main process only (it may forward it, as the
+            # launcher does to torchrun); SIGKILL at the deadline takes the whole process group.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
             loop = asyncio.get_running_loop()
             while not exited.done():
                 # Re-read the deadline each round: a second deletion may have shortened it.

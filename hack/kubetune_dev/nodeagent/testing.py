@@ -113,6 +113,7 @@ def start_nodes(
         node_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "kubetune_dev", "node", "run", "--name", name]
         cmd += ["--kubeconfig", str(cluster.kubeconfig), "--root", str(root), "--gpus", str(gpus), "--port", str(port)]
+        cmd += ["--exit-with-parent"]
         for key, value in (labels or {}).items():
             cmd += ["--label", f"{key}={value}"]
         if reserved:
