@@ -37,7 +37,8 @@ What it does
   them Failed (reason Terminated) and posts the Node NotReady.
 - Logs: stdout+stderr per container run in <root>/pods/<ns>_<pod>_<uid>/logs/<container>/<n>.log, shown
   by `python -m kubetune_dev node logs NS/POD`, and served over HTTPS as the kubelet's
-  /containerLogs/{ns}/{pod}/{container} (follow, tailLines, previous, limitBytes) so `kubectl logs` works;
+  /containerLogs/{ns}/{pod}/{container} (follow, tailLines, previous, limitBytes; not timestamps or
+  sinceSeconds) so `kubectl logs` works;
   it answers only clients with a certificate from the cluster CA (the API server's kubelet client cert).
 
 What it does NOT do

@@ -103,7 +103,6 @@ class PodWorker:
         self.pod_ip = ""
         self.start_time = ""
         self.volumes: dict[str, PlannedVolume] = {}
-        self.objects = Objects()
         self.stopping = asyncio.Event()
         self.deadline: float | None = None
         self.delete_when_stopped = False
@@ -221,10 +220,8 @@ class PodWorker:
     async def _start(self, spec: dict, run: ContainerRun) -> tuple[asyncio.subprocess.Process, Path, int] | None:
         name = spec["name"]
         try:
-            self.objects = await self._fetch_objects(with_tokens=False)
-            env = podspec.resolve_env(
-                self._pod_with_ips(), spec, self.objects, self.ctx.allocatable, self.ctx.service_env
-            )
+            objects = await self._fetch_objects(with_tokens=False)
+            env = podspec.resolve_env(self._pod_with_ips(), spec, objects, self.ctx.allocatable, self.ctx.service_env)
             argv = podspec.command_line(spec, env)
             mounts = podspec.container_mounts(spec, self.volumes, env)
         except (ConfigError, ApiError) as e:
