@@ -15,7 +15,6 @@ import torch
 import trainer_assets as assets
 from kubetune_trainer import checkpoint
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.runtime import init_runtime
 from kubetune_trainer.train import run
 from safetensors.torch import load_file
 
@@ -61,7 +60,7 @@ def test_ddp_lora_ranks_agree_and_match_one_process(tmp_path: Path, llama_dir: P
 
     one = tmp_path / "one"
     cfg = assets.trainer_config(one, llama_dir, train_jsonl, training={**training, **WHOLE})
-    run(TrainerConfig.model_validate(cfg), init_runtime())
+    run(TrainerConfig.model_validate(cfg), assets.cpu_runtime())
     # Same data, same global batch; only the order of floating-point sums differs.
     assert_close(assets.adapter_tensors(two / "out"), assets.adapter_tensors(one / "out"), atol=1e-5)
     assert manifest(one / "out")["finalMetrics"]["evalLoss"] == pytest.approx(m["finalMetrics"]["evalLoss"], rel=1e-5)
@@ -91,7 +90,9 @@ def test_fsdp2_full_finetune_shards_resumes_and_matches_one_process(
 
     one = tmp_path / "one"
     single = {**sections, "training": {**sections["training"], **WHOLE}}
-    run(TrainerConfig.model_validate(assets.trainer_config(one, llama_dir, train_jsonl, **single)), init_runtime())
+    run(
+        TrainerConfig.model_validate(assets.trainer_config(one, llama_dir, train_jsonl, **single)), assets.cpu_runtime()
+    )
     assert_close(load_file(one / "out" / "model.safetensors"), first, atol=1e-5)
 
     # The two-rank checkpoint also loads into one process (DCP reshards), with a warning about the data order.
@@ -100,7 +101,7 @@ def test_fsdp2_full_finetune_shards_resumes_and_matches_one_process(
     with caplog.at_level(logging.WARNING):
         result = run(
             TrainerConfig.model_validate(assets.trainer_config(elastic, llama_dir, train_jsonl, **single)),
-            init_runtime(),
+            assets.cpu_runtime(),
         )
     assert result["steps"] == 6 and manifest(elastic / "out")["resumedFromStep"] == 3
     assert any("written by 2 processes, this run has 1" in r.getMessage() for r in caplog.records)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.trainer
 
 @pytest.fixture(scope="module")
 def rt() -> Runtime:
-    return init_runtime()
+    return assets.cpu_runtime()
 
 
 def train(tmp: Path, model_dir: Path, data: Path, rt: Runtime, **sections: dict[str, Any]) -> dict[str, Any]:
@@ -106,13 +108,42 @@ def test_prompt_tuning_starts_from_the_init_text(llama_dir: Path, tokenizer: Any
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, expected)
 
 
-def test_qlora_on_cpu_is_a_clear_permanent_error(
+def test_fp16_with_a_grad_scaler(tmp_path: Path, llama_dir: Path, train_jsonl: Path, rt: Runtime) -> None:
+    train(
+        tmp_path,
+        llama_dir,
+        train_jsonl,
+        rt,
+        training={"maxSteps": 12, "logEverySteps": 4, "precision": "fp16", "learningRate": 1e-2},
+    )
+    losses = logged_losses(tmp_path / "out")
+    assert losses[-1] < losses[0] - 0.2, losses
+    scaler = torch.load(tmp_path / "ckpt" / "step-00000012" / "scheduler.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] > 0  # the fp16 loss scale is checkpointed with the schedule
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_train_like_eager(
     tmp_path: Path, llama_dir: Path, train_jsonl: Path, rt: Runtime
 ) -> None:
-    if torch.cuda.is_available():
-        pytest.fail("this test checks the CPU refusal; run it on a machine without CUDA")
-    with pytest.raises(PermanentError, match="method qlora needs a CUDA GPU"):
-        train(tmp_path, llama_dir, train_jsonl, rt, method={"type": "qlora"})
+    training = {"maxSteps": 8, "logEverySteps": 4, "learningRate": 1e-2}
+    train(tmp_path / "eager", llama_dir, train_jsonl, rt, training=training)
+    train(tmp_path / "compiled", llama_dir, train_jsonl, rt, training={**training, "compile": True})
+    eager, compiled = logged_losses(tmp_path / "eager" / "out"), logged_losses(tmp_path / "compiled" / "out")
+    assert compiled == pytest.approx(eager, abs=1e-3)
+
+
+def test_qlora_on_cpu_is_a_clear_permanent_error(tmp_path: Path, llama_dir: Path, train_jsonl: Path) -> None:
+    cfg = assets.write_config(
+        tmp_path, assets.trainer_config(tmp_path, llama_dir, train_jsonl, method={"type": "qlora"})
+    )
+    log = tmp_path / "termination-log"
+    env = assets.worker_env(KUBETUNE_TERMINATION_LOG=str(log))
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer", "--config", str(cfg)], env=env, capture_output=True
+    )
+    assert done.returncode == 78
+    assert log.read_text() == "method qlora needs a CUDA GPU (bitsandbytes 4-bit); this worker has none\n"
 
 
 def test_unknown_target_module_is_a_permanent_error(

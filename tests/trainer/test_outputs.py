@@ -12,7 +12,6 @@ import torch
 import trainer_assets as assets
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.progress import MAX_HISTORY, Progress, downsample, serve
-from kubetune_trainer.runtime import init_runtime
 from kubetune_trainer.train import run
 
 pytestmark = pytest.mark.trainer
@@ -31,7 +30,7 @@ def finished(
         output={"mergeAdapter": True},
         identity={"namespace": "team-a", "name": "bot", "run": 3},
     )
-    result = run(TrainerConfig.model_validate(cfg), init_runtime())
+    result = run(TrainerConfig.model_validate(cfg), assets.cpu_runtime())
     return tmp, result
 
 

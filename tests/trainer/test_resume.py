@@ -15,7 +15,6 @@ import torch
 import trainer_assets as assets
 from kubetune_trainer import checkpoint
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.runtime import init_runtime
 from kubetune_trainer.train import run
 
 pytestmark = pytest.mark.trainer
@@ -74,7 +73,9 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path: Path, llama_dir:
 
 
 def train_in_process(tmp: Path, llama_dir: Path, data: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    return run(TrainerConfig.model_validate(assets.trainer_config(tmp, llama_dir, data, **sections)), init_runtime())
+    return run(
+        TrainerConfig.model_validate(assets.trainer_config(tmp, llama_dir, data, **sections)), assets.cpu_runtime()
+    )
 
 
 def test_corrupt_latest_checkpoint_is_skipped(
@@ -140,3 +141,15 @@ def test_checkpoint_layout_manifest_and_rotation(tmp_path: Path, llama_dir: Path
     assert checkpoint.problems(latest) == "scheduler.pt is missing"
     (latest / "manifest.json").write_text("{")
     assert checkpoint.problems(latest) == "no readable manifest (JSONDecodeError)"
+
+
+def test_time_based_checkpoints(tmp_path: Path, llama_dir: Path, train_jsonl: Path) -> None:
+    # A period far below one step's duration: a checkpoint is due at the start of every step.
+    train_in_process(
+        tmp_path,
+        llama_dir,
+        train_jsonl,
+        training={"maxSteps": 7, "logEverySteps": 7},
+        checkpoint={"everySteps": None, "everyMinutes": 1e-7, "keepLast": 4},
+    )
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "ckpt")] == [4, 5, 6, 7]

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import trainer_assets as assets
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.runtime import init_runtime
 from kubetune_trainer.train import run
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
@@ -40,7 +39,7 @@ def test_lora_on_smollm2_with_its_chat_template(tmp_path: Path) -> None:
         method={"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}},
         training={"maxSteps": 4, "logEverySteps": 1, "learningRate": 2e-3, "batchSizePerDevice": 1, "warmupRatio": 0.0},
     )
-    result = run(TrainerConfig.model_validate(cfg), init_runtime())
+    result = run(TrainerConfig.model_validate(cfg), assets.cpu_runtime())
     records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records]
     assert len(losses) == 4 and losses[-1] < losses[0], losses

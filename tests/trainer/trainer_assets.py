@@ -155,9 +155,20 @@ def worker_env(**extra: str) -> dict[str, str]:
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBETUNE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # CPU and gloo even where a GPU exists: these tests pin down CPU behaviour (bitwise resume included).
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"
+    )
     env.update(extra)
     return env
+
+
+def cpu_runtime() -> Any:
+    """A single-process CPU runtime for in-process runs, whatever accelerator the machine has."""
+    import torch
+    from kubetune_trainer.runtime import Runtime
+
+    return Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def adapter_tensors(out_dir: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 PACKED_ATTENTION = "kubetune_packed"
 
 
+@torch.compiler.disable  # a Python loop over samples: tracing it would recompile for every sample count
 def _segments(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], **kw: Any
 ) -> torch.Tensor:

@@ -103,6 +103,14 @@ def _dcp_options(peft: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=peft, strict=not peft)
 
 
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, peft: bool) -> tuple[dict[str, Any], Any]:
+    msd, osd = get_state_dict(model, optimizer, options=_dcp_options(peft))
+    if peft:  # frozen buffers (e.g. bitsandbytes quantisation constants) are not ours to save either
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k in trained}
+    return msd, osd
+
+
 @contextmanager
 def _quiet_single_process() -> Iterator[None]:
     with warnings.catch_warnings():
@@ -157,7 +165,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / STATE).mkdir(parents=True)
     rt.barrier()
-    msd, osd = get_state_dict(model, optimizer, options=_dcp_options(peft))
+    msd, osd = _state_dicts(model, optimizer, peft)
     with _quiet_single_process():
         dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp / STATE))
     _save_file(rng_state(), tmp / f"rng-rank{rt.rank:05d}.pt")
@@ -241,7 +249,7 @@ def find_latest_valid(root: Path, rt: Runtime) -> Path | None:
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rt: Runtime, peft: bool) -> dict[str, Any]:
     """Restore weights, optimizer and this rank's RNG; return the trainer state and the scheduler extras."""
     options = _dcp_options(peft)
-    msd, osd = get_state_dict(model, optimizer, options=options)
+    msd, osd = _state_dicts(model, optimizer, peft)
     state = {"model": msd, "optimizer": osd}
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=str(path / STATE))

@@ -13,6 +13,7 @@ Seeding: the caller seeds torch before `build` so adapters start identical on ev
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -44,6 +45,8 @@ def check_supported(cfg: TrainerConfig, device: torch.device) -> None:
     method = cfg.method.type
     if method == "qlora" and device.type != "cuda":
         raise PermanentError("method qlora needs a CUDA GPU (bitsandbytes 4-bit); this worker has none")
+    if method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise PermanentError("method qlora needs the bitsandbytes package, which this trainer image lacks")
     if cfg.output.merge_adapter and method in ("prefix", "prompt"):
         raise PermanentError(f"output.mergeAdapter: a {method}-tuning adapter cannot be merged into the weights")
     if cfg.training.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -143,7 +146,7 @@ def load_model(cfg: TrainerConfig, device: torch.device, packed: bool) -> Any:
             bnb_4bit_compute_dtype=qdtype,
             bnb_4bit_quant_storage=qdtype,
         )
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = {"": str(device)}
         load_dtype = qdtype
     else:
         # A frozen base needs no fp32 master copy; trained weights do.
