@@ -127,3 +127,24 @@ def test_packed_and_padded_losses_and_gradients_agree(model_pair: tuple[torch.nn
     assert torch.allclose(loss_a, loss_b, rtol=1e-5)
     for (name, a), b in zip(packed.named_parameters(), plain.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.gpu
+def test_varlen_kernel_matches_per_sample_attention_on_a_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("the varlen kernel runs on CUDA only")
+    torch.manual_seed(0)
+    lengths = [5, 17, 1, 40, 9]
+    total, heads, kv_heads, dim = sum(lengths), 8, 2, 64
+    q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device="cuda")
+    out, _ = attention.packed_attention_forward(
+        torch.nn.Module(), q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu, max_length_q=max(lengths)
+    )
+    reference = attention._segments(q.float(), k.float(), v.float(), cu.tolist(), scale=dim**-0.5).transpose(1, 2)
+    assert out.shape == (1, total, heads, dim)
+    assert (out.float() - reference).abs().max().item() < 2e-2
+    out.float().sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

@@ -148,7 +148,7 @@ def write_manifest(
     world_size: int,
     parameters: dict[str, int],
     resumed_from_step: int | None,
-    replica_digests: list[str],
+    replica_digests: list[str] | None,
 ) -> dict[str, Any]:
     outputs = {
         str(p.relative_to(out_dir)): _sha256(p)
@@ -167,7 +167,7 @@ def write_manifest(
         "config": json.loads(cfg.dump()),
         "finalMetrics": final_metrics,
         "worldSize": world_size,
-        "replicaDigests": replica_digests,  # sha256 of the trained weights on each rank; all equal
+        "replicaDigests": replica_digests,  # weight checksum on each DDP rank (all equal); null under FSDP
         "parameters": parameters,
         "resumedFromStep": resumed_from_step,
         "identity": cfg.identity.model_dump(by_alias=True),

@@ -91,10 +91,6 @@ class ParamCounts:
     layers: int
     attention_width: int  # heads x head dim
 
-    @property
-    def lora_like(self) -> bool:
-        return self.trainable < self.total
-
 
 def _numel(p: torch.Tensor) -> int:
     shape = getattr(getattr(p, "quant_state", None), "shape", None)  # bitsandbytes 4-bit packs two per byte

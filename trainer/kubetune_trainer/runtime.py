@@ -51,13 +51,6 @@ class Runtime:
         dist.all_gather_object(out, obj, group=self.control_group)
         return out
 
-    def broadcast_object(self, obj: Any) -> Any:
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.control_group)
-        return box[0]
-
 
 def init_runtime(timeout_seconds: float = 1800) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))

@@ -46,7 +46,7 @@ from .packing import (
     single_bins,
     total_steps,
 )
-from .progress import Progress, serve
+from .progress import Progress, rfc3339, serve
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class Run:
         self.tokenizer = load_tokenizer(cfg.model)
         self.data: PreparedData = prepare(cfg.dataset, self.tokenizer, cfg.training.seed)
         lengths = self.data.train.lengths()
-        self.bins = pack_bins(lengths, cfg.dataset.max_seq_length) if self.packed else single_bins(len(lengths))
+        self.bins = self._bins(self.data.train)
         self.eval_bins = self._bins(self.data.eval)
         if self.packed:
             log.info(
@@ -194,6 +194,8 @@ class Run:
         self.train_seconds = state["trainSeconds"]
         self.last_loss = state["lastLoss"]
         self.last_eval = tuple(state["lastEval"]) if state["lastEval"] else None  # type: ignore[assignment]
+        if state["datasetSha256"] != self._dataset_digests():
+            log.warning("the dataset files changed since %s was written; resuming with the new data", path)
         if state["worldSize"] != self.rt.world_size:
             log.warning(
                 "checkpoint was written by %d processes, this run has %d: resuming, but the data order differs "
@@ -206,16 +208,16 @@ class Run:
             export.keep_metrics_until(self.out_dir, self.step)
         log.info("resumed from %s at step %d/%d", path, self.step, self.plan.total_steps)
 
+    def _dataset_digests(self) -> list[str]:
+        return [f.sha256 for f in self.data.files + self.data.eval_files]
+
     @staticmethod
     def _checkpoint_info(path: Path, state: dict[str, Any]) -> dict[str, Any]:
-        from .progress import rfc3339
-
         return {"step": state["step"], "path": str(path), "savedAt": rfc3339(state["savedAt"])}
 
     def save_checkpoint(self) -> Path:
         self.progress.set_state("checkpointing")
         started = time.time()
-        saved_at = time.time()
         state = {
             "step": self.step,
             "epoch": self.plan.epoch_of(self.step),
@@ -226,7 +228,8 @@ class Run:
             "lastLoss": self.last_loss,
             "lastEval": list(self.last_eval) if self.last_eval else None,
             "history": self.progress.history(),
-            "savedAt": saved_at,
+            "savedAt": started,
+            "datasetSha256": self._dataset_digests(),
         }
         extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
         path = checkpoint.save(
@@ -243,7 +246,7 @@ class Run:
         duration = time.time() - started
         self.last_checkpoint_step = self.step
         self.last_checkpoint_time = time.time()
-        self.progress.checkpointed(self.step, str(path), saved_at, duration)
+        self.progress.checkpointed(self.step, str(path), started, duration)
         log.info("checkpoint step %d saved to %s in %.1fs", self.step, path, duration)
         self.progress.set_state("training")
         return path
@@ -436,15 +439,14 @@ class Run:
 
     # -- outputs -----------------------------------------------------------------------------------
 
-    def replica_digests(self) -> list[str]:
-        """sha256 of the trained weights as every rank sees them (collective); they must all agree."""
-        h = hashlib.sha256()
-        for name, p in self.prepared.model.named_parameters():
-            if p.requires_grad:
-                full = p.full_tensor() if hasattr(p, "full_tensor") else p
-                h.update(name.encode())
-                h.update(full.detach().float().cpu().numpy().tobytes())
-        digests = self.rt.gather_objects(h.hexdigest())
+    def replica_digests(self) -> list[str] | None:
+        """A checksum of the trained weights on every rank (collective). DDP replicas must agree exactly;
+        FSDP shards are not replicas, so there is nothing to compare."""
+        if self.prepared.sharded:
+            return None
+        with torch.no_grad():
+            sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in self.params])
+        digests = self.rt.gather_objects(hashlib.sha256(sums.cpu().numpy().tobytes()).hexdigest())
         if len(set(digests)) != 1:
             raise RuntimeError(f"the ranks ended with different weights: {digests}")
         return digests
