@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(args.settings)
     namespaces = [] if args.all_namespaces else (args.namespace or settings.namespaces)
     kopf.configure(debug=args.debug, verbose=args.verbose, quiet=args.quiet)
+    if not args.debug:
+        # kopf logs every watch event it hands to a handler; the operator logs its decisions itself.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     asyncio.run(run_operator(settings, namespaces))
     return 0
 

@@ -102,9 +102,9 @@ class Controller:
         # The resourceVersion our last status write replaced, and when: a cache still at it is behind.
         self._superseded: dict[Key, tuple[str, float]] = {}
         self._errors: dict[Key, int] = {}
-        # Children created or deleted in the last moments, by job, with when: until the watch shows the change,
-        # the caches would say "missing" (or "still there") and invite a second, useless request.
-        self._in_flight: dict[Key, dict[tuple[str, str], float]] = {}
+        # Children created or deleted in the last moments, by job: (verb, kind, name) -> when. Until the watch
+        # shows the change, the caches say "missing" (or "still there") and would invite a second request.
+        self._recent: dict[Key, dict[tuple[str, str, str], float]] = {}
         self._workers: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ class Controller:
         self._rejections.pop(key, None)
         self._superseded.pop(key, None)
         self._errors.pop(key, None)
-        self._in_flight.pop(key, None)
+        self._recent.pop(key, None)
 
     async def _work(self) -> None:
         while True:
@@ -256,10 +256,10 @@ class Controller:
             self._rejections[key] = Rejection(run=plan.status.run or 1, message=str(e))
             self.queue.add(key)
             return
-        touched = [(m["kind"], m["metadata"]["name"]) for m in plan.create]
-        touched += [(d.kind, d.name) for d in plan.delete]
+        touched = [("create", m["kind"], m["metadata"]["name"]) for m in plan.create]
+        touched += [("delete", d.kind, d.name) for d in plan.delete]
         if touched:
-            self._in_flight.setdefault(key, {}).update(dict.fromkeys(touched, time.monotonic()))
+            self._recent.setdefault(key, {}).update(dict.fromkeys(touched, time.monotonic()))
         if applied.replaced_version:
             self._superseded[key] = (applied.replaced_version, time.monotonic())
         if plan.requeue_after is not None:
@@ -269,12 +269,12 @@ class Controller:
         """Everything the caches hold about one job: the pure reconcile's input."""
         c = self._caches
         recent = {
-            child: at
-            for child, at in self._in_flight.pop(key, {}).items()
+            change: at
+            for change, at in self._recent.pop(key, {}).items()
             if time.monotonic() - at < CONSISTENCY_TIMEOUT
         }
         if recent:
-            self._in_flight[key] = recent
+            self._recent[key] = recent
         return Observed(
             jobs=tuple(_all(c["jobs"], key)),
             pods=tuple(_all(c["pods"], key)),
@@ -282,7 +282,8 @@ class Controller:
             config_maps=tuple(_all(c["configmaps"], key)),
             claims=tuple(_all(c["claims"], key)),
             rejection=self._rejections.get(key),
-            in_flight=frozenset(recent),
+            just_created=frozenset((kind, name) for verb, kind, name in recent if verb == "create"),
+            just_deleted=frozenset((kind, name) for verb, kind, name in recent if verb == "delete"),
         )
 
 

@@ -108,9 +108,10 @@ class Observed:
     config_maps: tuple[RunConfig, ...] = ()
     claims: tuple[ChildRef, ...] = ()
     rejection: Rejection | None = None
-    # (kind, name) of children this operator just created or deleted that the caches do not reflect yet:
-    # not to be created or deleted again.
-    in_flight: frozenset[tuple[str, str]] = frozenset()
+    # (kind, name) of children this operator created or deleted moments ago, which the caches may not show
+    # yet: not to be created, or deleted, a second time.
+    just_created: frozenset[tuple[str, str]] = frozenset()
+    just_deleted: frozenset[tuple[str, str]] = frozenset()
     # Filled by issue 6's pollers (None: nothing new to report; the status keeps what it has).
     progress: Progress | None = None
     checkpoint: CheckpointStatus | None = None
@@ -127,7 +128,8 @@ class Observed:
             config_maps=tuple(c for c in self.config_maps if c.owner_uid == uid),
             claims=tuple(c for c in self.claims if c.owner_uid == uid),
             rejection=self.rejection,
-            in_flight=self.in_flight,
+            just_created=self.just_created,
+            just_deleted=self.just_deleted,
             progress=self.progress,
             checkpoint=self.checkpoint,
             cost=self.cost,
@@ -174,6 +176,8 @@ def summarize_pod(body: Body) -> PodState:
     meta, spec, status = _parts(body)
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     disruption = conditions.get("DisruptionTarget")
+    if disruption and disruption.get("status") != "True":
+        disruption = None
     container: Body = next((c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER), {})
     state = container.get("state") or {}
     terminated = state.get("terminated")
@@ -189,8 +193,8 @@ def summarize_pod(body: Body) -> PodState:
         node_name=spec.get("nodeName"),
         start_time=parse_time(status.get("startTime")),
         reason=status.get("reason"),
-        message=status.get("message"),
-        disruption=disruption.get("reason") if disruption and disruption.get("status") == "True" else None,
+        message=status.get("message") or (disruption.get("message") if disruption else None),
+        disruption=disruption.get("reason") if disruption else None,
         termination=Termination(
             exit_code=int(terminated.get("exitCode", 0)),
             reason=terminated.get("reason"),

@@ -206,6 +206,10 @@ class _Reconciliation:
         stored = self.observed.run_config(run_config_name(self.owner.name, run.run))
         return stored.spec() if stored else None
 
+    def _trained(self, run: RunRecord) -> FineTuneJobSpec:
+        """What the run's workers look like: its own spec (governance fields always come from the live one)."""
+        return self._run_spec(run) or self.spec
+
     def _on_run_change(self, run: RunRecord) -> RunRecord:
         why = "SpecChanged" if run.spec_hash != self.fingerprint else "RerunRequested"
         queue = self.spec.run_policy.on_spec_change == "Queue"
@@ -275,7 +279,7 @@ class _Reconciliation:
         return Situation("Failed", reason, message, in_progress=False)
 
     def _succeed_run(self, run: RunRecord, completed_at: datetime | None) -> Situation:
-        uri = output_uri(self.owner.namespace, self.owner.name, self._run_spec(run) or self.spec, run.run)
+        uri = output_uri(self.owner.namespace, self.owner.name, self._trained(run), run.run)
         # The Job's own completion time, so every replica writes the same status.
         self._end_run(run, "Succeeded", "Succeeded", "", at=completed_at)
         ended = self._current_run()
@@ -324,19 +328,21 @@ class _Reconciliation:
         if self.status.start_time is None:
             self.status.start_time = self.now
             self.status.runs = record_run(self.status.runs, run.model_copy(update={"start_time": self.now}))
-        workers = self.spec.resources.num_nodes
+        workers = self._trained(run).resources.num_nodes
         if last is not None and last.reason == "Suspended":
             self._event("Normal", "Resumed", f"attempt {number} of run {run.run} resumes from the latest checkpoint")
         else:
             self._event("Normal", "AttemptStarted", f"attempt {number} of run {run.run}: creating {workers} workers")
         return True
 
-    def _close_attempt(self, reason: AttemptReason, message: str, exit_code: int | None = None) -> None:
+    def _close_attempt(
+        self, reason: AttemptReason, message: str, exit_code: int | None = None, at: datetime | None = None
+    ) -> None:
         current = self._open_attempt()
         if current is None:
             return
         closed = current.model_copy(
-            update={"reason": reason, "message": message, "completion_time": self.now, "exit_code": exit_code}
+            update={"reason": reason, "message": message, "completion_time": at or self.now, "exit_code": exit_code}
         )
         self.status.attempts = [*self.status.attempts[:-1], closed]
 
@@ -390,18 +396,18 @@ class _Reconciliation:
         assert attempt is not None
         job = self.observed.job(attempt_name(self.owner.name, run.run, attempt.attempt))
         pods = self.observed.pods_of(run.run, attempt.attempt)
-        workers = self.spec.resources.num_nodes
+        workers = self._trained(run).resources.num_nodes
         if job is None or job.deleting:
             return Situation("Pending", "CreatingWorkers", f"creating the Job of attempt {attempt.attempt}", True)
         if job.suspended:
             # Kueue holds the Job until it admits all workers; pods it removes on preemption are not failures.
-            queue = self.spec.resources.queue_name
+            queue = self._trained(run).resources.queue_name
             return Situation("Pending", "Queued", f"waiting for Kueue to admit the workers (queue {queue})", True)
         failure = attempt_failure(job, pods)
         if failure:
             return self._attempt_failed(run, failure)
         if job.complete:
-            self._close_attempt("Completed", "all workers finished", exit_code=0)
+            self._close_attempt("Completed", "all workers finished", exit_code=0, at=job.completion_time)
             return self._succeed_run(run, job.completion_time)
         ready = sum(1 for p in pods if p.ready and not p.deleting)
         if ready == workers:
@@ -459,7 +465,7 @@ class _Reconciliation:
         if template:
             active[("PersistentVolumeClaim", claim_name(name))] = None
 
-        run_spec = self._run_spec(run) or self.spec
+        run_spec = self._trained(run)
         config = ("ConfigMap", run_config_name(name, run.run))
         if attempt is not None:
             attempt_children = attempt_name(name, run.run, attempt.attempt)
@@ -475,16 +481,15 @@ class _Reconciliation:
                 kept.add(("Job", attempt_name(name, run.run, self.status.attempt)))
 
         existing = self._existing()
-        in_flight = self.observed.in_flight
         create = [
             self._render(key[0], run, run_spec, attempt)
             for key in sorted(active, key=lambda k: CREATION_ORDER.index(k[0]))
-            if key not in existing and key not in in_flight
+            if key not in existing and key not in self.observed.just_created
         ]
         delete = [
             Deletion(*key)
             for key, deleting in existing.items()
-            if not deleting and key not in active and key not in kept and key not in in_flight
+            if not deleting and key not in active and key not in kept and key not in self.observed.just_deleted
         ]
         if delete and run.result is not None and self._ttl_expired(run):
             self._event("Normal", "CleanedUp", f"deleted the workers of run {run.run} (ttlSecondsAfterFinished)")

@@ -1,0 +1,231 @@
+"""Support for the operator's e2e tests: the operator as a real subprocess (so SIGKILL is real), the cluster
+through the Python client, namespaces with the claims the jobs refer to, job specs for kwok, and polling."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from kubernetes import client, config
+from kubetune_dev.cluster import LocalCluster
+from kubetune_operator.api import CRD_NAME, GROUP, PLURAL, VERSION
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "crds" / f"{CRD_NAME}.yaml"
+T = TypeVar("T")
+
+# Short intervals for tests; the grace period is irrelevant for kwok pods (they go at once).
+TEST_SETTINGS = {"progressPollIntervalSeconds": 5, "resyncSeconds": 30, "terminationGracePeriodSeconds": 30}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Operator:
+    """`python -m kubetune_operator` against the local cluster, logging to a file."""
+
+    def __init__(self, cluster: LocalCluster, workdir: Path, namespaces: list[str], name: str = "operator") -> None:
+        self.cluster = cluster
+        self.namespaces = namespaces
+        self.log_path = workdir / f"{name}.log"
+        self.settings_path = workdir / f"{name}-settings.yaml"
+        self.settings_path.write_text(yaml.safe_dump({**TEST_SETTINGS, "healthPort": free_port()}))
+        self.health_port = yaml.safe_load(self.settings_path.read_text())["healthPort"]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Operator:
+        args = [sys.executable, "-m", "kubetune_operator", "--settings", str(self.settings_path)]
+        for ns in self.namespaces:
+            args += ["--namespace", ns]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args, env={**self.cluster.env(), "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for(lambda: self.probe("/readyz") == 200, timeout, "operator ready", self.tail)
+        return self
+
+    def probe(self, path: str) -> int | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=2) as r:
+                return int(r.status)
+        except OSError:
+            return None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM, then the reconcile summary the operator logs on its way out."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        lines = [line for line in self.log_path.read_text().splitlines() if "reconcile summary" in line]
+        return json.loads(lines[-1].split("reconcile summary ", 1)[1]) if lines else {}
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def wait_for(
+    fn: Callable[[], T], timeout: float, what: str, context: Callable[[], str] | None = None, every: float = 0.25
+) -> T:
+    """Poll until fn() is truthy; fail with `what` (and `context()`) after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{context() if context else ''}")
+
+
+class Api:
+    """The cluster through the Python client, for fast polling from the tests."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def apply(self, namespace: str, name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> None:
+        body: dict[str, Any] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": namespace, "annotations": annotations or {}},
+            "spec": spec,
+        }
+        self.cluster.kubectl("apply", "--server-side", "-f", "-", input=json.dumps(body))
+
+    def ftj(self, namespace: str, name: str) -> dict[str, Any]:
+        obj: dict[str, Any] = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        return obj
+
+    def status(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.ftj(namespace, name).get("status") or {}
+
+    def patch_spec(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": patch})
+
+    def annotate(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        body = {"metadata": {"annotations": annotations}}
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body)
+
+    def delete_ftj(self, namespace: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def jobs(self, namespace: str, job: str) -> list[Any]:
+        return list(self.batch.list_namespaced_job(namespace, label_selector=f"kubetune.io/job={job}").items)
+
+    def pods(self, namespace: str, selector: str) -> list[Any]:
+        return list(self.core.list_namespaced_pod(namespace, label_selector=selector).items)
+
+    def events(self, namespace: str, name: str) -> list[Any]:
+        selector = f"involvedObject.kind=FineTuneJob,involvedObject.name={name}"
+        return list(self.core.list_namespaced_event(namespace, field_selector=selector).items)
+
+    def end_pod(
+        self,
+        namespace: str,
+        pod: str,
+        exit_code: int,
+        *,
+        reason: str = "Error",
+        message: str = "",
+        disruption: str | None = None,
+    ) -> None:
+        """What a kubelet reports for a container that exited (kwok runs no containers)."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        terminated = {"exitCode": exit_code, "reason": reason, "startedAt": now, "finishedAt": now}
+        if message:
+            terminated["message"] = message
+        status: dict[str, Any] = {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "image": "trainer",
+                    "imageID": "",
+                    "ready": False,
+                    "restartCount": 0,
+                    "state": {"terminated": terminated},
+                }
+            ],
+        }
+        if disruption:
+            status["conditions"] = [
+                {"type": "DisruptionTarget", "status": "True", "reason": disruption, "lastTransitionTime": now}
+            ]
+        self.core.patch_namespaced_pod_status(pod, namespace, {"status": status})
+
+
+def make_namespace(cluster: LocalCluster, prefix: str) -> str:
+    """A namespace with the claims the test jobs refer to (kwok binds them at once)."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    claims = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": name},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+        }
+        for claim in ("ft-checkpoints", "datasets", "ft-models")
+    ]
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [namespace]}))
+    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": claims}))
+    return name
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    """A small job for kwok: two single-GPU workers that 'train' for a second and succeed. `overrides` are merged
+    into the top-level groups."""
+    base: dict[str, Any] = {
+        "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "tokenSecretRef": {"name": "hf", "key": "token"}},
+        "dataset": {"source": "pvc://datasets/support/v3.jsonl", "format": "messages"},
+        "resources": {
+            "numNodes": 2,
+            "gpusPerNode": 1,
+            "gpuProduct": "NVIDIA-H100-80GB-HBM3",
+            "podAnnotations": {"kwok.kubetune.io/run-for": "1s"},
+        },
+        "checkpoint": {"claimName": "ft-checkpoints", "everySteps": 100},
+        "runPolicy": {"backoffSeconds": 1, "maxBackoffSeconds": 2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            # A None drops the field: {"claimName": None, "volumeClaimTemplate": ...} swaps one for the other.
+            merged = {**base.get(key, {}), **value}
+            base[key] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            base[key] = value
+    return base
+
+
+def hanging(**overrides: Any) -> dict[str, Any]:
+    """Workers that run until something ends them."""
+    resources = {**spec()["resources"], **overrides.pop("resources", {})}
+    resources["podAnnotations"] = {"kwok.kubetune.io/outcome": "hang"}
+    return spec(resources=resources, **overrides)

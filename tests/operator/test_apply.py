@@ -1,0 +1,152 @@
+"""Applying a plan: the status write guards everything after it, children are created once, a 409 adopts only
+what is ours, an invalid child is reported as such, and a lost event costs nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from ftj_builders import SETTINGS, T0, UID, ftj, owner, step
+from kubetune_operator.apply import JobRef, Rejected, StaleView, apply_plan, merge_diff
+from kubetune_operator.kube import ApiError
+from kubetune_operator.reconcile import Deletion, Event, Plan, status_wire
+from kubetune_operator.render import render_job
+
+JOB = JobRef("sft", "ml", UID, "41")
+
+
+class FakeKube:
+    """Records calls; `fail` maps (verb, kind or name) to the ApiError to raise."""
+
+    def __init__(self, fail: dict[tuple[str, str], ApiError] | None = None, live_version: str = "41") -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.bodies: list[Any] = []
+        self.fail = fail or {}
+        self.live_version = live_version
+        self.existing: dict[str, Any] = {}
+
+    def _check(self, verb: str, what: str) -> None:
+        if (verb, what) in self.fail:
+            raise self.fail[(verb, what)]
+
+    async def merge_patch(self, kind: str, ns: str, name: str, patch: dict, subresource: str | None = None) -> dict:
+        self.calls.append(("PATCH", kind if subresource is None else f"{kind}/{subresource}", name))
+        self.bodies.append(patch)
+        self._check("PATCH", kind)
+        return {"metadata": {"resourceVersion": "42"}}
+
+    async def get(self, kind: str, ns: str, name: str) -> dict:
+        self.calls.append(("GET", kind, name))
+        if kind == "FineTuneJob":
+            return {"metadata": {"resourceVersion": self.live_version}}
+        return self.existing[name]
+
+    async def create(self, manifest: dict) -> dict:
+        kind, name = manifest["kind"], manifest["metadata"].get("name", "")
+        self.calls.append(("POST", kind, name))
+        self._check("POST", kind)
+        return manifest
+
+    async def delete(self, kind: str, ns: str, name: str, propagation: str = "Background") -> None:
+        self.calls.append(("DELETE", kind, name, propagation))
+
+
+def first_plan() -> tuple[Plan, dict]:
+    job = ftj()
+    plan, _ = step(job)
+    return plan, status_wire(job.status)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_the_status_is_written_first_with_the_version_the_plan_was_made_from() -> None:
+    plan, current = first_plan()
+    kube = FakeKube()
+    applied = run(apply_plan(kube, JOB, current, plan, T0))  # type: ignore[arg-type]
+    assert kube.calls[0] == ("PATCH", "FineTuneJob/status", "sft")
+    assert kube.bodies[0]["metadata"] == {"resourceVersion": "41"}
+    assert kube.calls[1:4] == [
+        ("POST", "ConfigMap", "sft-r1"),
+        ("POST", "Service", "sft-r1-a1"),
+        ("POST", "Job", "sft-r1-a1"),
+    ]
+    assert [c[1] for c in kube.calls[4:]] == ["Event", "Event"]
+    assert applied.replaced_version == "41"
+
+
+def test_a_conflicting_status_write_stops_everything_after_it() -> None:
+    plan, current = first_plan()
+    kube = FakeKube(fail={("PATCH", "FineTuneJob"): ApiError(409, "Conflict", "the object has been modified")})
+    with pytest.raises(StaleView):
+        run(apply_plan(kube, JOB, current, plan, T0))  # type: ignore[arg-type]
+    assert kube.calls == [("PATCH", "FineTuneJob/status", "sft")]
+
+
+def test_without_a_status_change_the_version_is_confirmed_before_touching_children() -> None:
+    plan, _ = first_plan()
+    unchanged = status_wire(plan.status)
+    kube = FakeKube(live_version="43")
+    with pytest.raises(StaleView):
+        run(apply_plan(kube, JOB, unchanged, plan, T0))  # type: ignore[arg-type]
+    assert kube.calls == [("GET", "FineTuneJob", "sft")]
+    kube = FakeKube()
+    run(apply_plan(kube, JOB, unchanged, Plan(status=plan.status, delete=(Deletion("Job", "sft-r0-a1"),)), T0))  # type: ignore[arg-type]
+    assert kube.calls == [("GET", "FineTuneJob", "sft"), ("DELETE", "Job", "sft-r0-a1", "Foreground")]
+
+
+def test_nothing_to_do_makes_no_request() -> None:
+    plan, _ = first_plan()
+    kube = FakeKube()
+    run(apply_plan(kube, JOB, status_wire(plan.status), Plan(status=plan.status), T0))  # type: ignore[arg-type]
+    assert kube.calls == []
+
+
+def test_an_existing_child_is_adopted_only_when_it_is_ours() -> None:
+    job = ftj()
+    manifest = render_job(owner(job), job.spec, 1, 1, SETTINGS)
+    plan = Plan(status=step(job)[0].status, create=(manifest,))
+    current = status_wire(plan.status)
+    exists = {("POST", "Job"): ApiError(409, "AlreadyExists", "jobs.batch sft-r1-a1 already exists")}
+
+    ours = FakeKube(fail=exists)
+    ours.existing["sft-r1-a1"] = {"metadata": {"ownerReferences": [{"uid": UID, "controller": True}], "labels": {}}}
+    run(apply_plan(ours, JOB, current, plan, T0))  # type: ignore[arg-type]
+    assert ours.calls[-2:] == [("GET", "Job", "sft-r1-a1"), ("PATCH", "Job", "sft-r1-a1")]
+    assert ours.bodies[-1] == {"metadata": {"labels": manifest["metadata"]["labels"]}}
+
+    theirs = FakeKube(fail=exists)
+    theirs.existing["sft-r1-a1"] = {"metadata": {"ownerReferences": [{"uid": "another", "controller": True}]}}
+    with pytest.raises(ApiError, match="not controlled by this FineTuneJob"):
+        run(apply_plan(theirs, JOB, current, plan, T0))  # type: ignore[arg-type]
+
+
+def test_an_invalid_child_is_a_rejection() -> None:
+    plan, current = first_plan()
+    kube = FakeKube(fail={("POST", "Job"): ApiError(422, "Invalid", 'Job.batch "sft-r1-a1" is invalid: ...')})
+    with pytest.raises(Rejected, match=r"Job sft-r1-a1: Job\.batch"):
+        run(apply_plan(kube, JOB, current, plan, T0))  # type: ignore[arg-type]
+
+
+def test_a_failed_event_is_logged_not_retried() -> None:
+    plan, current = first_plan()
+    kube = FakeKube(fail={("POST", "Event"): ApiError(403, "Forbidden", "events is forbidden")})
+    run(apply_plan(kube, JOB, current, Plan(status=plan.status, events=(Event("Normal", "X", "y"),)), T0))  # type: ignore[arg-type]
+    assert kube.calls[-1] == ("POST", "Event", "")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        ({"a": 1}, {"a": 1}, {}),
+        ({"a": 1, "b": 2}, {"a": 1}, {"b": None}),
+        ({"a": {"x": 1, "y": 2}}, {"a": {"x": 1, "y": 3}}, {"a": {"y": 3}}),
+        ({"a": {"x": 1}}, {"a": {}}, {"a": {"x": None}}),
+        ({"l": [1, 2]}, {"l": [2]}, {"l": [2]}),
+        ({}, {"n": {"x": 1}}, {"n": {"x": 1}}),
+    ],
+)
+def test_merge_diff(old: dict, new: dict, patch: dict) -> None:
+    assert merge_diff(old, new) == patch

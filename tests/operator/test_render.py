@@ -1,0 +1,344 @@
+"""The pure renderers: names, the Indexed Job and its pods, the headless Service, the run's ConfigMap and the
+templated claim, for the shapes of spec a user can write."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from ftj_builders import SETTINGS, UID, ftj, owner, spec
+from kubetune_operator.api import FineTuneJobSpec
+from kubetune_operator.names import attempt_name, master_address, worker_hostname
+from kubetune_operator.render import (
+    render_claim,
+    render_config_map,
+    render_job,
+    render_service,
+    run_spec_from_json,
+)
+from kubetune_operator.settings import Images, OperatorSettings
+from kubetune_trainer.config import TrainerConfig
+
+
+def job_of(spec_: dict[str, Any], run: int = 1, attempt: int = 1, settings: OperatorSettings = SETTINGS) -> dict:
+    job = ftj(spec_)
+    return render_job(owner(job), job.spec, run, attempt, settings)
+
+
+def pod_spec(manifest: dict) -> dict:
+    return manifest["spec"]["template"]["spec"]
+
+
+def container(manifest: dict) -> dict:
+    [only] = pod_spec(manifest)["containers"]
+    return only
+
+
+def env(manifest: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(manifest)["env"]}
+
+
+def mounts(manifest: dict) -> dict[str, tuple[str, str | None, bool]]:
+    """mountPath -> (claim, subPath, readOnly) for the claim mounts."""
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod_spec(manifest)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    return {
+        m["mountPath"]: (claims[m["name"]], m.get("subPath"), m["readOnly"])
+        for m in container(manifest)["volumeMounts"]
+        if m["name"] in claims
+    }
+
+
+def test_names_are_deterministic_and_every_worker_hostname_is_a_dns_label() -> None:
+    assert attempt_name("sft", 3, 2) == "sft-r3-a2"
+    assert master_address("sft", 3, 2) == "sft-r3-a2-0.sft-r3-a2"
+    longest = "a" * 40  # the API's limit on FineTuneJob names
+    assert len(worker_hostname(longest, 999_999, 9_999_999, 1023)) <= 63
+    with pytest.raises(ValueError, match="longer than 63"):
+        worker_hostname(longest, 10**9, 10**9, 1023)
+
+
+def test_the_job_is_an_indexed_gang_owned_by_the_finetunejob() -> None:
+    job = job_of(spec())
+    assert job["apiVersion"] == "batch/v1"
+    assert job["metadata"]["name"] == "sft-r1-a1"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["suspend"] is False
+    [ref] = job["metadata"]["ownerReferences"]
+    assert ref == {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "name": "sft",
+        "uid": UID,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels["kubetune.io/job"] == "sft"
+        assert labels["kubetune.io/run"] == "1"
+        assert labels["kubetune.io/attempt"] == "1"
+        assert labels["app.kubernetes.io/managed-by"] == "kubetune-operator"
+        assert labels["app.kubernetes.io/instance"] == "sft"
+    pod = pod_spec(job)
+    assert pod["restartPolicy"] == "Never"
+    assert pod["subdomain"] == "sft-r1-a1"
+
+
+def test_workers_run_the_launcher_with_the_torchrun_contract() -> None:
+    job = job_of(spec(), run=2, attempt=3)
+    assert container(job)["command"] == ["kubetune-launch"]
+    assert env(job) == {
+        "KUBETUNE_CONFIG": "/etc/kubetune/config.json",
+        "KUBETUNE_NNODES": "2",
+        "KUBETUNE_NPROC_PER_NODE": "8",
+        "KUBETUNE_MASTER_ADDR": "sft-r2-a3-0.sft-r2-a3",
+        "KUBETUNE_MASTER_PORT": "29500",
+        "KUBETUNE_RDZV_TIMEOUT_SECONDS": "900",
+        "POD_IP": {"fieldRef": {"fieldPath": "status.podIP"}},
+        "HOME": "/tmp",
+        "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token"}},
+    }
+    ports = {p["name"]: p["containerPort"] for p in container(job)["ports"]}
+    assert ports == {"metrics": 9400, "rendezvous": 29500}
+
+
+def test_without_a_token_reference_there_is_no_token() -> None:
+    no_token = spec(model={"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "tokenSecretRef": None})
+    assert "HF_TOKEN" not in env(job_of(no_token))
+
+
+def test_gpus_memory_and_cpu_become_requests_and_limits() -> None:
+    job = job_of(spec(resources={"cpu": 16, "memory": "200Gi"}))
+    assert container(job)["resources"] == {
+        "requests": {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": "8"},
+        # No CPU limit: throttling a data loader slows every GPU.
+        "limits": {"memory": "200Gi", "nvidia.com/gpu": "8"},
+    }
+
+
+def test_a_cpu_only_job_requests_no_gpu_and_starts_one_process() -> None:
+    job = job_of(spec(resources={"numNodes": 1, "gpusPerNode": 0, "gpuProduct": None}))
+    assert "nvidia.com/gpu" not in json.dumps(container(job)["resources"])
+    assert env(job)["KUBETUNE_NPROC_PER_NODE"] == "1"
+    assert "nodeSelector" not in pod_spec(job)
+
+
+def test_operator_defaults_fill_what_the_job_leaves_out() -> None:
+    settings = OperatorSettings(default_cpu="8", default_memory="64Gi", default_shm_size="8Gi")
+    job = job_of(spec(), settings=settings)
+    assert container(job)["resources"]["requests"]["cpu"] == "8"
+    assert container(job)["resources"]["limits"]["memory"] == "64Gi"
+    shm = next(v for v in pod_spec(job)["volumes"] if v["name"] == "dshm")
+    assert shm == {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}
+    own = job_of(spec(resources={"shmSize": "16Gi", "memory": "100Gi"}), settings=settings)
+    assert next(v for v in pod_spec(own)["volumes"] if v["name"] == "dshm")["emptyDir"]["sizeLimit"] == "16Gi"
+
+
+def test_scheduling_constraints_pass_through() -> None:
+    zone = {"key": "zone", "operator": "In", "values": ["a"]}
+    affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [zone]}]}}
+    job = job_of(
+        spec(
+            resources={
+                "nodeSelector": {"pool": "training"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {"nodeAffinity": affinity},
+                "priorityClassName": "training-high",
+            }
+        )
+    )
+    pod = pod_spec(job)
+    assert pod["nodeSelector"] == {"pool": "training", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["affinity"] == {"nodeAffinity": affinity}
+    assert pod["priorityClassName"] == "training-high"
+
+
+def test_pods_are_hardened() -> None:
+    pod = pod_spec(job_of(spec()))
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert pod["terminationGracePeriodSeconds"] == SETTINGS.termination_grace_period_seconds
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    c = pod["containers"][0]
+    assert c["securityContext"] == {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    # A read-only root needs somewhere to write: /tmp and a memory-backed /dev/shm.
+    paths = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert paths["/tmp"] == "tmp" and paths["/dev/shm"] == "dshm"
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        pytest.param(
+            {},
+            {
+                "/kubetune/job": ("ft-checkpoints", "ml/sft", False),
+                "/kubetune/sources/dataset/v3.jsonl": ("datasets", "support/v3.jsonl", True),
+            },
+            id="checkpoint-claim-holds-outputs",
+        ),
+        pytest.param(
+            {"output": {"claimName": "ft-models", "path": "team/bots"}},
+            {
+                "/kubetune/job": ("ft-checkpoints", "ml/sft", False),
+                "/kubetune/output": ("ft-models", "team/bots/ml/sft", False),
+                "/kubetune/sources/dataset/v3.jsonl": ("datasets", "support/v3.jsonl", True),
+            },
+            id="separate-output-claim",
+        ),
+        pytest.param(
+            {
+                "model": {"source": "pvc://models/qwen/7b/", "tokenSecretRef": None},
+                "dataset": {"source": "pvc://datasets/support/", "evalSource": "pvc://datasets/eval.jsonl"},
+                "checkpoint": {
+                    "claimName": None,
+                    "volumeClaimTemplate": {
+                        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Ti"}}}
+                    },
+                },
+            },
+            {
+                "/kubetune/job": ("sft-checkpoints", "ml/sft", False),
+                "/kubetune/sources/model/7b": ("models", "qwen/7b", True),
+                "/kubetune/sources/dataset/support": ("datasets", "support", True),
+                "/kubetune/sources/eval/eval.jsonl": ("datasets", "eval.jsonl", True),
+            },
+            id="template-claim-and-directory-sources",
+        ),
+    ],
+)
+def test_claims_are_mounted_under_the_jobs_own_paths(overrides: dict, expected: dict) -> None:
+    assert mounts(job_of(spec(**overrides))) == expected
+
+
+def test_one_volume_per_claim_writable_only_where_written() -> None:
+    job = job_of(spec(dataset={"source": "pvc://ft-checkpoints/shared/data.jsonl"}, output={"path": "exports"}))
+    claims = [v["persistentVolumeClaim"] for v in pod_spec(job)["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"claimName": "ft-checkpoints", "readOnly": False}]
+    assert mounts(job) == {
+        "/kubetune/job": ("ft-checkpoints", "ml/sft", False),
+        "/kubetune/output": ("ft-checkpoints", "exports/ml/sft", False),
+        "/kubetune/sources/dataset/data.jsonl": ("ft-checkpoints", "shared/data.jsonl", True),
+    }
+    readonly = job_of(spec())
+    claims = [v["persistentVolumeClaim"] for v in pod_spec(readonly)["volumes"] if "persistentVolumeClaim" in v]
+    assert {"claimName": "datasets", "readOnly": True} in claims
+
+
+def test_kueue_gets_a_suspended_job_with_the_queue_label() -> None:
+    job = job_of(spec(resources={"queueName": "team-ml"}))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-ml"
+    assert job["spec"]["suspend"] is True
+
+
+def test_user_pod_labels_and_annotations_are_kept_but_the_operators_win() -> None:
+    job = job_of(
+        spec(
+            resources={
+                "podLabels": {"team": "ml", "app.kubernetes.io/managed-by": "someone"},
+                "podAnnotations": {"kwok.kubetune.io/run-for": "5s"},
+            }
+        )
+    )
+    meta = job["spec"]["template"]["metadata"]
+    assert meta["labels"]["team"] == "ml"
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+    assert meta["annotations"]["kwok.kubetune.io/run-for"] == "5s"
+
+
+@pytest.mark.parametrize(
+    ("method", "image", "expected"),
+    [("lora", None, "peft:1"), ("full", None, "full:1"), ("lora", "mine:2", "mine:2")],
+)
+def test_the_image_follows_the_method_unless_the_job_names_one(method: str, image: str | None, expected: str) -> None:
+    settings = OperatorSettings(images=Images(peft="peft:1", full="full:1"), image_pull_policy="Always")
+    job = job_of(spec(method={"type": method}, resources={"image": image}), settings=settings)
+    assert container(job)["image"] == expected
+    assert container(job)["imagePullPolicy"] == "Always"
+
+
+def test_the_config_map_holds_the_trainer_config_and_the_runs_spec() -> None:
+    job = ftj(spec(output={"claimName": "ft-models", "mergeAdapter": False}, training={"maxSteps": 50}))
+    cm = render_config_map(owner(job), job.spec, 3, 7, SETTINGS)
+    assert cm["metadata"]["name"] == "sft-r3"
+    assert cm["metadata"]["labels"]["kubetune.io/run"] == "3"
+    assert cm["immutable"] is True
+    config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
+    assert config.model.source == "hf://Qwen/Qwen2.5-0.5B-Instruct"
+    assert config.model.cache_dir == "/kubetune/job/cache/huggingface"
+    assert config.dataset.path == "/kubetune/sources/dataset/v3.jsonl"
+    assert config.dataset.format == "messages"
+    assert config.checkpoint.dir == "/kubetune/job/runs/3/checkpoints"
+    assert config.checkpoint.every_steps == 100
+    assert config.output.dir == "/kubetune/output/runs/3"
+    assert config.training.max_steps == 50
+    assert config.metrics.port == 9400
+    assert (config.identity.namespace, config.identity.name, config.identity.run, config.identity.generation) == (
+        "ml",
+        "sft",
+        3,
+        7,
+    )
+    assert run_spec_from_json(cm["data"]["spec.json"]) == job.spec
+    # The pods mount only the trainer config.
+    pod_volumes = pod_spec(render_job(owner(job), job.spec, 3, 1, SETTINGS))["volumes"]
+    config_volume = next(v for v in pod_volumes if v["name"] == "config")["configMap"]
+    assert config_volume == {"name": "sft-r3", "items": [{"key": "config.json", "path": "config.json"}]}
+
+
+def test_an_unreadable_stored_spec_reads_as_none() -> None:
+    assert run_spec_from_json(None) is None
+    assert run_spec_from_json("{not json") is None
+    assert run_spec_from_json('{"model": {}}') is None
+    assert isinstance(run_spec_from_json(FineTuneJobSpec.model_validate(spec()).model_dump_json()), FineTuneJobSpec)
+
+
+def test_the_service_is_headless_and_selects_one_attempt() -> None:
+    job = ftj(spec())
+    svc = render_service(owner(job), 2, 5, SETTINGS)
+    assert svc["metadata"]["name"] == "sft-r2-a5"
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"kubetune.io/job": "sft", "kubetune.io/run": "2", "kubetune.io/attempt": "5"}
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == UID
+
+
+def test_the_claim_template_becomes_an_owned_claim() -> None:
+    template = {
+        "metadata": {"labels": {"tier": "fast"}, "annotations": {"note": "x"}},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "ssd",
+            "resources": {"requests": {"storage": "200Gi"}},
+        },
+    }
+    job = ftj(spec(checkpoint={"claimName": None, "volumeClaimTemplate": template}))
+    assert job.spec.checkpoint.volume_claim_template is not None
+    claim = render_claim(owner(job), job.spec.checkpoint.volume_claim_template)
+    assert claim["metadata"]["name"] == "sft-checkpoints"
+    assert claim["metadata"]["labels"]["tier"] == "fast"
+    assert claim["metadata"]["labels"]["kubetune.io/job"] == "sft"
+    assert claim["metadata"]["annotations"] == {"note": "x"}
+    assert claim["metadata"]["ownerReferences"][0]["controller"] is True
+    assert claim["spec"] == template["spec"]
