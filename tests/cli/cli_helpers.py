@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from kubetune_dev.cluster import LocalCluster
@@ -21,6 +26,11 @@ from kubetune_operator.api.status import (
     RunRecord,
     Workers,
 )
+
+REPO = Path(__file__).resolve().parents[2]
+# The console script pip installed from pyproject.toml: exactly what `kubectl finetune` runs.
+EXECUTABLE = Path(sys.executable).with_name("kubectl-finetune")
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 T0 = datetime(2026, 11, 27, 9, 0, 0, tzinfo=UTC)
 NOW = T0 + timedelta(hours=2)
@@ -205,3 +215,28 @@ def set_status(cluster: LocalCluster, namespace: str, name: str, status: FineTun
 def get(cluster: LocalCluster, namespace: str, *what: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(cluster.kubectl("get", "-n", namespace, *what, "-o", "json").stdout)
     return doc
+
+
+# ----------------------------------------------------------------------------------------------
+# results
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """stdout of a run that must succeed without saying anything on stderr."""
+    assert result.returncode == 0 and result.stderr == "", result
+    return result.stdout
+
+
+def error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single `error:` line of a run that must fail."""
+    assert result.returncode == 1 and result.stdout == "", result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result
+    return lines[0].removeprefix("error: ")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height

@@ -1,28 +1,13 @@
-"""Fixtures for the kubectl-finetune tests: the CRD on the local cluster and the real executable.
-
-The node agent's fixtures are imported so that `logs` reads the output of real processes through the API
-server, as it would a kubelet's.
-"""
+"""Fixtures for the kubectl-finetune tests: the CRD on the local cluster and the real executable."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
+from cli_helpers import EXECUTABLE, REPO, Cli
 from kubetune_dev.cluster import LocalCluster
-from kubetune_dev.nodeagent.testing import local_nodes, node_agent
 from kubetune_operator.api import CRD_NAME
-
-__all__ = ["cli", "crd", "local_nodes", "node_agent"]
-
-REPO = Path(__file__).resolve().parents[2]
-# The console script pip installed from pyproject.toml: exactly what `kubectl finetune` runs.
-EXECUTABLE = Path(sys.executable).with_name("kubectl-finetune")
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture(scope="session")

@@ -504,6 +504,9 @@ def outcome(job: Obj) -> str | None:
     return result
 
 
+MIN_BAR, MAX_BAR = 10, 30
+
+
 def bar(fraction: float, width: int) -> str:
     done = max(0, min(width, int(fraction * width)))
     return "[" + "#" * done + "." * (width - done) + "]"
@@ -522,24 +525,33 @@ def progress_line(job: Obj, *, width: int | None = None) -> str:
     if status.get("phase") == "Pending" and status.get("workers"):
         w = status["workers"]
         head += f" ({w.get('ready', 0)}/{dig(job, 'spec', 'resources', 'numNodes') or 1} workers ready)"
-    tail = [
-        f"loss {number(p['loss'])}" if p.get("loss") is not None else "",
-        f"eval {number(p['evalLoss'])}" if p.get("evalLoss") is not None else "",
-        rate(p["tokensPerSecond"]) if p.get("tokensPerSecond") is not None and phase(job) == "Running" else "",
-        f"ETA {eta(job)}" if eta(job) != NONE else "",
-        usd(dig(status, "cost", "usd")) if dig(status, "cost", "usd") is not None else "",
-    ]
-    rest = "  ".join(t for t in tail if t)
+    # In the order they are dropped when a terminal is too narrow for them and a bar.
+    optional = {
+        "eval": f"eval {number(p['evalLoss'])}" if p.get("evalLoss") is not None else "",
+        "rate": rate(p["tokensPerSecond"]) if p.get("tokensPerSecond") is not None and phase(job) == "Running" else "",
+        "cost": usd(dig(status, "cost", "usd")) if dig(status, "cost", "usd") is not None else "",
+        "loss": f"loss {number(p['loss'])}" if p.get("loss") is not None else "",
+        "eta": f"ETA {eta(job)}" if eta(job) != NONE else "",
+    }
+    order = ("loss", "eval", "rate", "eta", "cost")
     step, total = p.get("step"), p.get("totalSteps")
+
+    def rest(dropped: int = 0) -> str:
+        kept = set(list(optional)[dropped:])
+        return "  ".join(optional[k] for k in order if k in kept and optional[k])
+
     if step is None:
-        line = f"{head}  {rest}".rstrip()
+        line = f"{head}  {rest()}".rstrip()
     elif width is None or not total:
-        line = f"{head}  step {steps(p)}  {rest}".rstrip()
+        line = f"{head}  step {steps(p)}  {rest()}".rstrip()
     else:
         count = f"{step}/{total} {p.get('percent', step * 100 // total)}%"
-        room = width - len(head) - len(count) - len(rest) - 8
-        drawn = f" {bar(step / total, min(30, room))}" if room >= 10 else ""
-        line = f"{head}{drawn} {count}  {rest}".rstrip()
+        for dropped in range(len(optional) + 1):
+            room = width - 1 - len(f"{head} [] {count}  {rest(dropped)}")
+            if room >= MIN_BAR:
+                break
+        drawn = f" {bar(step / total, min(MAX_BAR, room))}" if room >= MIN_BAR else ""
+        line = f"{head}{drawn} {count}  {rest(dropped)}".rstrip()
     return line if width is None else line[: max(width - 1, 0)]
 
 
@@ -562,6 +574,7 @@ def result_line(job: Obj) -> str:
     if final == "Succeeded":
         output = dig(status, "output", "path")
         return f"Succeeded: {what} finished in {took}: {summary}" + (f"; output {output}" if output else "")
-    why = _join(condition.get("reason"), condition.get("message"))
+    reason, message = condition.get("reason"), condition.get("message")
+    why = f"{reason}: {message}" if reason and message else reason or message
     tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
     return f"Failed: {what}{tries} ({why or 'no reason given'})" + (f"; {summary}" if summary else "")

@@ -4,11 +4,11 @@ worker's log to read."""
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import png_size
 from kubetune_operator.cli import manifest, plot, workers
 from kubetune_operator.cli.errors import CliError, explain_api_error, explain_connection_error
 from kubetune_operator.cli.main import parser
@@ -216,13 +216,6 @@ def test_curves_from_history_or_metrics_records() -> None:
         {"step": 30, "evalLoss": 1.3, "evalPerplexity": 3.7},
     ]
     assert plot.curves(records) == ([(10, 2.0), (20, 1.4)], [(20, 1.7), (30, 1.3)])
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height
 
 
 def test_metrics_file_and_rendering(tmp_path: Path) -> None:

@@ -18,14 +18,13 @@ from typing import Any
 import cli_helpers as h
 import pytest
 import yaml
-from conftest import EXECUTABLE, REPO, Cli
+from cli_helpers import EXECUTABLE, REPO, Cli, error, ok, png_size
 from kubernetes import client, config
 from kubetune_dev.cluster import LocalCluster, free_port
 from kubetune_dev.toolchain import toolchain_bin
 from kubetune_operator.api import RERUN_ANNOTATION
 from kubetune_operator.api.status import AttemptRecord, CheckpointStatus
 from kubetune_operator.cli.errors import explain_api_error
-from test_units import png_size
 
 pytestmark = pytest.mark.e2e
 
@@ -42,20 +41,6 @@ CREATE = (
     "400",
 )
 AGE = r"\d+[smhd]\w*"
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    """stdout of a run that must succeed without saying anything on stderr."""
-    assert result.returncode == 0 and result.stderr == "", result
-    return result.stdout
-
-
-def error(result: subprocess.CompletedProcess[str]) -> str:
-    """The single `error:` line of a run that must fail."""
-    assert result.returncode == 1 and result.stdout == "", result
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result
-    return lines[0].removeprefix("error: ")
 
 
 @pytest.fixture

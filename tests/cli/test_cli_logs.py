@@ -1,0 +1,138 @@
+"""`kubectl finetune logs` reads real worker processes (run by the local node agent) through the API server's pod
+log endpoint. The workers are an Indexed Job named and labelled as the operator names an attempt's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+
+import cli_helpers as h
+import pytest
+from cli_helpers import EXECUTABLE, Cli, error, ok
+from kubetune_dev.cluster import LocalCluster
+from kubetune_dev.nodeagent.testing import LocalNode, start_nodes
+from kubetune_operator.names import COMPLETION_INDEX_LABEL, LABEL_ATTEMPT, LABEL_JOB, LABEL_RUN, attempt_name
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def node(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    """A local node agent of this module's own. (The node agent's session fixtures, imported into a second
+    conftest, would start a second pair of agents under the same node names as tests/nodeagent's.)"""
+    (agent,) = start_nodes(cluster, ["cli-local-node"], tmp_path_factory.mktemp("cli-nodeagent"))
+    yield agent
+    agent.stop()
+
+
+# Rank 0 logs, then waits for the test's go-ahead on a shared claim, so `logs -f` must really follow it.
+WORKER = """
+import os, time
+rank = os.environ["JOB_COMPLETION_INDEX"]
+print(f"rank {rank}: loaded 2 shards", flush=True)
+if rank == "0":
+    while not os.path.exists("/signal/go"):
+        time.sleep(0.1)
+print(f"rank {rank}: step 10 loss 1.5000", flush=True)
+"""
+
+
+def attempt_job(job: str, attempt: int, *, workers: int, placement: dict[str, object]) -> dict[str, object]:
+    labels = {LABEL_JOB: job, LABEL_RUN: "1", LABEL_ATTEMPT: str(attempt)}
+    container = {
+        "name": "trainer",
+        "image": "ignored",
+        "command": ["python", "-c", WORKER],
+        "volumeMounts": [{"name": "signal", "mountPath": "/signal"}],
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": attempt_name(job, 1, attempt), "labels": labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": workers,
+            "parallelism": workers,
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    **placement,
+                    "containers": [container],
+                    "volumes": [{"name": "signal", "persistentVolumeClaim": {"claimName": "signal"}}],
+                },
+            },
+        },
+    }
+
+
+def wait_for_running(cluster: LocalCluster, namespace: str, selector: str, timeout: float = 30) -> None:
+    """Until the one pod `selector` matches runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)
+        if pods["items"] and pods["items"][0].get("status", {}).get("phase") == "Running":
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"pods {selector} not Running after {timeout}s")
+
+
+def test_logs_of_each_rank_followed_live_and_by_attempt(
+    cli: Cli, crd: LocalCluster, namespace: str, node: LocalNode
+) -> None:
+    h.apply(crd, namespace, h.manifest("support-bot"))
+    assert error(cli("logs", "support-bot", "-n", namespace)) == (
+        'FineTuneJob "support-bot" has not started any workers yet: `kubectl finetune watch support-bot` follows it'
+    )
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "signal"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    h.apply(crd, namespace, claim)
+    h.set_status(crd, namespace, "support-bot", h.training(10))
+    h.apply(crd, namespace, attempt_job("support-bot", 1, workers=2, placement=node.placement))
+    wait_for_running(crd, namespace, f"{LABEL_JOB}=support-bot,{LABEL_ATTEMPT}=1,{COMPLETION_INDEX_LABEL}=0")
+
+    follow = subprocess.Popen(
+        [str(EXECUTABLE), "logs", "support-bot", "-n", namespace, "--follow"],
+        env=crd.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follow.stdout is not None and follow.stdout.readline() == "rank 0: loaded 2 shards\n"
+        (node.claim_dir(namespace, "signal") / "go").touch()
+        assert follow.stdout.read() == "rank 0: step 10 loss 1.5000\n"
+        assert follow.wait(timeout=20) == 0
+    finally:
+        follow.kill()
+        follow.wait()
+
+    crd.kubectl("wait", "-n", namespace, "--for=condition=Complete", "job/support-bot-r1-a1", "--timeout=30s")
+    assert ok(cli("logs", "support-bot", "-n", namespace, "--rank", "1")) == (
+        "rank 1: loaded 2 shards\nrank 1: step 10 loss 1.5000\n"
+    )
+    assert error(cli("logs", "support-bot", "-n", namespace, "--rank", "2")) == (
+        "no worker of rank 2 in run 1 attempt 1 of support-bot: it has ranks 0, 1"
+    )
+
+    # Attempt 2 cannot be scheduled: its worker has no log yet.
+    h.set_status(crd, namespace, "support-bot", h.training(10, attempt=2))
+    nowhere = {"nodeSelector": {"kubetune.io/test-no-such-node": "true"}}
+    h.apply(crd, namespace, attempt_job("support-bot", 2, workers=1, placement=nowhere))
+    pending = error(cli("logs", "support-bot", "-n", namespace))
+    assert pending.startswith("worker support-bot-r1-a2-0-")
+    assert pending.endswith(" has not started yet: add --follow to wait for its log")
+    # Earlier attempts stay readable while their pods exist.
+    assert ok(cli("logs", "support-bot", "-n", namespace, "--attempt", "1")) == (
+        "rank 0: loaded 2 shards\nrank 0: step 10 loss 1.5000\n"
+    )
+    assert error(cli("logs", "support-bot", "-n", namespace, "--attempt", "3")) == (
+        "no worker of rank 0 in run 1 attempt 3 of support-bot: it has no worker pods now"
+    )
