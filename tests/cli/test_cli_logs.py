@@ -122,13 +122,6 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
         "no worker of rank 2 in run 1 attempt 1 of support-bot: it has ranks 0, 1"
     )
 
-    # Attempt 2 cannot be scheduled: its worker has no log yet.
-    h.set_status(crd, namespace, "support-bot", h.training(10, attempt=2))
-    nowhere = {"nodeSelector": {"kubetune.io/test-no-such-node": "true"}}
-    h.apply(crd, namespace, attempt_job("support-bot", 2, workers=1, placement=nowhere))
-    pending = error(cli("logs", "support-bot", "-n", namespace))
-    assert pending.startswith("worker support-bot-r1-a2-0-")
-    assert pending.endswith(" has not started yet: add --follow to wait for its log")
     # Earlier attempts stay readable while their pods exist.
     assert ok(cli("logs", "support-bot", "-n", namespace, "--attempt", "1")) == (
         "rank 0: loaded 2 shards\nrank 0: step 10 loss 1.5000\n"
@@ -136,3 +129,28 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     assert error(cli("logs", "support-bot", "-n", namespace, "--attempt", "3")) == (
         "no worker of rank 0 in run 1 attempt 3 of support-bot: it has no worker pods now"
     )
+
+    # Attempt 2's worker cannot be scheduled until the node gets a label: it has no log yet, and `logs -f` waits.
+    h.set_status(crd, namespace, "support-bot", h.training(10, attempt=2))
+    gate = "kubetune.io/cli-test-gate"
+    gated = {**node.placement, "nodeSelector": {**node.node_selector, gate: "open"}}
+    h.apply(crd, namespace, attempt_job("support-bot", 2, workers=1, placement=gated))
+    pending = error(cli("logs", "support-bot", "-n", namespace))
+    assert pending.startswith("worker support-bot-r1-a2-0-")
+    assert pending.endswith(" has not started yet: add --follow to wait for its log")
+    waiting = subprocess.Popen(
+        [str(EXECUTABLE), "logs", "support-bot", "-n", namespace, "-f"],
+        env=crd.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)
+        assert waiting.poll() is None
+        crd.kubectl("label", "node", node.name, f"{gate}=open")
+        out, err = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
+        waiting.wait()
+    assert (waiting.returncode, out, err) == (0, "rank 0: loaded 2 shards\nrank 0: step 10 loss 1.5000\n", "")

@@ -54,6 +54,12 @@ def print_line(text: str) -> None:
     print(text, flush=True)
 
 
+def none_found(s: Session) -> None:
+    # As kubectl: on stderr, so that scripts reading stdout see an empty result.
+    where = "any namespace" if s.scope is None else f"namespace {s.scope}"
+    print(f"No FineTuneJobs found in {where}.", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -63,8 +69,7 @@ def list_jobs(s: Session) -> int:
     if output in ("json", "yaml"):
         print_line(views.dump({"apiVersion": "v1", "kind": "List", "items": jobs}, output))
     elif not jobs:
-        where = "any namespace" if s.scope is None else f"namespace {s.scope}"
-        print(f"No FineTuneJobs found in {where}.", file=sys.stderr)
+        none_found(s)
     else:
         print_line(views.list_table(jobs, now=now(), all_namespaces=s.all_namespaces, wide=output == "wide"))
     return 0
@@ -121,12 +126,11 @@ def logs(s: Session) -> int:
 def set_suspended(s: Session, suspend: bool) -> int:
     name = s.args.name
     job = s.kube.get_job(s.namespace, name)
-    word = "suspended" if suspend else "resumed"
     if bool(views.dig(job, "spec", "runPolicy", "suspend")) == suspend:
         print_line(f"{RESOURCE}/{name} is already {'suspended' if suspend else 'running (not suspended)'}")
         return 0
     s.kube.patch_job(s.namespace, name, {"spec": {"runPolicy": {"suspend": suspend}}})
-    print_line(f"{RESOURCE}/{name} {word}")
+    print_line(f"{RESOURCE}/{name} {'suspended' if suspend else 'resumed'}")
     return 0
 
 
@@ -183,9 +187,8 @@ def plot_loss(s: Session) -> int:
 
 def cost(s: Session) -> int:
     jobs = s.kube.list_jobs(s.scope)
-    if not jobs:
-        where = "any namespace" if s.scope is None else f"namespace {s.scope}"
-        print(f"No FineTuneJobs found in {where}.", file=sys.stderr)
-        return 0
-    print_line(views.cost_table(jobs, all_namespaces=s.all_namespaces))
+    if jobs:
+        print_line(views.cost_table(jobs, all_namespaces=s.all_namespaces))
+    else:
+        none_found(s)
     return 0

@@ -159,20 +159,24 @@ class Kube:
 
     def wait_for_start(self, namespace: str, pod: Mapping[str, Any]) -> None:
         """Return once the pod's containers have started (or it has finished): its log can then be read."""
-        name = pod["metadata"]["name"]
-        response = self.core.list_namespaced_pod(
-            namespace,
-            field_selector=f"metadata.name={name}",
-            watch=True,
-            resource_version=pod["metadata"]["resourceVersion"],
-            _preload_content=False,
-            _request_timeout=None,
-        )
-        for event in _events(response):
-            if event["type"] in ("DELETED", "ERROR"):
-                raise CliError(f"pod {name} went away before it started")
-            if event["object"].get("status", {}).get("phase") != "Pending":
-                return
+        name, version = pod["metadata"]["name"], pod["metadata"]["resourceVersion"]
+        while True:  # the server ends a watch after a while; resume it from where it ended
+            response = self.core.list_namespaced_pod(
+                namespace,
+                field_selector=f"metadata.name={name}",
+                watch=True,
+                resource_version=version,
+                _preload_content=False,
+                _request_timeout=None,
+            )
+            for event in _events(response):
+                if event["type"] == "DELETED":
+                    raise CliError(f"worker {name} was deleted before it started")
+                if event["type"] == "ERROR":
+                    raise CliError(f"lost track of worker {name} while it was starting: run the command again")
+                version = event["object"]["metadata"]["resourceVersion"]
+                if event["object"].get("status", {}).get("phase") != "Pending":
+                    return
 
     def pod_log(self, namespace: str, pod: str, container: str, *, follow: bool) -> Iterator[bytes]:
         """The container's log through the API server's pod log endpoint, in chunks as they arrive."""
