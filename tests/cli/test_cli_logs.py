@@ -133,7 +133,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     # Attempt 2's worker cannot be scheduled until the node gets a label: it has no log yet, and `logs -f` waits.
     h.set_status(crd, namespace, "support-bot", h.training(10, attempt=2))
     gate = "kubetune.io/cli-test-gate"
-    gated = {**node.placement, "nodeSelector": {**node.node_selector, gate: "open"}}
+    gated = {**node.placement, "nodeSelector": {**node.node_selector, gate: namespace}}  # unique to this test
     h.apply(crd, namespace, attempt_job("support-bot", 2, workers=1, placement=gated))
     pending = error(cli("logs", "support-bot", "-n", namespace))
     assert pending.startswith("worker support-bot-r1-a2-0-")
@@ -148,7 +148,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     try:
         time.sleep(1)
         assert waiting.poll() is None
-        crd.kubectl("label", "node", node.name, f"{gate}=open")
+        crd.kubectl("label", "node", node.name, f"{gate}={namespace}", "--overwrite")
         out, err = waiting.communicate(timeout=30)
     finally:
         waiting.kill()
