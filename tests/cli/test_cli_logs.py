@@ -69,15 +69,16 @@ def attempt_job(job: str, attempt: int, *, workers: int, placement: dict[str, ob
     }
 
 
-def wait_for_running(cluster: LocalCluster, namespace: str, selector: str, timeout: float = 30) -> None:
-    """Until the one pod `selector` matches runs."""
+def wait_for_phase(cluster: LocalCluster, namespace: str, rank: int, phase: str, timeout: float = 30) -> None:
+    """Until the worker of `rank` (of the only attempt with such a worker) is in `phase`."""
+    selector = f"{LABEL_JOB}=support-bot,{COMPLETION_INDEX_LABEL}={rank}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)
-        if pods["items"] and pods["items"][0].get("status", {}).get("phase") == "Running":
+        if pods["items"] and pods["items"][0].get("status", {}).get("phase") == phase:
             return
         time.sleep(0.2)
-    raise AssertionError(f"pods {selector} not Running after {timeout}s")
+    raise AssertionError(f"worker {rank} not {phase} after {timeout}s")
 
 
 def test_logs_of_each_rank_followed_live_and_by_attempt(
@@ -96,7 +97,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     h.apply(crd, namespace, claim)
     h.set_status(crd, namespace, "support-bot", h.training(10))
     h.apply(crd, namespace, attempt_job("support-bot", 1, workers=2, placement=node.placement))
-    wait_for_running(crd, namespace, f"{LABEL_JOB}=support-bot,{LABEL_ATTEMPT}=1,{COMPLETION_INDEX_LABEL}=0")
+    wait_for_phase(crd, namespace, 0, "Running")
 
     follow = subprocess.Popen(
         [str(EXECUTABLE), "logs", "support-bot", "-n", namespace, "--follow"],
@@ -114,7 +115,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
         follow.kill()
         follow.wait()
 
-    crd.kubectl("wait", "-n", namespace, "--for=condition=Complete", "job/support-bot-r1-a1", "--timeout=30s")
+    wait_for_phase(crd, namespace, 1, "Succeeded")
     assert ok(cli("logs", "support-bot", "-n", namespace, "--rank", "1")) == (
         "rank 1: loaded 2 shards\nrank 1: step 10 loss 1.5000\n"
     )
