@@ -70,6 +70,7 @@ def test_create_dry_run_yaml_is_a_manifest_the_api_server_accepts(cli: Cli, crd:
             "budget": {"maxCostUSD": 50.0},
         },
     }
+    assert "  maxCostUSD: 50\n" in out  # whole numbers stay whole in the manifest
     applied = crd.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=out)
     assert applied.stdout == "finetunejob.kubetune.io/support-bot created (server dry run)\n"
     assert crd.kubectl("get", "ftj", "-n", namespace, "-o", "name").stdout == ""  # nothing was created

@@ -178,7 +178,9 @@ def test_every_flag_sets_a_real_spec_field() -> None:
         "gpuProduct": "NVIDIA-H100-80GB-HBM3",
         "queueName": "team-a",
     }
-    assert body["spec"]["budget"] == {"maxCostUSD": 250.0}
+    assert body["spec"]["budget"] == {"maxCostUSD": 250}
+    assert isinstance(body["spec"]["budget"]["maxCostUSD"], int)  # `maxCostUSD: 250` in YAML, not 250.0
+    assert body["spec"]["training"]["learningRate"] == 2e-4
     assert body["spec"]["runPolicy"] == {"maxRestarts": 5, "suspend": True}
     assert body["spec"]["model"] == {
         "source": "hf://Qwen/Qwen2.5-0.5B",

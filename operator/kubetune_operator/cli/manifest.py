@@ -22,6 +22,12 @@ from kubetune_operator.cli.errors import CliError
 DEFAULT_EVERY_STEPS = 200
 
 
+def number(text: str) -> int | float:
+    """A float flag's value, written as an integer when it is one (`epochs: 2`, not `epochs: 2.0`, in git)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 @dataclass(frozen=True)
 class Flag:
     option: str
@@ -39,15 +45,15 @@ FLAGS = (
     Flag("--hf-token-secret", "model.tokenSecretRef.name", "Secret (key `token`) with a Hugging Face token"),
     Flag("--dataset", "dataset.source", "training rows: a .jsonl/.json/.parquet file or directory", required=True),
     Flag("--format", "dataset.format", "row format", choices=get_args(DatasetFormat)),
-    Flag("--eval-split", "dataset.evalSplit", "fraction of the rows held out for evaluation", float),
+    Flag("--eval-split", "dataset.evalSplit", "fraction of the rows held out for evaluation", number),
     Flag("--eval-dataset", "dataset.evalSource", "evaluation rows (instead of --eval-split)"),
     Flag("--max-seq-length", "dataset.maxSeqLength", "longest sequence in tokens", int),
     Flag("--method", "method.type", "fine-tuning method", choices=get_args(MethodType)),
     Flag("--lora-r", "method.lora.r", "LoRA rank (lora, qlora, dora)", int),
     Flag("--lora-alpha", "method.lora.alpha", "LoRA alpha (lora, qlora, dora)", int),
-    Flag("--epochs", "training.epochs", "passes over the data", float),
+    Flag("--epochs", "training.epochs", "passes over the data", number),
     Flag("--max-steps", "training.maxSteps", "optimizer steps (wins over --epochs)", int),
-    Flag("--lr", "training.learningRate", "peak learning rate", float),
+    Flag("--lr", "training.learningRate", "peak learning rate", number),
     Flag("--batch-size", "training.batchSizePerDevice", "sequences per GPU per micro-batch", int),
     Flag("--grad-accum", "training.gradientAccumulationSteps", "micro-batches per optimizer step", int),
     Flag("--precision", "training.precision", "compute precision", choices=get_args(Precision)),
@@ -62,7 +68,7 @@ FLAGS = (
     Flag("--output-claim", "output.claimName", "PVC for the trained output (default: the checkpoint claim)"),
     Flag("--merge-adapter", "output.mergeAdapter", "also write the base model with the adapter merged", switch=True),
     Flag("--max-restarts", "runPolicy.maxRestarts", "attempts after failures before the run fails", int),
-    Flag("--max-cost", "budget.maxCostUSD", "stop the run (checkpointed) past this many US dollars", float),
+    Flag("--max-cost", "budget.maxCostUSD", "stop the run (checkpointed) past this many US dollars", number),
     Flag("--suspend", "runPolicy.suspend", "create it suspended; start it with `kubectl finetune resume`", switch=True),
 )
 
