@@ -85,21 +85,25 @@ def watch(s: Session) -> int:
     """Redraws one line on a terminal; otherwise prints a line per change. Exits 0 on Succeeded, 1 on Failed."""
     tty = sys.stdout.isatty()
     last = None
-    for job in s.kube.watch_job(s.namespace, s.args.name):
-        if tty:
-            line = views.progress_line(job, width=shutil.get_terminal_size().columns)
-            sys.stdout.write(f"\r\x1b[2K{line}")
-            sys.stdout.flush()
-        else:
-            line = views.progress_line(job)
-            if line != last:
+    try:
+        for job in s.kube.watch_job(s.namespace, s.args.name):
+            line = views.progress_line(job, width=shutil.get_terminal_size().columns if tty else None)
+            if tty:
+                sys.stdout.write(f"\r\x1b[2K{line}")
+                sys.stdout.flush()
+            elif line != last:
                 print_line(line)
-        last = line
-        result = views.outcome(job)
-        if result is not None:
-            print_line(("\n" if tty else "") + views.result_line(job))
-            return 0 if result == "Succeeded" else 1
-    raise AssertionError("the watch ends only with a result or an error")
+            last = line
+            result = views.outcome(job)
+            if result is not None:
+                break
+        else:
+            raise AssertionError("the watch ends only with a result or an error")
+    finally:
+        if tty and last is not None:
+            print_line("")  # leave the bar on its own line, above the result or an error
+    print_line(views.result_line(job))
+    return 0 if result == "Succeeded" else 1
 
 
 def logs(s: Session) -> int:

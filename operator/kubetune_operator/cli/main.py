@@ -92,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except urllib3.exceptions.ProtocolError as e:
         return fail(explain_connection_error(session.kube.server, e))
     except KeyboardInterrupt:
-        print(file=sys.stderr)
         return 130
     except BrokenPipeError:
         # `kubectl finetune logs x | head`: the reader left; that is not an error.
