@@ -29,6 +29,7 @@ def test_mfu_measurement_runs_on_a_tiny_model() -> None:
         num_key_value_heads=2,
     )
     result = measure_mfu(config, "cpu", seq=64, batch=2, steps=2, warmup=1)
+    assert result["attention"] == "kubetune_packed"
     assert result["tokens_per_second"] > 0 and result["mfu"] == 0.0  # no peak for a CPU
     assert 0 < result["trainable"] < result["parameters"] and 0 < result["mean_attention_span"] <= 64
 
@@ -42,7 +43,19 @@ def test_gpu_mfu_refuses_without_a_gpu() -> None:
 
 @pytest.mark.slow
 def test_compare_mode_reports_both_arms() -> None:
-    cmd = [sys.executable, "-m", "kubetune_trainer.bench", "--samples", "48", "--hidden", "64", "--layers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kubetune_trainer.bench",
+        "--samples",
+        "48",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--repeat",
+        "1",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=assets.worker_env())
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()

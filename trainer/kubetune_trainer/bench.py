@@ -21,6 +21,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -225,10 +226,9 @@ def measure_mfu(config: Any, device: str, *, seq: int, batch: int, steps: int, w
     from .train import token_loss_sum
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config._attn_implementation = attention.register()
     torch.manual_seed(0)
     with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.register())
     cfg = TrainerConfig.model_validate(
         {
             "model": {"source": "."},
@@ -284,6 +284,7 @@ def measure_mfu(config: Any, device: str, *, seq: int, batch: int, steps: int, w
         "peak_memory": peak_memory(),
         "parameters": counts.total,
         "trainable": counts.trainable,
+        "attention": base.config._attn_implementation,
     }
 
 
@@ -316,15 +317,18 @@ def compare(args: argparse.Namespace) -> int:
         tok = AutoTokenizer.from_pretrained(work / "model")
         mean_len = sum(len(tok(r["prompt"] + r["completion"])["input_ids"]) + 1 for r in rows) / len(rows)
         settings["packed_batch"] = max(1, round(args.batch * mean_len / MAX_LEN))
-        results = {}
-        for arm in ("baseline", "ours"):
-            cmd = [sys.executable, "-m", "kubetune_trainer.bench", "--arm", arm, "--workdir", str(work)]
-            cmd += ["--settings", json.dumps(settings)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if done.returncode != 0:
-                print(done.stderr[-4000:], file=sys.stderr)
-                return 1
-            results[arm] = json.loads(done.stdout.strip().splitlines()[-1])
+        runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "ours": []}
+        for _ in range(args.repeat):  # alternate the arms so a busy machine slows both alike
+            for arm in ("baseline", "ours"):
+                shutil.rmtree(work / arm, ignore_errors=True)  # a fresh run, not a resume of the previous one
+                cmd = [sys.executable, "-m", "kubetune_trainer.bench", "--arm", arm, "--workdir", str(work)]
+                cmd += ["--settings", json.dumps(settings)]
+                done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                if done.returncode != 0:
+                    print(done.stderr[-4000:], file=sys.stderr)
+                    return 1
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[arm].append({**result, "tps": result["tokens"] / result["seconds"]})
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; precision {settings['precision']}; LoRA r16 on q/k/v/o of a random Llama")
     print(f"model: hidden {args.hidden}, {args.layers} layers")
@@ -334,16 +338,17 @@ def compare(args: argparse.Namespace) -> int:
         f"ours {settings['packed_batch']} packed row(s) of up to {MAX_LEN} tokens"
     )
     memory = "CUDA max allocated" if gpu else "peak RSS"
-    print(f"{'':10} {'tokens/s':>10} {'steps':>6} {'seconds':>8} {'final loss':>10} {memory:>20}")
+    print(f"best of {args.repeat} alternating runs per arm (all runs: tokens/s in brackets)")
+    print(f"{'':10} {'tokens/s':>10} {'steps':>6} {'seconds':>8} {'final loss':>10} {memory:>20}   runs")
+    best = {arm: max(r, key=lambda x: x["tps"]) for arm, r in runs.items()}
     for arm in ("ours", "baseline"):
-        r = results[arm]
+        r = best[arm]
+        every = ", ".join(f"{x['tps']:.0f}" for x in runs[arm])
         print(
-            f"{arm:10} {r['tokens'] / r['seconds']:10.0f} {r['steps']:6d} {r['seconds']:8.1f} {r['loss']:10.3f} "
-            f"{gib(r['peak_memory']):>20}"
+            f"{arm:10} {r['tps']:10.0f} {r['steps']:6d} {r['seconds']:8.1f} {r['loss']:10.3f} "
+            f"{gib(max(x['peak_memory'] for x in runs[arm])):>20}   [{every}]"
         )
-    ours = results["ours"]["tokens"] / results["ours"]["seconds"]
-    base = results["baseline"]["tokens"] / results["baseline"]["seconds"]
-    print(f"ratio (ours / baseline tokens/s): {ours / base:.2f}x")
+    print(f"ratio (ours / baseline tokens/s): {best['ours']['tps'] / best['baseline']['tps']:.2f}x")
     return 0
 
 
@@ -368,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mfu", action="store_true", help="MFU of an 8B-shaped model on a GPU")
     parser.add_argument("--samples", type=int, default=384)
     parser.add_argument("--batch", type=int, default=8, help="samples per padded baseline batch")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per arm (the best counts)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=4096, help="--gpu-mfu: packed row length")

@@ -172,7 +172,10 @@ def outcome(torchrun_code: int, statuses: list[tuple[int, str]]) -> tuple[int, s
     if torchrun_code == 0:
         return EXIT_OK, None
     code = torchrun_code if torchrun_code > 0 else 128 - torchrun_code
-    return code, f"torchrun exited with code {torchrun_code} and no worker reported why (killed? out of memory?)"
+    return code, (
+        f"torchrun exited with code {torchrun_code} before any worker reported a reason (a rendezvous failure, or a "
+        "worker killed, e.g. out of memory: see the pod log)"
+    )
 
 
 class Forwarder:
