@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune_dev.cluster import LocalCluster
-from kubetune_operator.api import API_VERSION, KIND
+from kubetune_operator.api import API_VERSION, KIND, format_eta
 from kubetune_operator.api.status import (
     AttemptRecord,
     CheckpointStatus,
@@ -101,7 +101,7 @@ def training(
             loss=loss,
             eval_loss=eval_loss,
             tokens_per_second=tokens_per_second,
-            eta=None if eta_seconds is None else f"{eta_seconds // 60}m",
+            eta=None if eta_seconds is None else format_eta(eta_seconds),
             eta_seconds=eta_seconds,
             updated_at=T0 + timedelta(minutes=30),
         ),

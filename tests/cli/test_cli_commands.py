@@ -103,12 +103,12 @@ def test_create_list_describe_and_output_formats(cli: Cli, crd: LocalCluster, na
     h.set_status(crd, namespace, "support-bot-lora", h.succeeded())
 
     table = ok(cli("list", "-n", namespace)).splitlines()
-    assert table[0] == "NAME               PHASE       PROGRESS         LOSS     ETA   COST      AGE"
+    assert table[0] == "NAME               PHASE       PROGRESS         LOSS     ETA     COST      AGE"
     assert re.fullmatch(
-        rf"support-bot        Running     120/400 \(30%\)    1\.2346   72m   \$10\.25    {AGE}", table[1]
+        rf"support-bot        Running     120/400 \(30%\)    1\.2346   1h12m   \$10\.25    {AGE}", table[1]
     )
     assert re.fullmatch(
-        rf"support-bot-lora   Succeeded   400/400 \(100%\)   0\.8123   -     \$195\.20   {AGE}", table[2]
+        rf"support-bot-lora   Succeeded   400/400 \(100%\)   0\.8123   -       \$195\.20   {AGE}", table[2]
     )
     assert len(table) == 3
 

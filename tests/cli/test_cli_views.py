@@ -16,8 +16,8 @@ TRAINING = h.training(120, loss=1.23456, eval_loss=1.31, tokens_per_second=48210
 def test_list_table_like_kubectl_get_with_progress_cost_and_eta() -> None:
     jobs = [h.job("support-bot", status=TRAINING)]
     assert views.list_table(jobs, now=h.NOW, all_namespaces=False, wide=False).splitlines() == [
-        "NAME          PHASE     PROGRESS        LOSS     ETA   COST      AGE",
-        "support-bot   Running   120/400 (30%)   1.2346   72m   $102.50   2h",
+        "NAME          PHASE     PROGRESS        LOSS     ETA     COST      AGE",
+        "support-bot   Running   120/400 (30%)   1.2346   1h12m   $102.50   2h",
     ]
 
 
@@ -28,14 +28,14 @@ def test_list_table_wide_over_all_namespaces() -> None:
         h.job("fresh", "research", resources={"gpusPerNode": 0}),
     ]
     assert views.list_table(jobs, now=h.NOW + timedelta(minutes=5), all_namespaces=True, wide=True).splitlines() == [
-        "NAMESPACE   NAME          PHASE       PROGRESS         LOSS     ETA   COST      AGE    EVAL LOSS   RUN   "
+        "NAMESPACE   NAME          PHASE       PROGRESS         LOSS     ETA     COST      AGE    EVAL LOSS   RUN   "
         "ATTEMPT   METHOD   GPUS    PROJECTED   MODEL",
-        "default     support-bot   Running     120/400 (30%)    1.2346   72m   $102.50   2h5m   1.3100      1     "
+        "default     support-bot   Running     120/400 (30%)    1.2346   1h12m   $102.50   2h5m   1.3100      1     "
         "1         lora     2x8     $341.67     hf://Qwen/Qwen2.5-7B-Instruct",
         # A finished job has no ETA; a job the operator has not seen yet has no status at all.
-        "research    nightly       Succeeded   400/400 (100%)   0.8123   -     $195.20   2h5m   0.9001      1     "
+        "research    nightly       Succeeded   400/400 (100%)   0.8123   -       $195.20   2h5m   0.9001      1     "
         "1         lora     2x8     $195.20     hf://Qwen/Qwen2.5-7B-Instruct",
-        "research    fresh         -           -                -        -     -         2h5m   -           -     "
+        "research    fresh         -           -                -        -       -         2h5m   -           -     "
         "-         lora     1xCPU   -           hf://Qwen/Qwen2.5-7B-Instruct",
     ]
 
@@ -159,12 +159,13 @@ def test_describe_finished_job_and_one_the_operator_has_not_seen() -> None:
 def test_progress_line_fits_the_terminal_and_drops_details_before_the_bar() -> None:
     job = h.job("support-bot", status=TRAINING)
     assert views.progress_line(job, width=120) == (
-        "Running [#########.....................] 120/400 30%  loss 1.2346  eval 1.3100  48.2k tok/s  ETA 72m  $102.50"
+        "Running [#########.....................] 120/400 30%  "
+        "loss 1.2346  eval 1.3100  48.2k tok/s  ETA 1h12m  $102.50"
     )
     assert views.progress_line(job, width=80) == (
-        "Running [###..........] 120/400 30%  loss 1.2346  48.2k tok/s  ETA 72m  $102.50"
+        "Running [###........] 120/400 30%  loss 1.2346  48.2k tok/s  ETA 1h12m  $102.50"
     )
-    assert views.progress_line(job, width=50) == "Running [#####.............] 120/400 30%  ETA 72m"
+    assert views.progress_line(job, width=50) == "Running [####............] 120/400 30%  ETA 1h12m"
     assert views.progress_line(job, width=20) == "Running 120/400 30%"
     for width in (120, 80, 50, 20):
         assert len(views.progress_line(job, width=width)) < width  # a full line would wrap and break the redraw
@@ -173,7 +174,7 @@ def test_progress_line_fits_the_terminal_and_drops_details_before_the_bar() -> N
 def test_plain_progress_line_changes_only_with_the_state() -> None:
     job = h.job("support-bot", status=TRAINING)
     assert views.progress_line(job) == (
-        "Running  step 120/400 (30%)  loss 1.2346  eval 1.3100  48.2k tok/s  ETA 72m  $102.50"
+        "Running  step 120/400 (30%)  loss 1.2346  eval 1.3100  48.2k tok/s  ETA 1h12m  $102.50"
     )
     later = h.job("support-bot", status=TRAINING.model_copy(update={"start_time": h.NOW}))
     assert views.progress_line(later) == views.progress_line(job)

@@ -48,8 +48,8 @@ def test_watch_in_a_terminal_redraws_a_progress_bar_and_ends_with_the_result(crd
             h.training(300, loss=1.1, eval_loss=1.25, tokens_per_second=50110, eta_seconds=1000, usd=60, attempt=2),
         )
         child.expect_exact(
-            f"{REDRAW}Running attempt 2 [######################........] 300/400 75%  loss 1.1000  eval 1.2500  "
-            "50.1k tok/s  ETA 16m  $60.00"
+            f"{REDRAW}Running attempt 2 [#####################.......] 300/400 75%  loss 1.1000  eval 1.2500  "
+            "50.1k tok/s  ETA 16m40s  $60.00"
         )
         h.set_status(crd, namespace, "support-bot", h.succeeded())
         child.expect_exact(
