@@ -4,6 +4,7 @@ worker's log to read."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,12 @@ def test_metrics_file_and_rendering(tmp_path: Path) -> None:
         plot.render([], [], "demo", out)
     with pytest.raises(CliError, match=r"cannot read .*/nowhere/metrics.jsonl \(No such file or directory\)"):
         plot.read_metrics(tmp_path / "nowhere")
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(CliError, match=r"^plot needs matplotlib: pip install matplotlib$"):
+        plot.render([(1, 2.0)], [], "demo", tmp_path / "loss.png")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,8 +52,10 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
 def render(train: Points, evaluation: Points, title: str, out: Path) -> None:
     if not train and not evaluation:
         raise CliError("no loss values to plot yet")
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as e:  # an optional dependency: only `plot` needs it
+        raise CliError("plot needs matplotlib: pip install matplotlib") from e
     matplotlib.use("Agg")  # no display needed; set before pyplot is imported
     from matplotlib import pyplot as plt
 
