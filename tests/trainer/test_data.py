@@ -178,13 +178,17 @@ def test_every_source_kind_reads_the_same_rows(tmp_path: Path, tokenizer: Any) -
 
 
 def test_a_directory_reads_its_files_in_order(tmp_path: Path, tokenizer: Any) -> None:
+    import datasets
+
     root = tmp_path / "dir"
     assets.write_jsonl(root / "b" / "part2.jsonl", assets.rows(4, "text", seed=2))
     assets.write_jsonl(root / "a" / "part1.jsonl", assets.rows(3, "text", seed=1))
+    assets.write_jsonl(root / ".hidden" / "skip.jsonl", [{"bad": 1}])
+    datasets.Dataset.from_list(assets.rows(2, "text", seed=3)).save_to_disk(str(root / "c_saved"))
     (root / "README.md").write_text("ignored")
     prepared = prepare(DatasetConfig(path=str(root), format="text"), tokenizer, seed=0)
-    assert [Path(f.path).name for f in prepared.files] == ["part1.jsonl", "part2.jsonl"]
-    assert len(prepared.train) == 7
+    assert [Path(f.path).name for f in prepared.files] == ["part1.jsonl", "part2.jsonl", "c_saved"]
+    assert len(prepared.train) == 9
 
 
 def test_bad_row_in_parquet_is_named(tmp_path: Path, tokenizer: Any) -> None:

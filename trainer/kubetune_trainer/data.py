@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,16 @@ def discover(path: str) -> list[Path]:
         raise PermanentError(f"dataset {path}: no such file or directory")
     if root.is_file() or _is_saved_dataset(root):
         return [root]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here != root and _is_saved_dataset(here):
+            files.append(here)  # its metadata .json files are not rows
+            dirnames.clear()
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        files += [here / f for f in filenames if f.endswith(DATA_SUFFIXES) and not f.startswith(".")]
+    files.sort()
     if not files:
         raise PermanentError(f"dataset {path}: no .jsonl, .json or .parquet files and not a saved dataset")
     return files
