@@ -10,6 +10,7 @@ again instead. Creation is create-if-absent under deterministic names: a 409 mea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ class Applied:
     replaced_version: str | None = None
 
 
-async def apply_plan(kube: Kube, job: JobRef, current_status: dict[str, Any], plan: Plan, now: datetime) -> Applied:
+async def apply_plan(kube: Kube, job: JobRef, current_status: dict[str, Any], plan: Plan) -> Applied:
+    """Write the status, then delete and create children. The plan's events are the caller's to post, once
+    this returned: a plan that fails its guard changed nothing and announces nothing."""
     applied = Applied()
     desired = status_wire(plan.status)
     if desired != current_status:
@@ -63,19 +66,18 @@ async def apply_plan(kube: Kube, job: JobRef, current_status: dict[str, Any], pl
     elif plan.create or plan.delete:
         await _confirm_version(kube, job)
 
-    for deletion in plan.delete:
-        # Foreground for Jobs: the Job stays visible until its pods are gone, so "workers still stopping" is
-        # observable; the workers get SIGTERM and checkpoint within their grace period.
-        propagation = "Foreground" if deletion.kind == "Job" else "Background"
-        await kube.delete(deletion.kind, job.namespace, deletion.name, propagation)
-    for manifest in plan.create:
-        await create_or_adopt(kube, job, manifest)
-    for event in plan.events:
-        try:
-            await post_event(kube, job, event, now)
-        except ApiError as e:
-            # Events are for humans; a lost one is not worth another reconcile.
-            log.warning("could not post event %s for %s/%s: %s", event.reason, job.namespace, job.name, e)
+    # Foreground for Jobs: the Job stays visible until its pods are gone, so "workers still stopping" is
+    # observable; the workers get SIGTERM and checkpoint within their grace period.
+    await asyncio.gather(
+        *(
+            kube.delete(d.kind, job.namespace, d.name, "Foreground" if d.kind == "Job" else "Background")
+            for d in plan.delete
+        )
+    )
+    # The Job last, so its pods find their claim, config and Service; the rest in parallel.
+    first = [m for m in plan.create if m["kind"] != "Job"]
+    await asyncio.gather(*(create_or_adopt(kube, job, m) for m in first))
+    await asyncio.gather(*(create_or_adopt(kube, job, m) for m in plan.create if m["kind"] == "Job"))
     return applied
 
 
@@ -110,6 +112,35 @@ async def create_or_adopt(kube: Kube, job: JobRef, manifest: Manifest) -> None:
     have = existing["metadata"].get("labels") or {}
     if any(have.get(k) != v for k, v in want.items()):
         await kube.merge_patch(kind, job.namespace, name, {"metadata": {"labels": want}})
+
+
+class EventPoster:
+    """Posts Events in the background, so a reconcile never waits for them. They are for humans: one that
+    cannot be posted is logged and dropped, and a full queue drops new ones rather than grow."""
+
+    def __init__(self, kube: Kube, capacity: int = 10_000) -> None:
+        self._kube = kube
+        self._queue: asyncio.Queue[tuple[JobRef, Event, datetime]] = asyncio.Queue(capacity)
+
+    def submit(self, job: JobRef, events: tuple[Event, ...], now: datetime) -> None:
+        for event in events:
+            try:
+                self._queue.put_nowait((job, event, now))
+            except asyncio.QueueFull:
+                log.warning("event queue full; dropped %s for %s/%s", event.reason, job.namespace, job.name)
+
+    async def run(self) -> None:
+        while True:
+            job, event, now = await self._queue.get()
+            try:
+                await post_event(self._kube, job, event, now)
+            except ApiError as e:
+                log.warning("could not post event %s for %s/%s: %s", event.reason, job.namespace, job.name, e)
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        await self._queue.join()
 
 
 async def post_event(kube: Kube, job: JobRef, event: Event, now: datetime) -> None:

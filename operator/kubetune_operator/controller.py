@@ -18,6 +18,7 @@ Why this shape rather than kopf's create/update handlers or a daemon per object:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from typing import Any
 import kopf
 
 from kubetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob
-from kubetune_operator.apply import JobRef, Rejected, StaleView, apply_plan
+from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_plan
 from kubetune_operator.kube import Kube
 from kubetune_operator.names import CHILD_SELECTOR, LABEL_JOB
 from kubetune_operator.observed import (
@@ -59,7 +60,11 @@ CHILDREN: dict[str, tuple[tuple[str, str, str], Any]] = {
 # After a status write, how long to wait for the watch to deliver it before acting on the cache anyway
 # (the write is guarded, so acting on a stale cache is safe, only wasteful).
 CONSISTENCY_TIMEOUT = 5.0
+# Children change in bursts (a Job's pods start within moments of each other): one reconcile a moment after
+# the first change sees them all, and writes the status once instead of once per pod.
+CHILD_EVENT_BATCH = 1.0
 MAX_ERROR_BACKOFF = 300.0
+EVENT_DRAIN_SECONDS = 2.0
 STALE_RETRY = 1.0
 
 
@@ -96,6 +101,7 @@ class Controller:
         self.settings = settings
         self.queue: WorkQueue[Key] = WorkQueue()
         self.stats = ReconcileStats()
+        self.events = EventPoster(kube)
         self.ready = asyncio.Event()
         self._caches: dict[str, kopf.Index[Key, Any]] = {}
         self._rejections: dict[Key, Rejection] = {}
@@ -106,6 +112,7 @@ class Controller:
         # shows the change, the caches say "missing" (or "still there") and would invite a second request.
         self._recent: dict[Key, dict[tuple[str, str, str], float]] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._poster: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------------------
     # kopf wiring
@@ -152,6 +159,11 @@ class Controller:
             self._caches.update({cache: kwargs[cache] for cache in CHILDREN})
             self.ready.set()
 
+        @kopf.on.cleanup(registry=registry)
+        async def stop_reconciling(**_: Any) -> None:
+            # Before kopf's own exit: it would otherwise wait for the workers as if they were hung.
+            await self.stop_workers()
+
         return registry
 
     def _watch_children(
@@ -161,7 +173,7 @@ class Controller:
             return {_owner_key(body): summarize(body)}
 
         async def wake_owner(body: kopf.Body, **_: Any) -> None:
-            self.queue.add(_owner_key(body))
+            self.queue.add(_owner_key(body), CHILD_EVENT_BATCH)
 
         kopf.index(*resource, id=cache, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)(index)
         kopf.on.event(*resource, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)(wake_owner)
@@ -195,14 +207,22 @@ class Controller:
             asyncio.create_task(self._work(), name=f"reconcile-worker-{i}")
             for i in range(self.settings.reconcile_workers)
         ]
+        self._poster = asyncio.create_task(self.events.run(), name="event-poster")
 
     async def stop_workers(self) -> None:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._poster:
+            # The last transitions' events, briefly; then whatever is left is dropped.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.events.drain(), EVENT_DRAIN_SECONDS)
+            self._poster.cancel()
+            await asyncio.gather(self._poster, return_exceptions=True)
 
     def alive(self) -> bool:
-        return bool(self._workers) and not any(t.done() for t in self._workers)
+        tasks = [*self._workers, *([self._poster] if self._poster else [])]
+        return bool(tasks) and not any(t.done() for t in tasks)
 
     def forget(self, key: Key) -> None:
         self.queue.forget(key)
@@ -243,10 +263,11 @@ class Controller:
                 self.queue.add(key, CONSISTENCY_TIMEOUT - waited)
                 return
         ftj = FineTuneJob.model_validate(body)
-        plan = reconcile(ftj, self.observe(key), self.settings, datetime.now(UTC))
+        now = datetime.now(UTC)
+        plan = reconcile(ftj, self.observe(key), self.settings, now)
         job = JobRef(meta["name"], meta["namespace"], meta["uid"], version)
         try:
-            applied = await apply_plan(self.kube, job, status_wire(ftj.status), plan, datetime.now(UTC))
+            applied = await apply_plan(self.kube, job, status_wire(ftj.status), plan)
         except StaleView:
             self.stats.conflicts += 1
             self.queue.add(key, STALE_RETRY)
@@ -262,6 +283,7 @@ class Controller:
             self._recent.setdefault(key, {}).update(dict.fromkeys(touched, time.monotonic()))
         if applied.replaced_version:
             self._superseded[key] = (applied.replaced_version, time.monotonic())
+        self.events.submit(job, plan.events, now)
         if plan.requeue_after is not None:
             self.queue.add(key, plan.requeue_after)
 

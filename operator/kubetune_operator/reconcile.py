@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -122,27 +122,24 @@ def reconcile(ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, 
     return _Reconciliation(ftj, observed, settings, now).plan()
 
 
-@dataclass
 class _Reconciliation:
-    ftj: FineTuneJob
-    observed: Observed
-    settings: OperatorSettings
-    now: datetime
-    status: FineTuneJobStatus = field(init=False)
-    owner: Owner = field(init=False)
-    events: list[Event] = field(default_factory=list)
-    recheck: list[float] = field(default_factory=list)
-    queued_note: str = ""
+    """One reconcile: works on a copy of the status and collects events, children and wake-up times."""
 
-    def __post_init__(self) -> None:
-        meta = self.ftj.metadata
+    def __init__(self, ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, now: datetime) -> None:
+        meta = ftj.metadata
+        self.ftj = ftj
+        self.settings = settings
+        self.now = now
         self.owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
-        self.observed = self.observed.owned_by(self.owner.uid)
-        self.status = (self.ftj.status or FineTuneJobStatus()).model_copy(deep=True)
+        self.observed = observed.owned_by(self.owner.uid)
+        self.status = (ftj.status or FineTuneJobStatus()).model_copy(deep=True)
         self.generation = int(meta.get("generation") or 1)
-        self.spec = self.ftj.spec
+        self.spec = ftj.spec
         self.fingerprint = run_fingerprint(self.spec)
-        self.rerun_token = (meta.get("annotations") or {}).get(RERUN_ANNOTATION)
+        self.rerun_token: str | None = (meta.get("annotations") or {}).get(RERUN_ANNOTATION)
+        self.events: list[Event] = []
+        self.recheck: list[float] = []
+        self.queued_note = ""
 
     # ------------------------------------------------------------------------------------------
     # the decision
@@ -165,9 +162,7 @@ class _Reconciliation:
     def _decide(self) -> Situation:
         run = self._current_run()
         if run is None:
-            self._start_run(1, why="RunStarted")
-            run = self._current_run()
-            assert run is not None
+            run = self._start_run(1, why="RunStarted")
         elif run.spec_hash != self.fingerprint or run.rerun_token != self.rerun_token:
             run = self._on_run_change(run)
 
@@ -225,12 +220,9 @@ class _Reconciliation:
             cause = "the spec changed" if why == "SpecChanged" else "a rerun was requested"
             self._close_attempt("SpecChanged", f"run {run.run} was replaced: {cause}")
             self._end_run(run, "Cancelled", why, f"{cause}; run {run.run + 1} replaces it")
-        self._start_run(run.run + 1, why=why)
-        new = self._current_run()
-        assert new is not None
-        return new
+        return self._start_run(run.run + 1, why=why)
 
-    def _start_run(self, number: int, why: str) -> None:
+    def _start_run(self, number: int, why: str) -> RunRecord:
         record = RunRecord(
             run=number, generation=self.generation, rerun_token=self.rerun_token, spec_hash=self.fingerprint
         )
@@ -246,6 +238,7 @@ class _Reconciliation:
         self.status.cost = None
         detail = {"SpecChanged": " (the spec changed)", "RerunRequested": " (a rerun was requested)"}.get(why, "")
         self._event("Normal", why, f"run {number} started for generation {self.generation}{detail}")
+        return record
 
     def _end_run(
         self,
@@ -254,7 +247,8 @@ class _Reconciliation:
         reason: str,
         msg: str,
         at: datetime | None = None,
-    ) -> None:
+        output: str | None = None,
+    ) -> RunRecord:
         at = at or self.now
         progress = self.status.progress
         ended = run.model_copy(
@@ -265,36 +259,38 @@ class _Reconciliation:
                 "attempts": len(self.status.attempts) or None,
                 "final_loss": progress.loss if progress else None,
                 "final_eval_loss": progress.eval_loss if progress else None,
+                "output": output,
             }
         )
         self.status.runs = record_run(self.status.runs, ended)
         self.status.completion_time = at
         if result == "Cancelled":
             self._event("Normal", reason, f"run {run.run} cancelled: {msg}")
+        return ended
 
     def _fail_run(self, run: RunRecord, reason: str, message: str) -> Situation:
-        self._end_run(run, "Failed", reason, message)
+        ended = self._end_run(run, "Failed", reason, message)
         self._event("Warning", reason, f"run {run.run} failed: {message}")
-        self._finished(self._current_run() or run)
+        self._recheck_at_ttl(ended)
         return Situation("Failed", reason, message, in_progress=False)
 
     def _succeed_run(self, run: RunRecord, completed_at: datetime | None) -> Situation:
         uri = output_uri(self.owner.namespace, self.owner.name, self._trained(run), run.run)
         # The Job's own completion time, so every replica writes the same status.
-        self._end_run(run, "Succeeded", "Succeeded", "", at=completed_at)
-        ended = self._current_run()
-        assert ended is not None
-        self.status.runs = record_run(self.status.runs, ended.model_copy(update={"output": uri}))
+        ended = self._end_run(run, "Succeeded", "Succeeded", "", at=completed_at, output=uri)
         self.status.output = OutputStatus(path=uri, promoted=True)
         self._event("Normal", "Succeeded", f"run {run.run} succeeded; output at {uri}")
         return self._finished(ended)
 
-    def _finished(self, run: RunRecord) -> Situation:
+    def _recheck_at_ttl(self, run: RunRecord) -> None:
         ttl = self.spec.run_policy.ttl_seconds_after_finished
         if ttl is not None and run.completion_time is not None:
             expiry = run.completion_time + timedelta(seconds=ttl)
             if self.now < expiry:
                 self.recheck.append((expiry - self.now).total_seconds())
+
+    def _finished(self, run: RunRecord) -> Situation:
+        self._recheck_at_ttl(run)
         if run.result == "Succeeded":
             return Situation("Succeeded", "Succeeded", f"run {run.run} succeeded", in_progress=False)
         failed = next((c for c in self.status.conditions if c.type == "Failed" and c.status == "True"), None)
@@ -410,8 +406,14 @@ class _Reconciliation:
             self._close_attempt("Completed", "all workers finished", exit_code=0, at=job.completion_time)
             return self._succeed_run(run, job.completion_time)
         ready = sum(1 for p in pods if p.ready and not p.deleting)
+        finished = sum(1 for p in pods if p.phase == "Succeeded")
         if ready == workers:
             return Situation("Running", "Training", f"all {workers} workers running{self.queued_note}", True)
+        if finished and ready + finished == workers:
+            # Workers exit one by one at the end; the Job is Complete a moment after the last.
+            return Situation(
+                "Running", "Finishing", f"{finished} of {workers} workers finished{self.queued_note}", True
+            )
         return Situation(
             "Pending",
             "WorkersStarting",

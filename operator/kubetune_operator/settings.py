@@ -72,7 +72,9 @@ class OperatorSettings(SettingsModel):
     resync_seconds: float = Field(
         600.0, gt=0, description="How often an idle job (finished, suspended) is re-reconciled to catch drift."
     )
-    reconcile_workers: int = Field(8, ge=1, le=256, description="FineTuneJobs reconciled concurrently.")
+    reconcile_workers: int = Field(
+        32, ge=1, le=256, description="FineTuneJobs reconciled concurrently (each mostly waits on the API server)."
+    )
     pricing: Pricing = Field(default_factory=Pricing)
 
 

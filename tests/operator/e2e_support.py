@@ -47,7 +47,7 @@ class Operator:
         self.health_port = yaml.safe_load(self.settings_path.read_text())["healthPort"]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 60) -> Operator:
+    def start(self, timeout: float = 60, *, wait: bool = True) -> Operator:
         args = [sys.executable, "-m", "kubetune_operator", "--settings", str(self.settings_path)]
         for ns in self.namespaces:
             args += ["--namespace", ns]
@@ -55,7 +55,8 @@ class Operator:
             self.proc = subprocess.Popen(
                 args, env={**self.cluster.env(), "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT
             )
-        wait_for(lambda: self.probe("/readyz") == 200, timeout, "operator ready", self.tail)
+        if wait:
+            wait_for(lambda: self.probe("/readyz") == 200, timeout, "operator ready", self.tail)
         return self
 
     def probe(self, path: str) -> int | None:

@@ -27,6 +27,12 @@ def condition(status: dict, type_: str) -> dict:
     return next(c for c in status["conditions"] if c["type"] == type_)
 
 
+def wait_events(api: Api, ns: str, name: str, reasons: set[str]) -> None:
+    """Events are posted in the background, a moment after the transition they announce."""
+    posted = lambda: {e.reason for e in api.events(ns, name)}  # noqa: E731
+    wait_for(lambda: reasons <= posted(), 10, f"events {sorted(reasons)} for {name}", lambda: str(posted()))
+
+
 def attempt_pods(api: Api, ns: str, name: str, attempt: int) -> list[Any]:
     return api.pods(ns, f"kubetune.io/job={name},kubetune.io/attempt={attempt}")
 
@@ -84,8 +90,7 @@ def test_children_have_the_expected_shape_and_workers_land_on_gpu_nodes(api: Api
     assert condition(status, "Running")["status"] == "True"
     assert status["workers"] == {"active": 2, "ready": 2, "succeeded": 0, "failed": 0}
     assert status["observedGeneration"] == 1
-    reasons = [e.reason for e in api.events(ns, "shape")]
-    assert {"RunStarted", "AttemptStarted", "Running"} <= set(reasons)
+    wait_events(api, ns, "shape", {"RunStarted", "AttemptStarted", "Running"})
     api.delete_ftj(ns, "shape")
 
 
@@ -103,7 +108,7 @@ def test_a_completed_job_succeeds_with_its_times(api: Api, operator: Operator, n
     assert job.status.succeeded == 2
     services = lambda: api.core.list_namespaced_service(ns, label_selector="kubetune.io/job=done").items  # noqa: E731
     wait_for(lambda: services() == [], TIMEOUT, "the rendezvous Service to go")
-    assert "Succeeded" in [e.reason for e in api.events(ns, "done")]
+    wait_events(api, ns, "done", {"Succeeded"})
 
 
 def test_a_preempted_worker_restarts_the_attempt_in_the_same_run(api: Api, operator: Operator, ns: str) -> None:
@@ -168,7 +173,7 @@ def test_suspend_stops_the_workers_and_resume_continues_the_run(api: Api, operat
     running_pods(api, ns, "pause", 2)
     status = wait_phase(api, operator, ns, "pause", "Running")
     assert (status["run"], status["attempt"], status["observedGeneration"]) == (1, 2, 3)
-    assert "Resumed" in [e.reason for e in api.events(ns, "pause")]
+    wait_events(api, ns, "pause", {"Resumed"})
     api.delete_ftj(ns, "pause")
 
 
@@ -231,7 +236,7 @@ def test_ttl_after_finished_removes_the_workers_and_keeps_the_job(api: Api, oper
     status = api.status(ns, "brief")
     assert status["phase"] == "Succeeded" and status["runs"][0]["result"] == "Succeeded"
     assert api.core.read_namespaced_persistent_volume_claim("ft-checkpoints", ns)
-    assert "CleanedUp" in [e.reason for e in api.events(ns, "brief")]
+    wait_events(api, ns, "brief", {"CleanedUp"})
 
 
 def test_deleting_a_job_removes_its_children_and_keeps_user_claims(api: Api, operator: Operator, ns: str) -> None:

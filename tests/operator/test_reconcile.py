@@ -123,6 +123,16 @@ def test_waiting_workers_say_why() -> None:
     assert message == f"1 of 2 workers running; worker 1 waits: {why}"
 
 
+def test_workers_finishing_before_the_job_is_complete_are_still_running() -> None:
+    job = started()
+    _, job = step(job, RUNNING, later(5))
+    finishing = Observed(jobs=(job_state("sft-r1-a1"),), pods=(pod(0, phase="Succeeded"), pod(1)))
+    plan, job = step(job, finishing, later(50))
+    assert job.status is not None and job.status.phase == "Running"
+    assert condition(job, "Running") == ("True", "Finishing", "1 of 2 workers finished")
+    assert reasons(plan) == []
+
+
 def test_a_complete_job_succeeds_the_run_with_its_own_times() -> None:
     job = started()
     _, job = step(job, RUNNING, later(5))

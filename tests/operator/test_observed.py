@@ -1,0 +1,130 @@
+"""Raw API objects become the few facts the reconcile needs (what the watch caches keep)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from kubetune_operator.observed import summarize_child, summarize_config_map, summarize_job, summarize_pod
+
+OWNER = [{"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "uid": "ftj-uid", "controller": True}]
+LABELS = {"kubetune.io/job": "sft", "kubetune.io/run": "2", "kubetune.io/attempt": "3"}
+
+
+def test_a_failed_job() -> None:
+    job = summarize_job(
+        {
+            "metadata": {"name": "sft-r2-a3", "uid": "job-uid", "labels": LABELS, "ownerReferences": OWNER},
+            "spec": {"suspend": False},
+            "status": {
+                "startTime": "2026-11-27T09:00:00Z",
+                "conditions": [
+                    {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded", "message": "x"},
+                    {"type": "Complete", "status": "False"},
+                ],
+            },
+        }
+    )
+    assert (job.name, job.uid, job.owner_uid, job.run, job.attempt) == ("sft-r2-a3", "job-uid", "ftj-uid", 2, 3)
+    assert (job.failed, job.complete, job.suspended, job.deleting) == (True, False, False, False)
+    assert job.failure_message == "BackoffLimitExceeded: x"
+    assert job.start_time == datetime(2026, 11, 27, 9, 0, 0, tzinfo=UTC)
+
+
+def test_a_complete_job_held_by_kueue_before() -> None:
+    job = summarize_job(
+        {
+            "metadata": {"name": "j", "uid": "u", "deletionTimestamp": "2026-11-27T09:10:00Z"},
+            "spec": {"suspend": True},
+            "status": {
+                "conditions": [{"type": "Complete", "status": "True"}],
+                "completionTime": "2026-11-27T09:09:00Z",
+            },
+        }
+    )
+    assert (job.complete, job.failed, job.suspended, job.deleting) == (True, False, True, True)
+    assert job.completion_time == datetime(2026, 11, 27, 9, 9, 0, tzinfo=UTC)
+    assert (job.run, job.owner_uid) == (None, None)
+
+
+def test_a_preempted_pod() -> None:
+    pod = summarize_pod(
+        {
+            "metadata": {
+                "name": "sft-r2-a3-1-xyz",
+                "labels": {**LABELS, "batch.kubernetes.io/job-completion-index": "1"},
+                "ownerReferences": [{"kind": "Job", "uid": "job-uid", "controller": True}],
+            },
+            "spec": {"nodeName": "gpu-node-1"},
+            "status": {
+                "phase": "Failed",
+                "conditions": [
+                    {"type": "Ready", "status": "False"},
+                    {
+                        "type": "DisruptionTarget",
+                        "status": "True",
+                        "reason": "PreemptionByScheduler",
+                        "message": "by p",
+                    },
+                ],
+                "containerStatuses": [
+                    {"name": "sidecar", "state": {"terminated": {"exitCode": 0}}},
+                    {
+                        "name": "trainer",
+                        "state": {
+                            "terminated": {
+                                "exitCode": 143,
+                                "reason": "Error",
+                                "message": "stopped by SIGTERM; checkpoint saved at step 40\n",
+                                "finishedAt": "2026-11-27T09:05:00Z",
+                            }
+                        },
+                    },
+                ],
+            },
+        }
+    )
+    assert (pod.job_uid, pod.run, pod.attempt, pod.index, pod.node_name) == ("job-uid", 2, 3, 1, "gpu-node-1")
+    assert (pod.phase, pod.ready, pod.disruption, pod.message) == ("Failed", False, "PreemptionByScheduler", "by p")
+    assert pod.termination is not None
+    assert pod.termination.exit_code == 143
+    assert pod.termination.message == "stopped by SIGTERM; checkpoint saved at step 40"
+    assert pod.termination.finished_at == datetime(2026, 11, 27, 9, 5, 0, tzinfo=UTC)
+
+
+def test_a_pod_that_cannot_start_says_why() -> None:
+    unschedulable = summarize_pod(
+        {
+            "metadata": {"name": "p"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3"}
+                ],
+            },
+        }
+    )
+    assert unschedulable.waiting == "Unschedulable: 0/3"
+    assert (unschedulable.index, unschedulable.termination, unschedulable.disruption) == (None, None, None)
+    pulling = summarize_pod(
+        {
+            "metadata": {"name": "p"},
+            "status": {
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "True"}],
+                "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff"}}}],
+            },
+        }
+    )
+    assert pulling.waiting == "ImagePullBackOff"
+
+
+def test_config_maps_keep_the_runs_spec_and_other_children_their_names() -> None:
+    cm = summarize_config_map(
+        {"metadata": {"name": "sft-r2", "labels": LABELS, "ownerReferences": OWNER}, "data": {"spec.json": "{}"}}
+    )
+    assert (cm.name, cm.run, cm.owner_uid, cm.spec_json) == ("sft-r2", 2, "ftj-uid", "{}")
+    meta = {"name": "sft-r2-a3", "labels": LABELS, "ownerReferences": OWNER}
+    svc = summarize_child({"kind": "Service", "metadata": meta})
+    assert (svc.kind, svc.name, svc.run, svc.attempt, svc.owner_uid) == ("Service", "sft-r2-a3", 2, 3, "ftj-uid")
+    odd = summarize_child({"kind": "Service", "metadata": {"name": "x", "labels": {"kubetune.io/run": "two"}}})
+    assert odd.run is None
