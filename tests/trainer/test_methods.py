@@ -159,6 +159,14 @@ def test_unknown_target_module_is_a_permanent_error(
         train(tmp_path, llama_dir, train_jsonl, rt, method={"type": "lora", "lora": {"targetModules": ["nope_proj"]}})
 
 
+def test_a_model_directory_that_does_not_load_is_permanent(tmp_path: Path, train_jsonl: Path, rt: Runtime) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(PermanentError, match=r"model.source .*broken-model: cannot load the tokenizer"):
+        train(tmp_path, broken, train_jsonl, rt)
+
+
 def test_merge_of_prefix_tuning_is_refused(tmp_path: Path, llama_dir: Path, train_jsonl: Path, rt: Runtime) -> None:
     with pytest.raises(PermanentError, match="cannot be merged"):
         train(tmp_path, llama_dir, train_jsonl, rt, method={"type": "prefix"}, output={"mergeAdapter": True})

@@ -17,6 +17,8 @@ import importlib.util
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,11 +71,23 @@ def source_kwargs(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
     return str(path), kwargs
 
 
+@contextmanager
+def _local_errors_are_permanent(cfg: ModelConfig, what: str) -> Iterator[None]:
+    """A local directory that cannot be loaded will not load on a retry either (a hub outage might pass)."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        if cfg.source.startswith(HF_PREFIX):
+            raise
+        raise PermanentError(f"model.source {cfg.source}: cannot load the {what}: {e}") from None
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     where, kwargs = source_kwargs(cfg)
-    tok = AutoTokenizer.from_pretrained(where, **kwargs)
+    with _local_errors_are_permanent(cfg, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(where, **kwargs)
     if not getattr(tok, "is_fast", False):
         raise PermanentError(f"model {cfg.source}: a fast tokenizer is needed (token offsets locate the loss)")
     if tok.pad_token_id is None:
@@ -147,9 +161,10 @@ def load_model(cfg: TrainerConfig, device: torch.device, packed: bool) -> Any:
     else:
         # A frozen base needs no fp32 master copy; trained weights do.
         load_dtype = dtype if (cfg.method.is_peft and dtype is not None) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        where, dtype=load_dtype, attn_implementation=attention.register() if packed else "sdpa", **kwargs
-    )
+    with _local_errors_are_permanent(cfg.model, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=load_dtype, attn_implementation=attention.register() if packed else "sdpa", **kwargs
+        )
     model.config.use_cache = False
     return model if method == "qlora" else model.to(device)
 
