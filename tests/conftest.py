@@ -18,6 +18,9 @@ from kubetune_dev.cluster import LocalCluster, running_cluster, stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Session fixtures `local_nodes` / `node_agent`: process-based nodes that run pods for real.
+pytest_plugins = ["kubetune_dev.nodeagent.testing"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Every test belongs to a tier; a test without an explicit one is a unit test.
