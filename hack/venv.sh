@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the Python environment for development, tests and the demo, outside the repository:
-# $KUBETUNE_CACHE/venv/<hash of pyproject.toml + constraints.txt>. Dependencies are installed once per hash;
-# the project itself is re-installed in editable mode (no dependencies, seconds) so the venv always points
-# at this checkout. Prints the venv directory on its last line.
+# $KUBETUNE_CACHE/venv/<hash of constraints.txt + python version>. constraints.txt pins every package, so
+# the heavy install (torch and friends) happens once per pin set; each call then re-installs the project in
+# editable mode against the same pins (seconds when nothing changed), so the venv always points at this
+# checkout and picks up a dependency newly named in pyproject.toml. Prints the venv directory on its last line.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}
 python=${PYTHON:-python3}
-key=$(cat "$root/pyproject.toml" "$root/constraints.txt" | sha256sum | cut -c1-16)
+key=$({ cat "$root/constraints.txt"; "$python" --version; } | sha256sum | cut -c1-16)
 venv=$cache/venv/$key
 log() { printf '[venv] %s\n' "$*" >&2; }
 
@@ -23,5 +24,6 @@ if [ ! -f "$venv/.complete" ]; then
   # Keep the three newest environments; older ones only take disk.
   ls -1dt "$cache"/venv/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 fi
-"$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$root" >&2
+"$venv/bin/pip" install --quiet -c "$root/constraints.txt" -e "$root[operator,trainer,cli,dev]" >&2 2>/dev/null \
+  || "$venv/bin/pip" install -c "$root/constraints.txt" -e "$root[operator,trainer,cli,dev]" >&2
 echo "$venv"
