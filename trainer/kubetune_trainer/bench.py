@@ -207,7 +207,6 @@ def llama_8b_config() -> Any:
         num_attention_heads=32,
         num_key_value_heads=8,
         max_position_embeddings=8192,
-        rope_theta=500000.0,
     )
 
 

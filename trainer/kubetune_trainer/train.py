@@ -193,7 +193,7 @@ class Run:
         self.tokens_total = state["tokensTotal"]
         self.train_seconds = state["trainSeconds"]
         self.last_loss = state["lastLoss"]
-        self.last_eval = tuple(state["lastEval"]) if state["lastEval"] else None  # type: ignore[assignment]
+        self.last_eval = (state["lastEval"][0], state["lastEval"][1]) if state["lastEval"] else None
         if state["datasetSha256"] != self._dataset_digests():
             log.warning("the dataset files changed since %s was written; resuming with the new data", path)
         if state["worldSize"] != self.rt.world_size:
