@@ -6,7 +6,7 @@ export PYTHONPATH := $(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds
+.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -43,3 +43,6 @@ test-e2e: venv toolchain ## only the tests that need the control plane
 
 crds: venv ## regenerate crds/ from the API models (tests fail when the committed CRD is stale)
 	$(PY) -m kubetune_operator.api.crd
+
+bench-trainer: venv ## trainer vs HF Trainer+peft: tokens/s, ratio, peak memory (BENCH_ARGS=--gpu-mfu: MFU of an 8B-shaped model on a GPU)
+	$(PY) -m kubetune_trainer.bench $(BENCH_ARGS)
