@@ -4,15 +4,16 @@
 
 For each N: a fresh local cluster (kube-apiserver, controller-manager, scheduler, kwok) with enough fake
 8-GPU nodes for every worker (one GPU each), the operator as a subprocess, N FineTuneJobs created at once
-whose workers run until deleted. It reports, from the moment the first job is created:
-- time until every job's Indexed Job exists, until every worker pod is Running, until every FineTuneJob
-  says Running;
-- per-job latency from creation to the operator's first status write (what a user waits to see anything);
-- the operator's own reconcile durations (p50/p90/p99/max), its API requests per job (client-side count,
-  watches excluded) over the whole run including an idle period, and its peak RSS.
+whose workers run until deleted. Times come from the objects themselves (creation timestamps, the run's
+startTime the operator writes, pod start times, condition transition times; one-second resolution), so a
+busy benchmark process does not distort them. It reports, from the moment the first job was created:
+- when the last Indexed Job was created, the last worker pod was Running, the last FineTuneJob said Running;
+- per job, creation to the operator's first status write (the run's startTime), as percentiles;
+- the operator's own reconcile durations (p50/p90/p99/max, API calls included), its API requests per job
+  (client-side count; kopf's list/watch streams excluded) over the whole run plus an idle period, its peak RSS.
 
-The controller-manager and scheduler get higher client QPS than their defaults (20 and 50), as a real
-cluster of this size would: otherwise the Job controller's pod creation, not the operator, is measured.
+The controller-manager and scheduler get higher client QPS than their defaults (20 and 50), as a cluster of
+this size would: otherwise the Job controller's pod creation, not the operator, is what gets measured.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "hack"))
 
 import yaml  # noqa: E402
-from kubernetes import client, config, watch  # noqa: E402
+from kubernetes import client, config  # noqa: E402
 from kubetune_dev.cluster import GpuNodePool, LocalCluster  # noqa: E402
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 NAMESPACE = "bench"
 GPUS_PER_NODE = 8
+
+Obj = dict[str, Any]
 
 
 class FastCluster(LocalCluster):
@@ -54,23 +57,7 @@ class FastCluster(LocalCluster):
         return [*super()._scheduler_args(), "--kube-api-qps=300", "--kube-api-burst=500"]
 
 
-@dataclass
-class Firsts:
-    """When each object was first seen in some state (monotonic seconds)."""
-
-    seen: dict[str, float] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def mark(self, name: str) -> None:
-        with self.lock:
-            self.seen.setdefault(name, time.monotonic())
-
-    def count(self) -> int:
-        with self.lock:
-            return len(self.seen)
-
-
-def finetunejob(name: str, workers: int) -> dict[str, Any]:
+def finetunejob(name: str, workers: int) -> Obj:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "FineTuneJob",
@@ -89,26 +76,15 @@ def finetunejob(name: str, workers: int) -> dict[str, Any]:
     }
 
 
-def watch_forever(list_fn: Any, on_event: Any, stop: threading.Event, **kwargs: Any) -> None:
-    while not stop.is_set():
-        w = watch.Watch()
-        try:
-            for event in w.stream(list_fn, timeout_seconds=30, **kwargs):
-                on_event(event["object"])
-                if stop.is_set():
-                    break
-        except Exception as e:  # a dropped watch is restarted; the benchmark only counts first sightings
-            if not stop.is_set():
-                print(f"  (watch restarted: {type(e).__name__})", file=sys.stderr)
-        finally:
-            w.stop()
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
-    return {"p50": round(q[49], 3), "p90": round(q[89], 3), "p99": round(q[98], 3), "max": round(max(values), 3)}
+    if len(values) < 2:
+        return {"max": round(max(values), 1)} if values else {}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": round(q[49], 1), "p90": round(q[89], 1), "p99": round(q[98], 1), "max": round(max(values), 1)}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -116,6 +92,29 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return round(int(line.split()[1]) / 1024, 1)
     return float("nan")
+
+
+class Cluster:
+    """What the benchmark reads, as raw JSON (no client models: thousands of pods are listed repeatedly)."""
+
+    def __init__(self, local: LocalCluster) -> None:
+        api_client = config.new_client_from_config(config_file=str(local.kubeconfig))
+        self.custom = client.CustomObjectsApi(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    def create(self, name: str, workers: int) -> None:
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, finetunejob(name, workers))
+
+    def finetunejobs(self) -> list[Obj]:
+        raw = self.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, _preload_content=False)
+        return list(json.loads(raw.data)["items"])
+
+    def jobs(self) -> list[Obj]:
+        return list(json.loads(self.batch.list_namespaced_job(NAMESPACE, _preload_content=False).data)["items"])
+
+    def pods(self) -> list[Obj]:
+        return list(json.loads(self.core.list_namespaced_pod(NAMESPACE, _preload_content=False).data)["items"])
 
 
 def prepare(cluster: LocalCluster) -> None:
@@ -145,97 +144,68 @@ def start_operator(cluster: LocalCluster, state: Path) -> subprocess.Popen[bytes
         )
 
 
-def operator_summary(state: Path) -> dict[str, Any]:
+def operator_summary(state: Path) -> Obj:
     """The reconcile summary the operator logs when it stops."""
     lines = (state / "operator.log").read_text().splitlines()
     last = next(line for line in reversed(lines) if "reconcile summary" in line)
-    summary: dict[str, Any] = json.loads(last.split("reconcile summary ", 1)[1])
+    summary: Obj = json.loads(last.split("reconcile summary ", 1)[1])
     return summary
 
 
-class Observer:
-    """Watches FineTuneJobs, Jobs and pods and notes when each first reached the states the benchmark times."""
-
-    def __init__(self, cluster: LocalCluster, stop: threading.Event) -> None:
-        api_client = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-        self.custom = client.CustomObjectsApi(api_client)
-        batch, core = client.BatchV1Api(api_client), client.CoreV1Api(api_client)
-        self.created, self.first_status, self.ftj_running = Firsts(), Firsts(), Firsts()
-        self.job_seen, self.pod_running = Firsts(), Firsts()
-        ftjs = {"group": GROUP, "version": VERSION, "namespace": NAMESPACE, "plural": PLURAL}
-        for fn, handler, kwargs in (
-            (self.custom.list_namespaced_custom_object, self._on_ftj, ftjs),
-            (batch.list_namespaced_job, lambda j: self.job_seen.mark(j.metadata.name), {"namespace": NAMESPACE}),
-            (core.list_namespaced_pod, self._on_pod, {"namespace": NAMESPACE}),
-        ):
-            threading.Thread(target=watch_forever, args=(fn, handler, stop), kwargs=kwargs, daemon=True).start()
-
-    def _on_ftj(self, obj: dict[str, Any]) -> None:
-        status = obj.get("status") or {}
-        if status.get("observedGeneration"):
-            self.first_status.mark(obj["metadata"]["name"])
-        if status.get("phase") == "Running":
-            self.ftj_running.mark(obj["metadata"]["name"])
-
-    def _on_pod(self, pod: Any) -> None:
-        if pod.status.phase == "Running":
-            self.pod_running.mark(pod.metadata.name)
-
-    def create(self, name: str, workers: int) -> None:
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, finetunejob(name, workers))
-        self.created.mark(name)
-
-    def status_latencies(self) -> list[float]:
-        return [self.first_status.seen[n] - t for n, t in self.created.seen.items() if n in self.first_status.seen]
-
-
-def wait_all(what: Firsts, target: int, since: float, timeout: float, label: str) -> float:
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while what.count() < target:
+    while not check():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{label}: {what.count()} of {target} after {timeout}s")
-        time.sleep(0.2)
-    elapsed = max(what.seen.values()) - since
-    print(f"  {label}: {elapsed:.1f}s", flush=True)
-    return elapsed
+            raise TimeoutError(f"{what} after {timeout}s")
+        time.sleep(2)
 
 
-def run_once(jobs: int, workers: int, idle: float, timeout: float) -> dict[str, Any]:
+def is_running(ftj: Obj) -> bool:
+    return bool((ftj.get("status") or {}).get("phase") == "Running")
+
+
+def running_since(ftj: Obj) -> float:
+    conditions = ftj["status"]["conditions"]
+    return ts(next(c["lastTransitionTime"] for c in conditions if c["type"] == "Running"))
+
+
+def run_once(jobs: int, workers: int, idle: float, timeout: float) -> Obj:
     nodes = math.ceil(jobs * workers / GPUS_PER_NODE)
     state = REPO / ".cache" / f"bench-operator-{jobs}"
     print(f"\n== {jobs} FineTuneJobs x {workers} workers on {nodes} fake GPU nodes ==", flush=True)
-    cluster = FastCluster(state_dir=state, gpu_nodes=GpuNodePool(count=nodes), cpu_nodes=0).start(timeout=600)
-    stop = threading.Event()
+    local = FastCluster(state_dir=state, gpu_nodes=GpuNodePool(count=nodes), cpu_nodes=0).start(timeout=600)
     operator: subprocess.Popen[bytes] | None = None
     try:
-        prepare(cluster)
-        operator = start_operator(cluster, state)
-        observer = Observer(cluster, stop)
+        prepare(local)
+        operator = start_operator(local, state)
+        cluster = Cluster(local)
         time.sleep(3)  # the operator lists and starts watching before the burst
 
-        t0 = time.monotonic()
+        # Server timestamps have one-second resolution: count from the start of the creating second.
+        t0 = math.floor(time.time())
         with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda i: observer.create(f"ft-{i:04d}", workers), range(jobs)))
-        created = time.monotonic() - t0
-        print(f"  created {jobs} FineTuneJobs in {created:.1f}s", flush=True)
-        all_jobs = wait_all(observer.job_seen, jobs, t0, timeout, "all Jobs created")
-        all_pods = wait_all(observer.pod_running, jobs * workers, t0, timeout, "all pods Running")
-        all_ftjs = wait_all(observer.ftj_running, jobs, t0, timeout, "all FineTuneJobs Running")
-        print(f"  idling {idle:.0f}s (steady-state reconciles)", flush=True)
+            list(pool.map(lambda i: cluster.create(f"ft-{i:04d}", workers), range(jobs)))
+        print(f"  created {jobs} FineTuneJobs in {time.time() - t0:.1f}s", flush=True)
+
+        wait_until(lambda: sum(map(is_running, cluster.finetunejobs())) == jobs, timeout, "FineTuneJobs not Running")
+        print(f"  all Running; idling {idle:.0f}s (steady-state reconciles)", flush=True)
         time.sleep(idle)
         rss = peak_rss_mib(operator.pid)
         operator.terminate()
         operator.wait(60)
         summary = operator_summary(state)
-        return {
+
+        ftjs, pods = cluster.finetunejobs(), cluster.pods()
+        first_status = [ts(f["status"]["startTime"]) - ts(f["metadata"]["creationTimestamp"]) for f in ftjs]
+        result: Obj = {
             "jobs": jobs,
             "workers_per_job": workers,
             "gpu_nodes": nodes,
-            "create_seconds": round(created, 1),
-            "all_jobs_created_seconds": round(all_jobs, 1),
-            "all_pods_running_seconds": round(all_pods, 1),
-            "all_finetunejobs_running_seconds": round(all_ftjs, 1),
-            "create_to_first_status_seconds": percentiles(observer.status_latencies()),
+            "all_jobs_created_s": max(ts(j["metadata"]["creationTimestamp"]) for j in cluster.jobs()) - t0,
+            "all_pods_running_s": max(ts(p["status"]["startTime"]) for p in pods) - t0,
+            "all_finetunejobs_running_s": max(map(running_since, ftjs)) - t0,
+            "pods_running": sum(1 for p in pods if p["status"].get("phase") == "Running"),
+            "create_to_first_status_s": percentiles(first_status),
             "reconcile_ms": {k: summary[f"{k}_ms"] for k in ("p50", "p90", "p99", "max")},
             "reconciles": summary["reconciles"],
             "reconcile_errors": summary["errors"],
@@ -245,11 +215,13 @@ def run_once(jobs: int, workers: int, idle: float, timeout: float) -> dict[str, 
             "api_requests_by_kind": summary["api_requests_by_kind"],
             "operator_peak_rss_mib": rss,
         }
+        for key in ("all_jobs_created_s", "all_pods_running_s", "all_finetunejobs_running_s"):
+            print(f"  {key}: {result[key]:.0f}", flush=True)
+        return result
     finally:
-        stop.set()
         if operator and operator.poll() is None:
             operator.kill()
-        cluster.stop()
+        local.stop()
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -258,7 +230,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, nargs="+", default=[200, 500], help="FineTuneJob counts to run")
     parser.add_argument("--workers", type=int, default=4, help="worker pods per job (one GPU each)")
     parser.add_argument("--idle", type=float, default=45.0, help="seconds of steady state counted in the requests")
-    parser.add_argument("--timeout", type=float, default=900.0, help="give up on a phase after this long")
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this long")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     results = [run_once(n, args.workers, args.idle, args.timeout) for n in args.jobs]

@@ -57,15 +57,18 @@ CHILDREN: dict[str, tuple[tuple[str, str, str], Any]] = {
     "configmaps": (("", "v1", "configmaps"), summarize_config_map),
     "claims": (("", "v1", "persistentvolumeclaims"), summarize_child),
 }
-# After a status write, how long to wait for the watch to deliver it before acting on the cache anyway
-# (the write is guarded, so acting on a stale cache is safe, only wasteful).
-CONSISTENCY_TIMEOUT = 5.0
+# Once the cached FineTuneJob is known to be behind the API server (we wrote it, or a write of ours was
+# refused as stale), its watch event will enqueue the job when it lands. Only if it does not land this long
+# does the worker act on the cache anyway (every write is guarded, so that is safe, merely wasteful). A busy
+# operator's watch can run many seconds behind: acting sooner would only collect 409s.
+STALE_CACHE_TIMEOUT = 30.0
+# How long a child just created or deleted is taken as such while the caches do not show it yet.
+CHILD_CACHE_TIMEOUT = 15.0
 # Children change in bursts (a Job's pods start within moments of each other): one reconcile a moment after
 # the first change sees them all, and writes the status once instead of once per pod.
 CHILD_EVENT_BATCH = 1.0
 MAX_ERROR_BACKOFF = 300.0
 EVENT_DRAIN_SECONDS = 2.0
-STALE_RETRY = 1.0
 
 
 @dataclass
@@ -105,8 +108,8 @@ class Controller:
         self.ready = asyncio.Event()
         self._caches: dict[str, kopf.Index[Key, Any]] = {}
         self._rejections: dict[Key, Rejection] = {}
-        # The resourceVersion our last status write replaced, and when: a cache still at it is behind.
-        self._superseded: dict[Key, tuple[str, float]] = {}
+        # A resourceVersion the cache is known to be behind, by job, and since when.
+        self._behind: dict[Key, tuple[str, float]] = {}
         self._errors: dict[Key, int] = {}
         # Children created or deleted in the last moments, by job: (verb, kind, name) -> when. Until the watch
         # shows the change, the caches say "missing" (or "still there") and would invite a second request.
@@ -227,7 +230,7 @@ class Controller:
     def forget(self, key: Key) -> None:
         self.queue.forget(key)
         self._rejections.pop(key, None)
-        self._superseded.pop(key, None)
+        self._behind.pop(key, None)
         self._errors.pop(key, None)
         self._recent.pop(key, None)
 
@@ -255,12 +258,11 @@ class Controller:
             return
         meta = body["metadata"]
         version = meta["resourceVersion"]
-        superseded = self._superseded.get(key)
-        if superseded and superseded[0] == version:
-            waited = time.monotonic() - superseded[1]
-            if waited < CONSISTENCY_TIMEOUT:
-                # Our own write is on its way through the watch, which enqueues the job when it lands.
-                self.queue.add(key, CONSISTENCY_TIMEOUT - waited)
+        behind = self._behind.get(key)
+        if behind and behind[0] == version:
+            waited = time.monotonic() - behind[1]
+            if waited < STALE_CACHE_TIMEOUT:
+                self.queue.add(key, STALE_CACHE_TIMEOUT - waited)
                 return
         ftj = FineTuneJob.model_validate(body)
         now = datetime.now(UTC)
@@ -270,7 +272,8 @@ class Controller:
             applied = await apply_plan(self.kube, job, status_wire(ftj.status), plan)
         except StaleView:
             self.stats.conflicts += 1
-            self.queue.add(key, STALE_RETRY)
+            self._behind[key] = (version, time.monotonic())
+            self.queue.add(key, STALE_CACHE_TIMEOUT)
             return
         except Rejected as e:
             log.warning("%s/%s: %s", *key, e)
@@ -282,7 +285,7 @@ class Controller:
         if touched:
             self._recent.setdefault(key, {}).update(dict.fromkeys(touched, time.monotonic()))
         if applied.replaced_version:
-            self._superseded[key] = (applied.replaced_version, time.monotonic())
+            self._behind[key] = (applied.replaced_version, time.monotonic())
         self.events.submit(job, plan.events, now)
         if plan.requeue_after is not None:
             self.queue.add(key, plan.requeue_after)
@@ -293,7 +296,7 @@ class Controller:
         recent = {
             change: at
             for change, at in self._recent.pop(key, {}).items()
-            if time.monotonic() - at < CONSISTENCY_TIMEOUT
+            if time.monotonic() - at < CHILD_CACHE_TIMEOUT
         }
         if recent:
             self._recent[key] = recent

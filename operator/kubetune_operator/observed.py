@@ -82,6 +82,8 @@ class PodState:
     ready: bool
     deleting: bool
     node_name: str | None
+    # Where rank 0 serves /progress and /metrics.
+    pod_ip: str | None
     start_time: datetime | None
     reason: str | None
     message: str | None
@@ -191,6 +193,7 @@ def summarize_pod(body: Body) -> PodState:
         ready=(conditions.get("Ready") or {}).get("status") == "True",
         deleting=bool(meta.get("deletionTimestamp")),
         node_name=spec.get("nodeName"),
+        pod_ip=status.get("podIP"),
         start_time=parse_time(status.get("startTime")),
         reason=status.get("reason"),
         message=status.get("message") or (disruption.get("message") if disruption else None),

@@ -491,7 +491,12 @@ class _Reconciliation:
         delete = [
             Deletion(*key)
             for key, deleting in existing.items()
-            if not deleting and key not in active and key not in kept and key not in self.observed.just_deleted
+            if not deleting
+            and key not in active
+            and key not in kept
+            and key not in self.observed.just_deleted
+            # A claim holds checkpoints and perhaps outputs: it goes only with the FineTuneJob itself.
+            and key[0] != "PersistentVolumeClaim"
         ]
         if delete and run.result is not None and self._ttl_expired(run):
             self._event("Normal", "CleanedUp", f"deleted the workers of run {run.run} (ttlSecondsAfterFinished)")

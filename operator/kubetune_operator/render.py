@@ -233,6 +233,11 @@ def _container(
         {"name": "KUBETUNE_MASTER_ADDR", "value": master_address(owner.name, run, attempt)},
         {"name": "KUBETUNE_MASTER_PORT", "value": str(settings.master_port)},
         {"name": "KUBETUNE_RDZV_TIMEOUT_SECONDS", "value": str(settings.rdzv_timeout_seconds)},
+        # The workers' time to checkpoint after SIGTERM: most of the grace period, the rest for torchrun to exit.
+        {
+            "name": "KUBETUNE_SHUTDOWN_TIMEOUT_SECONDS",
+            "value": str(settings.termination_grace_period_seconds * 9 // 10),
+        },
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         # The root filesystem is read-only; tools that write under $HOME get the /tmp emptyDir.
         {"name": "HOME", "value": "/tmp"},

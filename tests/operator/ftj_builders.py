@@ -103,6 +103,7 @@ def pod(
         ready=phase == "Running",
         deleting=False,
         node_name=f"gpu-node-{index}",
+        pod_ip=f"10.244.0.{index + 1}",
         start_time=T0,
         reason=None,
         message=None,

@@ -57,6 +57,7 @@ def test_a_preempted_pod() -> None:
             "spec": {"nodeName": "gpu-node-1"},
             "status": {
                 "phase": "Failed",
+                "podIP": "10.244.0.7",
                 "conditions": [
                     {"type": "Ready", "status": "False"},
                     {
@@ -83,7 +84,8 @@ def test_a_preempted_pod() -> None:
             },
         }
     )
-    assert (pod.job_uid, pod.run, pod.attempt, pod.index, pod.node_name) == ("job-uid", 2, 3, 1, "gpu-node-1")
+    assert (pod.job_uid, pod.run, pod.attempt, pod.index) == ("job-uid", 2, 3, 1)
+    assert (pod.node_name, pod.pod_ip) == ("gpu-node-1", "10.244.0.7")
     assert (pod.phase, pod.ready, pod.disruption, pod.message) == ("Failed", False, "PreemptionByScheduler", "by p")
     assert pod.termination is not None
     assert pod.termination.exit_code == 143

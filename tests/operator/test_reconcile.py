@@ -520,6 +520,14 @@ def test_leftovers_of_earlier_runs_are_deleted_and_strangers_ignored() -> None:
     assert ("Job", "sft-r1-a1") in kinds(plan)
 
 
+def test_an_owned_claim_is_never_deleted_by_the_operator() -> None:
+    template = {"spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}}
+    job = started(spec(checkpoint={"claimName": None, "volumeClaimTemplate": template}))
+    job = edited(job, spec())  # the checkpoints move to a named claim: a new run
+    plan, _ = step(job, Observed(claims=(ChildRef("PersistentVolumeClaim", "sft-checkpoints", UID),)), later(5))
+    assert plan.delete == ()
+
+
 def test_a_job_being_deleted_gets_no_plan() -> None:
     job = edited(started(), deletionTimestamp="2026-11-27T09:10:00Z")
     plan = reconcile(job, RUNNING, SETTINGS, later(5))

@@ -100,6 +100,7 @@ def test_workers_run_the_launcher_with_the_torchrun_contract() -> None:
         "KUBETUNE_MASTER_ADDR": "sft-r2-a3-0.sft-r2-a3",
         "KUBETUNE_MASTER_PORT": "29500",
         "KUBETUNE_RDZV_TIMEOUT_SECONDS": "900",
+        "KUBETUNE_SHUTDOWN_TIMEOUT_SECONDS": "540",
         "POD_IP": {"fieldRef": {"fieldPath": "status.podIP"}},
         "HOME": "/tmp",
         "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token"}},
