@@ -49,9 +49,9 @@ class Applied:
     replaced_version: str | None = None
 
 
-async def apply_plan(kube: Kube, job: JobRef, current_status: dict[str, Any], plan: Plan) -> Applied:
-    """Write the status, then delete and create children. The plan's events are the caller's to post, once
-    this returned: a plan that fails its guard changed nothing and announces nothing."""
+async def commit(kube: Kube, job: JobRef, current_status: dict[str, Any], plan: Plan) -> Applied:
+    """Write the plan's status, or confirm the job is unchanged when the plan only touches children: the guard
+    before apply_children. After it, the plan's transitions have happened and its events may be posted."""
     applied = Applied()
     desired = status_wire(plan.status)
     if desired != current_status:
@@ -65,7 +65,11 @@ async def apply_plan(kube: Kube, job: JobRef, current_status: dict[str, Any], pl
         applied = Applied(replaced_version=job.resource_version)
     elif plan.create or plan.delete:
         await _confirm_version(kube, job)
+    return applied
 
+
+async def apply_children(kube: Kube, job: JobRef, plan: Plan) -> None:
+    """Delete and create the plan's children (after commit)."""
     # Foreground for Jobs: the Job stays visible until its pods are gone, so "workers still stopping" is
     # observable; the workers get SIGTERM and checkpoint within their grace period.
     await asyncio.gather(
@@ -78,7 +82,6 @@ async def apply_plan(kube: Kube, job: JobRef, current_status: dict[str, Any], pl
     first = [m for m in plan.create if m["kind"] != "Job"]
     await asyncio.gather(*(create_or_adopt(kube, job, m) for m in first))
     await asyncio.gather(*(create_or_adopt(kube, job, m) for m in plan.create if m["kind"] == "Job"))
-    return applied
 
 
 async def _confirm_version(kube: Kube, job: JobRef) -> None:

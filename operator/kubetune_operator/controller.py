@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,7 +30,7 @@ from typing import Any
 import kopf
 
 from kubetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob
-from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_plan
+from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_children, commit
 from kubetune_operator.kube import Kube
 from kubetune_operator.names import CHILD_SELECTOR, LABEL_JOB
 from kubetune_operator.observed import (
@@ -73,11 +74,16 @@ EVENT_DRAIN_SECONDS = 2.0
 
 @dataclass
 class ReconcileStats:
-    """Reconcile durations and outcomes, summarised when the operator stops (and read by the benchmark)."""
+    """Reconcile counts and the latest durations, summarised when the operator stops (read by the benchmark)."""
 
-    durations: list[float] = field(default_factory=list)
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+    reconciles: int = 0
     errors: int = 0
     conflicts: int = 0
+
+    def record(self, seconds: float) -> None:
+        self.reconciles += 1
+        self.durations.append(seconds)
 
     def summary(self, requests: dict[str, int]) -> dict[str, Any]:
         d = sorted(self.durations)
@@ -86,7 +92,7 @@ class ReconcileStats:
             return round(d[min(len(d) - 1, int(q * len(d)))] * 1000, 2) if d else 0.0
 
         return {
-            "reconciles": len(d),
+            "reconciles": self.reconciles,
             "errors": self.errors,
             "conflicts": self.conflicts,
             "p50_ms": ms(0.50),
@@ -248,7 +254,7 @@ class Controller:
                 log.exception("reconciling %s/%s failed (retry %d in %.0fs)", *key, failures, delay)
                 self.queue.add(key, delay)
             finally:
-                self.stats.durations.append(time.perf_counter() - started)
+                self.stats.record(time.perf_counter() - started)
                 self.queue.done(key)
 
     async def reconcile_key(self, key: Key) -> None:
@@ -269,12 +275,17 @@ class Controller:
         plan = reconcile(ftj, self.observe(key), self.settings, now)
         job = JobRef(meta["name"], meta["namespace"], meta["uid"], version)
         try:
-            applied = await apply_plan(self.kube, job, status_wire(ftj.status), plan)
+            applied = await commit(self.kube, job, status_wire(ftj.status), plan)
         except StaleView:
             self.stats.conflicts += 1
             self._behind[key] = (version, time.monotonic())
             self.queue.add(key, STALE_CACHE_TIMEOUT)
             return
+        if applied.replaced_version:
+            self._behind[key] = (applied.replaced_version, time.monotonic())
+        self.events.submit(job, plan.events, now)
+        try:
+            await apply_children(self.kube, job, plan)
         except Rejected as e:
             log.warning("%s/%s: %s", *key, e)
             self._rejections[key] = Rejection(run=plan.status.run or 1, message=str(e))
@@ -284,9 +295,6 @@ class Controller:
         touched += [("delete", d.kind, d.name) for d in plan.delete]
         if touched:
             self._recent.setdefault(key, {}).update(dict.fromkeys(touched, time.monotonic()))
-        if applied.replaced_version:
-            self._behind[key] = (applied.replaced_version, time.monotonic())
-        self.events.submit(job, plan.events, now)
         if plan.requeue_after is not None:
             self.queue.add(key, plan.requeue_after)
 

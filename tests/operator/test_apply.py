@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from ftj_builders import SETTINGS, T0, UID, ftj, owner, step
-from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_plan, merge_diff
+from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_children, commit, merge_diff
 from kubetune_operator.kube import ApiError
 from kubetune_operator.reconcile import Deletion, Event, Plan, status_wire
 from kubetune_operator.render import render_job
@@ -62,10 +62,17 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+async def apply_plan(kube: FakeKube, job: JobRef, current: dict, plan: Plan) -> Any:
+    """What the controller does: commit, then the children."""
+    applied = await commit(kube, job, current, plan)
+    await apply_children(kube, job, plan)
+    return applied
+
+
 def test_the_status_is_written_first_with_the_version_the_plan_was_made_from() -> None:
     plan, current = first_plan()
     kube = FakeKube()
-    applied = run(apply_plan(kube, JOB, current, plan))  # type: ignore[arg-type]
+    applied = run(apply_plan(kube, JOB, current, plan))
     assert kube.calls[0] == ("PATCH", "FineTuneJob/status", "sft")
     assert kube.bodies[0]["metadata"] == {"resourceVersion": "41"}
     # The claim, config and Service in parallel, then the Job whose pods use them. No events: the caller's.
@@ -78,7 +85,7 @@ def test_a_conflicting_status_write_stops_everything_after_it() -> None:
     plan, current = first_plan()
     kube = FakeKube(fail={("PATCH", "FineTuneJob"): ApiError(409, "Conflict", "the object has been modified")})
     with pytest.raises(StaleView):
-        run(apply_plan(kube, JOB, current, plan))  # type: ignore[arg-type]
+        run(apply_plan(kube, JOB, current, plan))
     assert kube.calls == [("PATCH", "FineTuneJob/status", "sft")]
 
 
@@ -87,17 +94,17 @@ def test_without_a_status_change_the_version_is_confirmed_before_touching_childr
     unchanged = status_wire(plan.status)
     kube = FakeKube(live_version="43")
     with pytest.raises(StaleView):
-        run(apply_plan(kube, JOB, unchanged, plan))  # type: ignore[arg-type]
+        run(apply_plan(kube, JOB, unchanged, plan))
     assert kube.calls == [("GET", "FineTuneJob", "sft")]
     kube = FakeKube()
-    run(apply_plan(kube, JOB, unchanged, Plan(status=plan.status, delete=(Deletion("Job", "sft-r0-a1"),))))  # type: ignore[arg-type]
+    run(apply_plan(kube, JOB, unchanged, Plan(status=plan.status, delete=(Deletion("Job", "sft-r0-a1"),))))
     assert kube.calls == [("GET", "FineTuneJob", "sft"), ("DELETE", "Job", "sft-r0-a1", "Foreground")]
 
 
 def test_nothing_to_do_makes_no_request() -> None:
     plan, _ = first_plan()
     kube = FakeKube()
-    run(apply_plan(kube, JOB, status_wire(plan.status), Plan(status=plan.status)))  # type: ignore[arg-type]
+    run(apply_plan(kube, JOB, status_wire(plan.status), Plan(status=plan.status)))
     assert kube.calls == []
 
 
@@ -110,27 +117,27 @@ def test_an_existing_child_is_adopted_only_when_it_is_ours() -> None:
 
     ours = FakeKube(fail=exists)
     ours.existing["sft-r1-a1"] = {"metadata": {"ownerReferences": [{"uid": UID, "controller": True}], "labels": {}}}
-    run(apply_plan(ours, JOB, current, plan))  # type: ignore[arg-type]
+    run(apply_plan(ours, JOB, current, plan))
     assert ours.calls[-2:] == [("GET", "Job", "sft-r1-a1"), ("PATCH", "Job", "sft-r1-a1")]
     assert ours.bodies[-1] == {"metadata": {"labels": manifest["metadata"]["labels"]}}
 
     theirs = FakeKube(fail=exists)
     theirs.existing["sft-r1-a1"] = {"metadata": {"ownerReferences": [{"uid": "another", "controller": True}]}}
     with pytest.raises(ApiError, match="not controlled by this FineTuneJob"):
-        run(apply_plan(theirs, JOB, current, plan))  # type: ignore[arg-type]
+        run(apply_plan(theirs, JOB, current, plan))
 
 
 def test_an_invalid_child_is_a_rejection() -> None:
     plan, current = first_plan()
     kube = FakeKube(fail={("POST", "Job"): ApiError(422, "Invalid", 'Job.batch "sft-r1-a1" is invalid: ...')})
     with pytest.raises(Rejected, match=r"Job sft-r1-a1: Job\.batch"):
-        run(apply_plan(kube, JOB, current, plan))  # type: ignore[arg-type]
+        run(apply_plan(kube, JOB, current, plan))
 
 
 def test_events_are_posted_in_the_background_and_a_failed_one_is_dropped() -> None:
     async def main() -> list[tuple[str, ...]]:
         kube = FakeKube(fail={("POST", "Event"): ApiError(403, "Forbidden", "events is forbidden")})
-        poster = EventPoster(kube)  # type: ignore[arg-type]
+        poster = EventPoster(kube)
         task = asyncio.create_task(poster.run())
         poster.submit(JOB, (Event("Normal", "A", "a"), Event("Warning", "B", "b")), T0)
         await asyncio.wait_for(poster.drain(), 5)
