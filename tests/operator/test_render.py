@@ -4,9 +4,11 @@ templated claim, for the shapes of spec a user can write."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from ftj_builders import SETTINGS, UID, ftj, owner, spec
 from kubetune_operator.api import FineTuneJobSpec
 from kubetune_operator.names import attempt_name, master_address, worker_hostname
@@ -19,6 +21,8 @@ from kubetune_operator.render import (
 )
 from kubetune_operator.settings import Images, OperatorSettings
 from kubetune_trainer.config import TrainerConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def job_of(spec_: dict[str, Any], run: int = 1, attempt: int = 1, settings: OperatorSettings = SETTINGS) -> dict:
@@ -343,3 +347,17 @@ def test_the_claim_template_becomes_an_owned_claim() -> None:
     assert claim["metadata"]["annotations"] == {"note": "x"}
     assert claim["metadata"]["ownerReferences"][0]["controller"] is True
     assert claim["spec"] == template["spec"]
+
+
+EXAMPLES = sorted(REPO.glob("examples/*.yaml")) + sorted(REPO.glob("examples/gitops/finetunejob.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_renders(example: Path) -> None:
+    doc = yaml.safe_load(example.read_text())
+    job = ftj(doc["spec"], name=doc["metadata"]["name"])
+    cm = render_config_map(owner(job), job.spec, 1, 1, SETTINGS)
+    TrainerConfig.model_validate_json(cm["data"]["config.json"])
+    manifest = render_job(owner(job), job.spec, 1, 1, SETTINGS)
+    assert manifest["spec"]["completions"] == job.spec.resources.num_nodes
+    assert len(worker_hostname(job.metadata["name"], 1, 1, job.spec.resources.num_nodes - 1)) <= 63
