@@ -6,7 +6,7 @@ export PYTHONPATH := $(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer
+.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -46,3 +46,6 @@ crds: venv ## regenerate crds/ from the API models (tests fail when the committe
 
 bench-trainer: venv ## trainer vs HF Trainer+peft: tokens/s, ratio, peak memory (BENCH_ARGS=--gpu-mfu: MFU of an 8B-shaped model on a GPU)
 	$(PY) -m kubetune_trainer.bench $(BENCH_ARGS)
+
+bench-operator: venv toolchain ## operator scale benchmark: 200 and 500 FineTuneJobs x 4 workers on fake GPU nodes
+	$(PY) bench/operator_scale.py --jobs 200 500
