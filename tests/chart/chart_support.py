@@ -166,3 +166,31 @@ def prometheus_operator_crds() -> list[Path]:
     return [
         module / "example" / "prometheus-operator-crd" / f"monitoring.coreos.com_{crd}.yaml" for crd in MONITORING_CRDS
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Flux's CEL health checks, evaluated by cel-go as kustomize-controller evaluates them
+# ----------------------------------------------------------------------------------------------
+
+FLUXCEL = Path(__file__).resolve().parent / "fluxcel"
+
+
+def flux_health(exprs: dict[str, str], objects: Sequence[Manifest]) -> list[str]:
+    """The status (Current, Failed, InProgress) Flux's healthCheckExprs give each object, or kstatus's when `exprs`
+    is empty; AssertionError with cel-go's message when an expression cannot be evaluated (Flux then reports
+    Unknown and polls again)."""
+    binary = REPO / ".cache" / "chart-tests" / "fluxcel"
+    build = subprocess.run(
+        ["go", "build", "-o", str(binary), "."],
+        cwd=FLUXCEL,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"},
+    )
+    assert build.returncode == 0, f"building tests/chart/fluxcel failed:\n{build.stderr}"
+    request = {k: exprs.get(k, "") for k in ("current", "failed", "inProgress")}
+    result = subprocess.run(
+        [str(binary)], input=json.dumps({**request, "objects": list(objects)}), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()

@@ -5,10 +5,12 @@ prove it is not more than it should be. `helm uninstall` then leaves the CRD, th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 from chart_e2e import (
     TIMEOUT,
     Release,
@@ -25,10 +27,11 @@ from chart_e2e import (
     uninstall,
     wait_phase,
 )
-from chart_support import argocd_health
+from chart_support import CHART, argocd_health, helm
 from e2e_support import Api, Operator, hanging, make_namespace, spec, wait_for
 from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.api import CRD_NAME
+from kubetune_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.e2e
 
@@ -126,6 +129,35 @@ def test_argocd_health_follows_a_job_through_its_phases(api: Api, operator: Oper
         operator.start()
     wait_for(lambda: api.status(ns, "chart-lora").get("run") == 2, TIMEOUT, "run 2 of chart-lora", operator.tail)
     assert_no_rbac_errors(operator)
+
+
+def test_upgrade_changes_the_settings_and_rolls_the_operator(cluster: LocalCluster, release: Release) -> None:
+    def current() -> tuple[dict[str, Any], str]:
+        get = ("-n", release.namespace, "-o", "json")
+        settings = json.loads(cluster.kubectl("get", "configmap", f"{release.fullname}-settings", *get).stdout)
+        deployment = json.loads(cluster.kubectl("get", "deployment", release.fullname, *get).stdout)
+        checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/settings"]
+        return yaml.safe_load(settings["data"]["settings.yaml"]), checksum
+
+    before, checksum = current()
+    assert OperatorSettings.model_validate(before).pricing.default_usd_per_gpu_hour != 2.5
+    helm(
+        "upgrade",
+        release.name,
+        str(CHART),
+        "--namespace",
+        release.namespace,
+        "--reuse-values",
+        "--set",
+        "settings.pricing.defaultUsdPerGpuHour=2.5",
+        kubeconfig=cluster.kubeconfig,
+    )
+    after, new_checksum = current()
+    assert OperatorSettings.model_validate(after).pricing.default_usd_per_gpu_hour == 2.5
+    assert new_checksum != checksum
+    crd = json.loads(cluster.kubectl("get", "crd", CRD_NAME, "-o", "json").stdout)
+    assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == release.name
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
 def test_the_service_account_is_denied_what_it_should_not_have(

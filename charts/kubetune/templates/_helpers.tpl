@@ -90,12 +90,13 @@ app.kubernetes.io/component: worker
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# One Indexed Job per attempt (the workers), a headless Service per attempt (rank 0's DNS name) and a
-# ConfigMap per run (the trainer config): watched by label, created if absent, labels patched when an
-# existing child is adopted, deleted when an attempt ends or a TTL expires.
+# One Indexed Job per attempt (the workers): watched by label, created if absent (GET after a 409),
+# labels patched when an existing one is adopted, deleted when the attempt ends or its TTL expires.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The same for the headless Service of an attempt (rank 0's DNS name) and the ConfigMap of a run (the
+# trainer config).
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
