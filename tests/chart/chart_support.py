@@ -185,7 +185,7 @@ def flux_health(exprs: dict[str, str], objects: Sequence[Manifest]) -> list[str]
         cwd=FLUXCEL,
         capture_output=True,
         text=True,
-        env={**os.environ, "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"},
+        env={**os.environ, "CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly -buildvcs=false"},
     )
     assert build.returncode == 0, f"building tests/chart/fluxcel failed:\n{build.stderr}"
     request = {k: exprs.get(k, "") for k in ("current", "failed", "inProgress")}
