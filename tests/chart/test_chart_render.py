@@ -12,7 +12,18 @@ from typing import Any
 import chart_files
 import pytest
 import yaml
-from chart_support import CHART, FULL_VALUES, Manifest, helm, of_kind, one, render, settings_of, values_args
+from chart_support import (
+    CHART,
+    FULL_VALUES,
+    Manifest,
+    helm,
+    of_kind,
+    one,
+    render,
+    render_text,
+    settings_of,
+    values_args,
+)
 from e2e_support import spec as kwok_job_spec  # the small kwok job of the e2e tests
 from kubetune_operator.api import CRD_NAME, FineTuneJob
 from kubetune_operator.api.crd import custom_resource_definition
@@ -543,3 +554,10 @@ def test_worker_egress_is_left_open_unless_rules_are_given(tmp_path: Path) -> No
     # Cluster mode: no namespace to put the workers' policy in unless named.
     docs = render([{"networkPolicy": {"enabled": True}}], tmp=tmp_path)
     assert [p for p in of_kind(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-workers")] == []
+
+
+def test_rendering_is_deterministic(tmp_path: Path) -> None:
+    """Argo CD renders with `helm template` on every sync: anything random (generated names, certificates) would
+    keep the application OutOfSync."""
+    assert render_text([FULL_VALUES], tmp_path) == render_text([FULL_VALUES], tmp_path)
+    assert render_text([], tmp_path) == render_text([], tmp_path)
