@@ -21,6 +21,7 @@ import kopf
 from kubetune_operator.controller import Controller
 from kubetune_operator.health import start_health_server
 from kubetune_operator.kube import Kube
+from kubetune_operator.metrics import serve
 from kubetune_operator.settings import OperatorSettings, load_settings
 
 log = logging.getLogger("kubetune_operator")
@@ -33,6 +34,9 @@ async def run_operator(settings: OperatorSettings, namespaces: list[str]) -> Non
     controller.configure(kopf_settings)
     controller.start_workers()
     health = await start_health_server(controller, settings.health_port) if settings.health_port else None
+    metrics = (
+        await serve(controller.metrics.registry, "0.0.0.0", settings.metrics_port) if settings.metrics_port else None
+    )
     log.info("watching %s", ", ".join(namespaces) if namespaces else "all namespaces")
     try:
         # Returns on SIGTERM/SIGINT (kopf installs the handlers).
@@ -47,6 +51,8 @@ async def run_operator(settings: OperatorSettings, namespaces: list[str]) -> Non
         await controller.stop_workers()
         if health:
             await health.cleanup()
+        if metrics:
+            await metrics.cleanup()
         log.info("reconcile summary %s", json.dumps(controller.stats.summary(kube.requests)))
         await kube.close()
 

@@ -3,10 +3,13 @@
 Why this shape rather than kopf's create/update handlers or a daemon per object:
 - Level-triggered: whatever happened, a worker reads the latest FineTuneJob and its children from the caches,
   asks the pure `reconcile` what should be, and applies the plan. Nothing depends on seeing every event.
-- kopf indexes are the informer caches (summaries of children, filtered server-side by the operator's label),
-  and kopf holds every handler until they are filled, so a restart never mistakes "not listed yet" for
-  "missing". `@kopf.on.event` handlers only put the owning job's key in the queue: a pod's status change
-  wakes its FineTuneJob early; a timer per job (requeue_after) wakes it for backoffs, deadlines and polls.
+- kopf indexes are the informer caches (summaries of children, filtered server-side by the operator's label;
+  the price labels of nodes), and kopf holds every handler until they are filled, so a restart never mistakes
+  "not listed yet" for "missing". `@kopf.on.event` handlers only put the owning job's key in the queue: a
+  pod's status change wakes its FineTuneJob early; a timer per job (requeue_after) wakes it for backoffs,
+  deadlines and polls.
+- The progress poller (progress.py) polls each running attempt's rank 0 beside the workers; a reconcile only
+  reads its latest report, and a new report wakes the job.
 - No state-changing handlers, daemons or timers means no kopf finalizer and no kopf annotations on the user's
   object: deleting a FineTuneJob never waits for the operator (children go by ownerReferences), and Argo CD
   sees no diff it did not make.
@@ -23,15 +26,18 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from pydantic import ValidationError
 
 from kubetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob
 from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_children, commit
+from kubetune_operator.cost import GPU_PRODUCT_LABEL, INSTANCE_TYPE_LABEL
 from kubetune_operator.kube import Kube
+from kubetune_operator.metrics import OperatorMetrics, ReconcileResult
 from kubetune_operator.names import CHILD_SELECTOR, LABEL_JOB
 from kubetune_operator.observed import (
     Observed,
@@ -41,6 +47,7 @@ from kubetune_operator.observed import (
     summarize_job,
     summarize_pod,
 )
+from kubetune_operator.progress import ProgressPoller, TrainerView
 from kubetune_operator.reconcile import reconcile, status_wire
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.workqueue import WorkQueue
@@ -110,9 +117,11 @@ class Controller:
         self.settings = settings
         self.queue: WorkQueue[Key] = WorkQueue()
         self.stats = ReconcileStats()
+        self.metrics = OperatorMetrics(self.finetunejobs)
+        self.poller: ProgressPoller[Key] = ProgressPoller(settings.progress_poll_interval_seconds, self.queue.add)
         self.events = EventPoster(kube)
         self.ready = asyncio.Event()
-        self._caches: dict[str, kopf.Index[Key, Any]] = {}
+        self._caches: dict[str, kopf.Index[Any, Any]] = {}  # by job key; nodes by name
         self._rejections: dict[Key, Rejection] = {}
         # A resourceVersion the cache is known to be behind, by job, and since when.
         self._behind: dict[Key, tuple[str, float]] = {}
@@ -161,10 +170,16 @@ class Controller:
         for cache, (resource, summarize) in CHILDREN.items():
             self._watch_children(registry, cache, resource, summarize)
 
+        @kopf.index("", "v1", "nodes", id="nodes", registry=registry)
+        async def nodes(body: kopf.Body, **_: Any) -> dict[str, dict[str, str]]:
+            # Only what prices a GPU-hour; a pod's node is looked up by name.
+            labels = body.metadata.labels
+            return {body.metadata.name: {k: labels[k] for k in (INSTANCE_TYPE_LABEL, GPU_PRODUCT_LABEL) if k in labels}}
+
         @kopf.on.startup(registry=registry)
         async def capture_caches(**kwargs: Any) -> None:
             # kopf hands the (live) indexes to handlers as keyword arguments named after their functions.
-            self._caches = {"finetunejobs": kwargs["finetunejobs"]}
+            self._caches = {"finetunejobs": kwargs["finetunejobs"], "nodes": kwargs["nodes"]}
             self._caches.update({cache: kwargs[cache] for cache in CHILDREN})
             self.ready.set()
 
@@ -222,6 +237,7 @@ class Controller:
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        await self.poller.stop()
         if self._poster:
             # The last transitions' events, briefly; then whatever is left is dropped.
             with contextlib.suppress(TimeoutError):
@@ -235,6 +251,7 @@ class Controller:
 
     def forget(self, key: Key) -> None:
         self.queue.forget(key)
+        self.poller.unwatch(key)
         self._rejections.pop(key, None)
         self._behind.pop(key, None)
         self._errors.pop(key, None)
@@ -245,7 +262,8 @@ class Controller:
             key = await self.queue.get()
             started = time.perf_counter()
             try:
-                await self.reconcile_key(key)
+                with self.metrics.reconcile() as outcome:
+                    outcome.result = await self.reconcile_key(key)
                 self._errors.pop(key, None)
             except Exception:
                 self.stats.errors += 1
@@ -257,11 +275,11 @@ class Controller:
                 self.stats.record(time.perf_counter() - started)
                 self.queue.done(key)
 
-    async def reconcile_key(self, key: Key) -> None:
+    async def reconcile_key(self, key: Key) -> ReconcileResult:
         body = _only(self._caches["finetunejobs"], key)
         if body is None:
             self.forget(key)
-            return
+            return "success"
         meta = body["metadata"]
         version = meta["resourceVersion"]
         behind = self._behind.get(key)
@@ -269,10 +287,10 @@ class Controller:
             waited = time.monotonic() - behind[1]
             if waited < STALE_CACHE_TIMEOUT:
                 self.queue.add(key, STALE_CACHE_TIMEOUT - waited)
-                return
+                return "requeue_after"
         ftj = FineTuneJob.model_validate(body)
         now = datetime.now(UTC)
-        plan = reconcile(ftj, self.observe(key), self.settings, now)
+        plan = reconcile(ftj, self.observe(key, ftj, now), self.settings, now)
         job = JobRef(meta["name"], meta["namespace"], meta["uid"], version)
         try:
             applied = await commit(self.kube, job, status_wire(ftj.status), plan)
@@ -280,7 +298,7 @@ class Controller:
             self.stats.conflicts += 1
             self._behind[key] = (version, time.monotonic())
             self.queue.add(key, STALE_CACHE_TIMEOUT)
-            return
+            return "requeue"
         if applied.replaced_version:
             self._behind[key] = (applied.replaced_version, time.monotonic())
         self.events.submit(job, plan.events, now)
@@ -290,16 +308,32 @@ class Controller:
             log.warning("%s/%s: %s", *key, e)
             self._rejections[key] = Rejection(run=plan.status.run or 1, message=str(e))
             self.queue.add(key)
-            return
+            return "requeue"
         touched = [("create", m["kind"], m["metadata"]["name"]) for m in plan.create]
         touched += [("delete", d.kind, d.name) for d in plan.delete]
         if touched:
             self._recent.setdefault(key, {}).update(dict.fromkeys(touched, time.monotonic()))
-        if plan.requeue_after is not None:
-            self.queue.add(key, plan.requeue_after)
+        if plan.requeue_after is None:
+            return "success"
+        self.queue.add(key, plan.requeue_after)
+        # Waking up for a backoff, a deadline or the next look at a running job; the idle resync is no requeue.
+        return "requeue_after" if plan.requeue_after < self.settings.resync_seconds else "success"
 
-    def observe(self, key: Key) -> Observed:
-        """Everything the caches hold about one job: the pure reconcile's input."""
+    def finetunejobs(self) -> list[FineTuneJob]:
+        """The FineTuneJobs in the cache (the metrics collector's source); one that does not validate is left
+        out (its reconcile logs why)."""
+        index = self._caches.get("finetunejobs")
+        jobs = []
+        for store in index.values() if index is not None else ():
+            for body in store:
+                try:
+                    jobs.append(FineTuneJob.model_validate(body))
+                except ValidationError:
+                    continue
+        return jobs
+
+    def observe(self, key: Key, ftj: FineTuneJob, now: datetime) -> Observed:
+        """Everything the caches and the progress poller hold about one job: the pure reconcile's input."""
         c = self._caches
         recent = {
             change: at
@@ -308,7 +342,7 @@ class Controller:
         }
         if recent:
             self._recent[key] = recent
-        return Observed(
+        observed = Observed(
             jobs=tuple(_all(c["jobs"], key)),
             pods=tuple(_all(c["pods"], key)),
             services=tuple(_all(c["services"], key)),
@@ -318,16 +352,34 @@ class Controller:
             just_created=frozenset((kind, name) for verb, kind, name in recent if verb == "create"),
             just_deleted=frozenset((kind, name) for verb, kind, name in recent if verb == "delete"),
         )
+        on = {p.usage.node_name for p in observed.pods if p.usage.node_name}
+        nodes = {name: labels for name in on if (labels := _only(c["nodes"], name)) is not None}
+        return replace(observed, nodes=nodes, trainer=self._trainer(key, ftj, observed, now))
+
+    def _trainer(self, key: Key, ftj: FineTuneJob, observed: Observed, now: datetime) -> TrainerView | None:
+        """Have the poller watch the current attempt's rank 0 while it runs (also while it checkpoints after
+        SIGTERM), and return what it knows."""
+        status = ftj.status
+        rank0 = None
+        if status is not None and status.run is not None and status.attempt is not None:
+            pods = observed.owned_by(ftj.metadata["uid"]).pods_of(status.run, status.attempt)
+            rank0 = next((p for p in pods if p.index == 0 and p.phase == "Running" and p.pod_ip), None)
+        if status is None or status.run is None or status.attempt is None or rank0 is None or rank0.pod_ip is None:
+            self.poller.unwatch(key)
+            return None
+        host = f"[{rank0.pod_ip}]" if ":" in rank0.pod_ip else rank0.pod_ip
+        url = f"http://{host}:{self.settings.trainer_metrics_port}/progress"
+        return self.poller.watch(key, url, status.run, status.attempt, now)
 
 
 def _owner_key(child: kopf.Body) -> Key:
     return child.metadata["namespace"], child.metadata.labels[LABEL_JOB]
 
 
-def _all(index: kopf.Index[Key, Any], key: Key) -> Iterator[Any]:
+def _all(index: kopf.Index[Any, Any], key: Any) -> Iterator[Any]:
     store = index.get(key)
     return iter(store) if store is not None else iter(())
 
 
-def _only(index: kopf.Index[Key, Any], key: Key) -> Any:
+def _only(index: kopf.Index[Any, Any], key: Any) -> Any:
     return next(_all(index, key), None)

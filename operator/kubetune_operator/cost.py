@@ -1,14 +1,13 @@
-"""What a run costs, and the three guards that stop it: budget, stall and the evaluation gate.
+"""What a run costs: GPU time of its worker pods, priced by their nodes (the budget guard is in policies.py).
 
 Everything here is pure: the operator passes in what it observed (worker pods summarised by `pod_usage`, the
 labels of their nodes) and the time, and writes what comes back into the status.
 
-Cost is derived, not remembered. A pod holds its GPUs from `status.startTime` until its last container
-finished (see `pod_usage`); GPU-seconds x the price of the pod's node is its cost. The current attempt's pods
-are re-measured on every reconcile, so an operator restart loses nothing. A finished attempt's pods are
-deleted with its Job, so before that the operator folds their final figures into a settled `Spend` with
-`accrue` and persists it in the status together with the attempt's completion. The run's cost is then
-settled + the current attempt's pods (`run_cost`).
+Cost is derived from the API objects, not kept in memory. A pod holds its GPUs from `status.startTime` until
+its last container finished (see `pod_usage`); GPU-seconds x the price of the pod's node is its cost. The
+reconcile measures each attempt's pods again every time and keeps the figure in the attempt's status record,
+only ever upwards: an attempt's pods go with its Job (after checkpointing on SIGTERM), and its record then
+holds what they used, across operator restarts. The run's cost is the sum of its attempts (`run_cost`).
 
 Price per GPU-hour, most specific first: the node's `node.kubernetes.io/instance-type` in
 `Pricing.by_instance_type` (a cloud SKU price, which already says which GPU it has), then its
@@ -21,22 +20,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Annotated, Any, Final, Literal
+from datetime import datetime
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from kubetune_operator.api.spec import Budget, Evaluation, Resources
-from kubetune_operator.api.status import CostStatus, Progress, format_eta
+from kubetune_operator.api.spec import Resources
+from kubetune_operator.api.status import CostStatus
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
-
-BUDGET_EXCEEDED: Final = "BudgetExceeded"
-STALLED: Final = "Stalled"
-EVAL_GATE_FAILED: Final = "EvalGateFailed"
 
 UsdPerHour = Annotated[float, Field(ge=0)]
 NodeLabels = Mapping[str, Mapping[str, str]]  # node name -> its labels
@@ -48,6 +43,8 @@ class Pricing(BaseModel):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
+    # Not 0: with a zero price every budget.maxCostUSD would silently never trigger. 2 USD is the order of an
+    # on-demand data-centre GPU-hour (A100/H100 class), so an unconfigured operator still guards budgets roughly.
     default_usd_per_gpu_hour: UsdPerHour = Field(
         2.0, description="Price when neither the instance type nor the GPU product has one."
     )
@@ -177,21 +174,6 @@ def pods_spend(
     return total
 
 
-def accrue(
-    settled: Spend,
-    finished_attempt_pods: Iterable[PodUsage],
-    *,
-    pricing: Pricing,
-    nodes: NodeLabels,
-    gpu_product: str | None,
-    now: datetime,
-) -> Spend:
-    """The settled spend after an attempt ended: call it once per attempt, with its pods, before deleting its Job,
-    and persist the result in the same status write that records the attempt's completion (that record is what
-    says "already accrued" after a restart)."""
-    return settled + pods_spend(finished_attempt_pods, pricing=pricing, nodes=nodes, gpu_product=gpu_product, now=now)
-
-
 def hourly_rate(pods: Iterable[PodUsage], *, resources: Resources, pricing: Pricing, nodes: NodeLabels) -> float:
     """USD per hour the run spends while it trains: the pods that hold GPUs now, at their nodes' prices; before
     any does (queued, restarting), what the spec asks for at the spec's GPU product price."""
@@ -206,92 +188,18 @@ def hourly_rate(pods: Iterable[PodUsage], *, resources: Resources, pricing: Pric
 
 def run_cost(
     *,
-    settled: Spend,
+    spent: Spend,
     pods: Iterable[PodUsage],
     resources: Resources,
     pricing: Pricing,
     nodes: NodeLabels,
     eta_seconds: float | None,
-    now: datetime,
 ) -> CostStatus:
-    """status.cost of the run: settled (finished attempts) + the current attempt's pods, and the projection
-    accrued + eta x the current hourly rate. `eta_seconds`: the trainer's estimate of the time left; 0 once the
-    run is over (projected = accrued); None while unknown (no projection)."""
-    pods = list(pods)
-    spent = settled + pods_spend(pods, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product, now=now)
+    """status.cost of the run: what it spent (all its attempts' pods so far), and the projection spent + eta x the
+    hourly rate of `pods`, the current attempt's. `eta_seconds`: the trainer's estimate of the time left; 0 once
+    the run is over (projected = spent); None while unknown (no projection)."""
     projected = None
     if eta_seconds is not None and math.isfinite(eta_seconds):
         rate = hourly_rate(pods, resources=resources, pricing=pricing, nodes=nodes)
         projected = round(spent.usd + max(0.0, eta_seconds) / 3600 * rate, 2)
     return CostStatus(gpu_hours=round(spent.gpu_seconds / 3600, 3), usd=round(spent.usd, 2), projected_usd=projected)
-
-
-# ----------------------------------------------------------------------------------------------
-# verdicts
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Why the operator must act on a run: the condition/attempt reason, and a message naming the figures."""
-
-    reason: Literal["BudgetExceeded", "Stalled", "EvalGateFailed"]
-    message: str
-
-
-def budget_verdict(budget: Budget | None, cost: CostStatus | None) -> Verdict | None:
-    """BudgetExceeded when accrued cost reaches maxCostUSD, GPU-hours reach maxGpuHours, or the projected cost
-    passes maxCostUSD (stopping then saves the money a doomed run would burn)."""
-    if budget is None or cost is None:
-        return None
-    limit_usd, limit_hours = budget.max_cost_usd, budget.max_gpu_hours
-    if limit_usd is not None and cost.usd is not None and cost.usd >= limit_usd:
-        return Verdict(BUDGET_EXCEEDED, f"Accrued cost ${cost.usd:.2f} reached budget.maxCostUSD ${limit_usd:.2f}.")
-    if limit_hours is not None and cost.gpu_hours is not None and cost.gpu_hours >= limit_hours:
-        return Verdict(
-            BUDGET_EXCEEDED, f"GPU-hours used {cost.gpu_hours:.2f} reached budget.maxGpuHours {limit_hours:g}."
-        )
-    if limit_usd is not None and cost.projected_usd is not None and cost.projected_usd > limit_usd:
-        return Verdict(
-            BUDGET_EXCEEDED,
-            f"Projected cost ${cost.projected_usd:.2f} (accrued ${cost.usd or 0:.2f} + the time left at the current "
-            f"rate) is over budget.maxCostUSD ${limit_usd:.2f}.",
-        )
-    return None
-
-
-def stall_clock(progress: Progress | None, attempt_started: datetime) -> datetime:
-    """When the trainer last showed life: its latest report (it stamps one at every step, evaluation and
-    checkpoint) or, if later, the start of the current attempt (a restarted run gets a full timeout to load)."""
-    if progress is None or progress.updated_at is None:
-        return attempt_started
-    return max(progress.updated_at, attempt_started)
-
-
-def stall_verdict(timeout_seconds: int, *, since: datetime, step: int | None, now: datetime) -> Verdict | None:
-    """Stalled when no new step came for runPolicy.stallTimeoutSeconds. `since` is `stall_clock(...)`; judge only
-    right after a poll, so a stale status (e.g. the operator was down) is refreshed first."""
-    quiet = now - since
-    if quiet < timedelta(seconds=timeout_seconds):
-        return None
-    at = f"step {step}" if step is not None else "before the first step"
-    return Verdict(
-        STALLED,
-        f"No new training step for {format_eta(quiet.total_seconds())} ({at}; "
-        f"runPolicy.stallTimeoutSeconds is {timeout_seconds}).",
-    )
-
-
-def eval_gate_verdict(evaluation: Evaluation | None, final_eval_loss: float | None) -> Verdict | None:
-    """EvalGateFailed when the final evaluation loss is above evaluation.maxEvalLoss, or the run reported none
-    (or a NaN) although a gate is set: an output that could not be judged is not promoted."""
-    if evaluation is None or evaluation.max_eval_loss is None:
-        return None
-    limit = evaluation.max_eval_loss
-    if final_eval_loss is None or not math.isfinite(final_eval_loss):
-        return Verdict(EVAL_GATE_FAILED, f"No final evaluation loss was reported; evaluation.maxEvalLoss is {limit:g}.")
-    if final_eval_loss > limit:
-        return Verdict(
-            EVAL_GATE_FAILED, f"Final evaluation loss {final_eval_loss:.4g} is above evaluation.maxEvalLoss {limit:g}."
-        )
-    return None

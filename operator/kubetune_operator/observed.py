@@ -1,5 +1,5 @@
-"""What the operator observed about one FineTuneJob: its children, their pods, and (from issue 6's pollers)
-the trainer's progress and the run's cost. The input of the pure reconcile.
+"""What the operator observed about one FineTuneJob: its children, their pods and nodes, and what the progress
+poller last heard from the current attempt's rank 0. The input of the pure reconcile.
 
 The `summarize_*` functions turn a raw API object into the few fields the decisions need. The watch caches
 hold only these summaries (not whole objects with managedFields), which keeps the operator's memory flat.
@@ -8,13 +8,14 @@ hold only these summaries (not whole objects with managedFields), which keeps th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from kubetune_operator.api.spec import FineTuneJobSpec
-from kubetune_operator.api.status import CheckpointStatus, CostStatus, Progress
+from kubetune_operator.cost import NodeLabels, PodUsage, pod_usage
 from kubetune_operator.names import COMPLETION_INDEX_LABEL, LABEL_ATTEMPT, LABEL_RUN
+from kubetune_operator.progress import TrainerView
 from kubetune_operator.render import CONTAINER, SPEC_KEY, run_spec_from_json
 
 
@@ -81,10 +82,10 @@ class PodState:
     phase: str
     ready: bool
     deleting: bool
-    node_name: str | None
     # Where rank 0 serves /progress and /metrics.
     pod_ip: str | None
-    start_time: datetime | None
+    # GPUs, node and when it held them: what it costs.
+    usage: PodUsage
     reason: str | None
     message: str | None
     # Reason of a true DisruptionTarget condition: PreemptionByScheduler, DeletionByTaintManager, ...
@@ -114,10 +115,10 @@ class Observed:
     # yet: not to be created, or deleted, a second time.
     just_created: frozenset[tuple[str, str]] = frozenset()
     just_deleted: frozenset[tuple[str, str]] = frozenset()
-    # Filled by issue 6's pollers (None: nothing new to report; the status keeps what it has).
-    progress: Progress | None = None
-    checkpoint: CheckpointStatus | None = None
-    cost: CostStatus | None = None
+    # The current attempt's rank 0 while it runs and is polled.
+    trainer: TrainerView | None = None
+    # Labels of the nodes the pods run on (for their price).
+    nodes: NodeLabels = field(default_factory=dict)
 
     def owned_by(self, uid: str) -> Observed:
         """Only the children of this incarnation of the job (a deleted and re-created job's leftovers are
@@ -132,9 +133,8 @@ class Observed:
             rejection=self.rejection,
             just_created=self.just_created,
             just_deleted=self.just_deleted,
-            progress=self.progress,
-            checkpoint=self.checkpoint,
-            cost=self.cost,
+            trainer=self.trainer,
+            nodes=self.nodes,
         )
 
     def pods_of(self, run: int, attempt: int) -> list[PodState]:
@@ -175,7 +175,7 @@ def summarize_job(body: Body) -> JobState:
 
 
 def summarize_pod(body: Body) -> PodState:
-    meta, spec, status = _parts(body)
+    meta, _, status = _parts(body)
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     disruption = conditions.get("DisruptionTarget")
     if disruption and disruption.get("status") != "True":
@@ -192,9 +192,8 @@ def summarize_pod(body: Body) -> PodState:
         phase=status.get("phase") or "Pending",
         ready=(conditions.get("Ready") or {}).get("status") == "True",
         deleting=bool(meta.get("deletionTimestamp")),
-        node_name=spec.get("nodeName"),
         pod_ip=status.get("podIP"),
-        start_time=parse_time(status.get("startTime")),
+        usage=pod_usage(body),
         reason=status.get("reason"),
         message=status.get("message") or (disruption.get("message") if disruption else None),
         disruption=disruption.get("reason") if disruption else None,

@@ -1,28 +1,34 @@
-"""Policies that can end an attempt or a run that is otherwise healthy: the run's deadline here; budget, stall
-detection and the evaluation gate (issue 6) join RUN_POLICIES the same way.
+"""Policies that can end an attempt or a run that is otherwise healthy: the run's deadline, its budget and stall
+detection (RUN_POLICIES), and the evaluation gate on a finished run (`eval_gate`).
 
 A policy looks at the run in progress and returns a Ruling: optionally a Verdict (restart the attempt from its
 checkpoint, or stop the run as Failed), and when its answer could change with no new observation (so the
 reconcile wakes up then). Policies are pure; the reconcile applies the verdict (SIGTERM via deleting the Job,
-so workers checkpoint first).
+so workers checkpoint first). They see the status as this reconcile updated it: the trainer's latest report
+and the run's cost up to now.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from kubetune_operator.api.spec import FineTuneJobSpec
-from kubetune_operator.api.status import AttemptReason, FineTuneJobStatus
+from kubetune_operator.api.spec import Evaluation, FineTuneJobSpec
+from kubetune_operator.api.status import AttemptReason, AttemptRecord, FineTuneJobStatus, format_eta
 from kubetune_operator.observed import Observed
 
 
 @dataclass(frozen=True)
 class Verdict:
-    # restart: end the attempt; the next one resumes from the checkpoint (counts against maxRestarts).
-    # stop: end the attempt and fail the run with `reason`.
+    """What a policy requires, with the reason (attempt and condition reason) and a message naming the figures.
+
+    restart: end the attempt; the next one resumes from the checkpoint (counts against maxRestarts).
+    stop: end the attempt and fail the run with `reason`.
+    """
+
     action: Literal["restart", "stop"]
     reason: AttemptReason
     message: str
@@ -70,7 +76,63 @@ def deadline(ctx: RunContext) -> Ruling:
     return Ruling(Verdict("stop", "DeadlineExceeded", f"the run exceeded runPolicy.activeDeadlineSeconds ({limit}s)"))
 
 
-RUN_POLICIES: tuple[Policy, ...] = (deadline,)
+def budget(ctx: RunContext) -> Ruling:
+    """BudgetExceeded when the run's accrued cost reaches budget.maxCostUSD, its GPU-hours reach maxGpuHours, or
+    its projected cost passes maxCostUSD (stopping then saves the money a run bound to overspend would burn)."""
+    limits, cost = ctx.spec.budget, ctx.status.cost
+    if limits is None or cost is None:
+        return Ruling()
+    usd, hours = limits.max_cost_usd, limits.max_gpu_hours
+    if usd is not None and cost.usd is not None and cost.usd >= usd:
+        message = f"accrued cost ${cost.usd:.2f} reached budget.maxCostUSD ${usd:.2f}"
+    elif hours is not None and cost.gpu_hours is not None and cost.gpu_hours >= hours:
+        message = f"{cost.gpu_hours:.2f} GPU-hours used reached budget.maxGpuHours {hours:g}"
+    elif usd is not None and cost.projected_usd is not None and cost.projected_usd > usd:
+        message = (
+            f"projected cost ${cost.projected_usd:.2f} (${cost.usd or 0:.2f} so far + the time left at the current "
+            f"rate) is over budget.maxCostUSD ${usd:.2f}"
+        )
+    else:
+        return Ruling()
+    return Ruling(Verdict("stop", "BudgetExceeded", message))
+
+
+def open_attempt(status: FineTuneJobStatus) -> AttemptRecord | None:
+    last = status.attempts[-1] if status.attempts else None
+    return last if last is not None and last.reason is None else None
+
+
+def stall(ctx: RunContext) -> Ruling:
+    """Stalled when rank 0 showed no life for runPolicy.stallTimeoutSeconds: no new report (the trainer stamps one
+    at every step, evaluation and checkpoint) since then, counted from the later of the attempt's start (a
+    restarted run gets a full timeout to load) and when this operator began polling it (a restarted operator
+    does not judge the time it was away). Judged only while rank 0 runs and is polled."""
+    trainer, attempt = ctx.observed.trainer, open_attempt(ctx.status)
+    if trainer is None or attempt is None or attempt.start_time is None:
+        return Ruling()
+    if (trainer.run, trainer.attempt) != (ctx.status.run, attempt.attempt):
+        return Ruling()
+    progress = ctx.status.progress
+    since = max(attempt.start_time, trainer.watching_since)
+    if progress is not None and progress.updated_at is not None:
+        since = max(since, progress.updated_at)
+    timeout = ctx.spec.run_policy.stall_timeout_seconds
+    due = since + timedelta(seconds=timeout)
+    if ctx.now < due:
+        return Ruling(recheck_at=due)
+    reported = progress is not None and progress.updated_at is not None and progress.updated_at >= attempt.start_time
+    at = f"at step {progress.step}" if reported and progress is not None else "no report from this attempt yet"
+    return Ruling(
+        Verdict(
+            "restart",
+            "Stalled",
+            f"no new training step for {format_eta((ctx.now - since).total_seconds())} ({at}; "
+            f"runPolicy.stallTimeoutSeconds is {timeout})",
+        )
+    )
+
+
+RUN_POLICIES: tuple[Policy, ...] = (deadline, budget, stall)
 
 
 def judge(ctx: RunContext, policies: tuple[Policy, ...] = RUN_POLICIES) -> Ruling:
@@ -80,3 +142,17 @@ def judge(ctx: RunContext, policies: tuple[Policy, ...] = RUN_POLICIES) -> Rulin
     verdict = next((v for v in verdicts if v.action == "stop"), None) or next(iter(verdicts), None)
     rechecks = [r.recheck_at for r in rulings if r.recheck_at]
     return Ruling(verdict, min(rechecks) if rechecks else None)
+
+
+def eval_gate(evaluation: Evaluation | None, final_eval_loss: float | None) -> str | None:
+    """Why a finished run fails its evaluation gate (reason EvalGateFailed), or None when it passes: the final
+    evaluation loss is above evaluation.maxEvalLoss, or none was reported although a gate is set (an output
+    that could not be judged is not promoted)."""
+    if evaluation is None or evaluation.max_eval_loss is None:
+        return None
+    limit = evaluation.max_eval_loss
+    if final_eval_loss is None or not math.isfinite(final_eval_loss):
+        return f"no final evaluation loss was reported; evaluation.maxEvalLoss is {limit:g}"
+    if final_eval_loss > limit:
+        return f"final evaluation loss {final_eval_loss:.4g} is above evaluation.maxEvalLoss {limit:g}"
+    return None

@@ -1,29 +1,43 @@
 """Training progress from rank 0's `/progress` document into the FineTuneJob status.
 
-The operator polls each running job's rank 0 (`fetch_progress`) at most every 15-30 s, at a per-job interval
-that spreads the polls of many jobs over time (`poll_interval`, `poll_due`), with a timeout so a hung trainer
-never holds up other jobs. `parse_report` and `to_status` turn the document into status.progress and
-status.checkpoint; they are pure and accept whatever a trainer sends without failing.
+`ProgressPoller` polls the rank 0 of each running attempt in the background, one task per job, every 0.75-1.5
+times the operator's poll interval (15-30 s by default; `poll_interval` spreads jobs over that range), at most
+POLL_CONCURRENCY requests at a time, each bounded by POLL_TIMEOUT: a hung trainer holds up nobody. Reconciles
+never wait for it; they read its latest report (`watch`), and a new report wakes the job's reconcile.
+`parse_report` and `to_status` turn the document into status.progress and status.checkpoint; they are pure and
+accept whatever a trainer sends without failing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import posixpath
 import zlib
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
-from kubetune_operator.api.status import CheckpointStatus, Progress, format_eta, progress_percent
+from kubetune_operator.api.status import (
+    MAX_PROGRESS_HISTORY,
+    CheckpointStatus,
+    HistoryPoint,
+    Progress,
+    format_eta,
+    progress_percent,
+)
 
 log = logging.getLogger(__name__)
 
-MIN_POLL_SECONDS = 15.0
-MAX_POLL_SECONDS = 30.0
+POLL_TIMEOUT = 5.0
+POLL_CONCURRENCY = 32
+K = TypeVar("K", bound=Hashable)
 
 
 async def fetch_progress(session: aiohttp.ClientSession, url: str, timeout: float) -> dict[str, Any] | None:
@@ -45,15 +59,90 @@ async def fetch_progress(session: aiohttp.ClientSession, url: str, timeout: floa
     return doc
 
 
-def poll_interval(key: str, low: float = MIN_POLL_SECONDS, high: float = MAX_POLL_SECONDS) -> float:
-    """A job's polling interval in [low, high]: stable for the job (key: e.g. its uid), different across jobs, so
-    hundreds of jobs created together are not polled in the same second."""
+def poll_interval(key: str, low: float, high: float) -> float:
+    """A job's polling interval in [low, high]: stable for the job, different across jobs, so hundreds of jobs
+    created together are not polled in the same second."""
     return low + (high - low) * (zlib.crc32(key.encode()) % 1000) / 999
 
 
-def poll_due(last_polled: float | None, now: float, interval: float) -> bool:
-    """Whether to poll now (monotonic seconds); a job never polled is due at once."""
-    return last_polled is None or now - last_polled >= interval
+@dataclass(frozen=True)
+class TrainerView:
+    """What the poller knows about the rank 0 of one attempt."""
+
+    run: int
+    attempt: int
+    # When this operator started polling it: a restarted operator gives a trainer a full stall timeout.
+    watching_since: datetime
+    report: TrainerReport | None
+
+
+@dataclass
+class _Target:
+    url: str
+    run: int
+    attempt: int
+    since: datetime
+    report: TrainerReport | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def view(self) -> TrainerView:
+        return TrainerView(self.run, self.attempt, self.since, self.report)
+
+
+class ProgressPoller(Generic[K]):
+    """Background polling of rank 0 per job. `watch` (called by each reconcile) names the current rank 0 and
+    returns what is known about it; `wake(key)` is called when a new report arrives."""
+
+    def __init__(
+        self,
+        interval: float,
+        wake: Callable[[K], None],
+        *,
+        timeout: float = POLL_TIMEOUT,
+        concurrency: int = POLL_CONCURRENCY,
+    ) -> None:
+        self._low, self._high = 0.75 * interval, 1.5 * interval
+        self._wake = wake
+        self._timeout = min(timeout, self._low)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._targets: dict[K, _Target] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def watch(self, key: K, url: str, run: int, attempt: int, now: datetime) -> TrainerView:
+        target = self._targets.get(key)
+        if target is None or (target.url, target.run, target.attempt) != (url, run, attempt):
+            self.unwatch(key)
+            target = self._targets[key] = _Target(url, run, attempt, since=now)
+            target.task = asyncio.create_task(self._poll(key, target), name=f"progress {key}")
+        return target.view()
+
+    def unwatch(self, key: K) -> None:
+        target = self._targets.pop(key, None)
+        if target is not None and target.task is not None:
+            target.task.cancel()
+
+    async def stop(self) -> None:
+        tasks = [t.task for t in self._targets.values() if t.task is not None]
+        self._targets.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _poll(self, key: K, target: _Target) -> None:
+        interval = poll_interval(str(key), self._low, self._high)
+        while True:
+            async with self._slots:
+                if self._session is None:
+                    self._session = aiohttp.ClientSession()
+                doc = await fetch_progress(self._session, target.url, self._timeout)
+            report = parse_report(doc) if doc is not None else None
+            if report is not None and report != target.report:
+                target.report = report
+                self._wake(key)
+            await asyncio.sleep(interval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,7 +161,8 @@ class ReportedCheckpoint(_Doc):
 
 
 class TrainerReport(_Doc):
-    """The fields of the trainer's /progress document the status uses (the trainer's progress module has the rest)."""
+    """The fields of the trainer's /progress document the status uses (the trainer's progress module has the rest).
+    History points stay raw here: one odd point must not cost the whole report."""
 
     state: str | None = None
     step: int = 0
@@ -85,6 +175,7 @@ class TrainerReport(_Doc):
     eta_seconds: float | None = None
     checkpoint: ReportedCheckpoint | None = None
     updated_at: AwareDatetime | None = None
+    history: list[Any] = []
 
 
 def parse_report(doc: dict[str, Any]) -> TrainerReport | None:
@@ -105,13 +196,14 @@ def to_status(
     report: TrainerReport,
     *,
     previous_checkpoint: CheckpointStatus | None,
-    checkpoint_root: str | None,
+    checkpoint_root: str,
+    checkpoint_uri: str,
 ) -> tuple[Progress, CheckpointStatus | None]:
     """status.progress and status.checkpoint from a report.
 
     The checkpoint is the newer of the reported one and `previous_checkpoint` (a restarted trainer reports none
-    until it has loaded one). Its path is made relative to `checkpoint_root`, where the worker mounts the
-    checkpoint claim, so the status names the path inside the claim.
+    until it has loaded one). A path under `checkpoint_root`, where the worker mounts the job's directory of the
+    checkpoint claim, is given as `checkpoint_uri` + the rest, so the status says where it is outside the pod.
     """
     step = max(0, report.step)
     total = report.total_steps if report.total_steps is not None and report.total_steps > 0 else None
@@ -129,11 +221,48 @@ def to_status(
         eta=format_eta(eta) if eta is not None else None,
         eta_seconds=round(eta) if eta is not None else None,
         updated_at=report.updated_at,
+        history=thin_history(_points(report.history)),
     )
     reported = report.checkpoint
     if reported is None or (previous_checkpoint is not None and (previous_checkpoint.step or 0) > reported.step):
         return progress, previous_checkpoint
     path = reported.path
-    if checkpoint_root is not None and (path + "/").startswith(checkpoint_root.rstrip("/") + "/"):
-        path = posixpath.relpath(path, checkpoint_root)
+    root = checkpoint_root.rstrip("/")
+    if (path + "/").startswith(root + "/"):
+        inside = posixpath.relpath(path, root)
+        path = checkpoint_uri if inside == "." else f"{checkpoint_uri}/{inside}"
     return progress, CheckpointStatus(latest=path, step=max(0, reported.step), saved_at=reported.saved_at)
+
+
+def _points(raw: list[Any]) -> list[HistoryPoint]:
+    points = []
+    for item in raw:
+        try:
+            point = HistoryPoint.model_validate(item)
+        except ValidationError:
+            continue
+        loss, eval_loss = _finite(point.loss), _finite(point.eval_loss)
+        if loss is not None or eval_loss is not None:
+            points.append(HistoryPoint(step=point.step, loss=loss, eval_loss=eval_loss))
+    return points
+
+
+def thin_history(points: Sequence[HistoryPoint], limit: int = MAX_PROGRESS_HISTORY) -> list[HistoryPoint]:
+    """At most `limit` points spread evenly over the run, the first and the newest kept. Evaluations are few and
+    make the eval curve, so they get up to half the points; training points fill the rest."""
+    if len(points) <= limit:
+        return list(points)
+    evaluated = [i for i, p in enumerate(points) if p.eval_loss is not None]
+    kept = set(_spread(evaluated, limit // 2))
+    rest = [i for i in range(len(points)) if i not in kept]
+    kept.update(_spread(rest, limit - len(kept)))
+    return [points[i] for i in sorted(kept)]
+
+
+def _spread(items: list[int], n: int) -> list[int]:
+    """`n` of the items, evenly spaced, the first and the last included."""
+    if len(items) <= n:
+        return items
+    if n <= 1:
+        return items[-n:] if n else []
+    return [items[round(k * (len(items) - 1) / (n - 1))] for k in range(n)]

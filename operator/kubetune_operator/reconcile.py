@@ -14,6 +14,11 @@ Runs and attempts:
   workers checkpoint on SIGTERM) and, after a backoff, the next attempt resumes from the run's checkpoint dir,
   until maxRestarts failures; the trainer's exit code 78 fails the run at once;
 - suspending deletes the attempt's Job (reason Suspended, not counted); resuming starts the next attempt.
+
+Observability: rank 0's latest report becomes status.progress and status.checkpoint; the run's cost is measured
+from its pods on every reconcile (ended attempts keep theirs in status.attempts); the policies (deadline,
+budget, stall) judge the run with both; a run whose workers completed still fails its evaluation gate
+(EvalGateFailed) when the final eval loss is too high, and its output is kept but not promoted.
 """
 
 from __future__ import annotations
@@ -39,10 +44,12 @@ from kubetune_operator.api.status import (
     record_run,
     set_condition,
 )
+from kubetune_operator.cost import Spend, pods_spend, run_cost
 from kubetune_operator.failures import WorkerFailure, attempt_failure
 from kubetune_operator.names import attempt_name, claim_name, run_config_name
 from kubetune_operator.observed import Observed, PodState
-from kubetune_operator.policies import RunContext, judge
+from kubetune_operator.policies import RunContext, eval_gate, judge, open_attempt
+from kubetune_operator.progress import to_status
 from kubetune_operator.render import (
     Manifest,
     Owner,
@@ -52,7 +59,7 @@ from kubetune_operator.render import (
     render_service,
 )
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.storage import output_uri
+from kubetune_operator.storage import JOB_DIR, PVC_SCHEME, checkpoint_claim, output_uri
 
 # Fields that say how a run is governed rather than what it trains: changing them never starts a new run.
 GOVERNANCE_FIELDS = {"run_policy", "budget", "evaluation"}
@@ -168,12 +175,14 @@ class _Reconciliation:
 
         if run.result is not None:
             return self._finished(run)
+        self._take_report(run)
         if self.observed.rejection and self.observed.rejection.run == run.run:
             return self._fail_run(run, "InvalidSpec", self.observed.rejection.message)
         if self.spec.run_policy.suspend:
             return self._suspended(run)
 
         running = self._open_attempt() is not None or self._start_next_attempt(run)
+        self._measure_cost(run)
         ruling = judge(RunContext(self.spec, self.status, self.observed, self.now))
         if ruling.recheck_at:
             self.recheck.append((ruling.recheck_at - self.now).total_seconds())
@@ -251,6 +260,8 @@ class _Reconciliation:
     ) -> RunRecord:
         at = at or self.now
         progress = self.status.progress
+        self._measure_cost(run)
+        cost = self.status.cost
         ended = run.model_copy(
             update={
                 "result": result,
@@ -260,6 +271,8 @@ class _Reconciliation:
                 "final_loss": progress.loss if progress else None,
                 "final_eval_loss": progress.eval_loss if progress else None,
                 "output": output,
+                "gpu_hours": cost.gpu_hours if cost else None,
+                "cost_usd": cost.usd if cost else None,
             }
         )
         self.status.runs = record_run(self.status.runs, ended)
@@ -268,15 +281,23 @@ class _Reconciliation:
             self._event("Normal", reason, f"run {run.run} cancelled: {msg}")
         return ended
 
-    def _fail_run(self, run: RunRecord, reason: str, message: str) -> Situation:
-        ended = self._end_run(run, "Failed", reason, message)
+    def _fail_run(
+        self, run: RunRecord, reason: str, message: str, at: datetime | None = None, output: str | None = None
+    ) -> Situation:
+        ended = self._end_run(run, "Failed", reason, message, at=at, output=output)
         self._event("Warning", reason, f"run {run.run} failed: {message}")
         self._recheck_at_ttl(ended)
         return Situation("Failed", reason, message, in_progress=False)
 
     def _succeed_run(self, run: RunRecord, completed_at: datetime | None) -> Situation:
         uri = output_uri(self.owner.namespace, self.owner.name, self._trained(run), run.run)
+        progress = self.status.progress
         # The Job's own completion time, so every replica writes the same status.
+        gate = eval_gate(self.spec.evaluation, progress.eval_loss if progress else None)
+        if gate is not None:
+            self.status.output = OutputStatus(path=uri, promoted=False)
+            message = f"{gate}; the output at {uri} is kept, not promoted"
+            return self._fail_run(run, "EvalGateFailed", message, at=completed_at, output=uri)
         ended = self._end_run(run, "Succeeded", "Succeeded", "", at=completed_at, output=uri)
         self.status.output = OutputStatus(path=uri, promoted=True)
         self._event("Normal", "Succeeded", f"run {run.run} succeeded; output at {uri}")
@@ -303,12 +324,62 @@ class _Reconciliation:
         return (last.message if last and last.message else "") or f"run {run.run} failed ({run.reason})"
 
     # ------------------------------------------------------------------------------------------
+    # progress and cost
+    # ------------------------------------------------------------------------------------------
+
+    def _take_report(self, run: RunRecord) -> None:
+        """The current attempt's latest report from rank 0 into status.progress and status.checkpoint."""
+        trainer = self.observed.trainer
+        if (
+            trainer is None
+            or trainer.report is None
+            or (trainer.run, trainer.attempt) != (run.run, self.status.attempt)
+        ):
+            return
+        claim = checkpoint_claim(self.owner.name, self._trained(run))
+        self.status.progress, self.status.checkpoint = to_status(
+            trainer.report,
+            previous_checkpoint=self.status.checkpoint,
+            checkpoint_root=JOB_DIR,
+            checkpoint_uri=f"{PVC_SCHEME}{claim}/{self.owner.namespace}/{self.owner.name}",
+        )
+
+    def _measure_cost(self, run: RunRecord) -> None:
+        """status.cost of the run, from its attempts' records, each first brought up to what its pods used so far
+        (pods that are gone, or not seen yet after a restart, never lower a record)."""
+        if not self.status.attempts:
+            return
+        resources = self._trained(run).resources
+        pricing, nodes = self.settings.pricing, self.observed.nodes
+        spent = Spend()
+        attempts = []
+        for a in self.status.attempts:
+            usage = [p.usage for p in self.observed.pods_of(run.run, a.attempt)]
+            if usage:
+                measured = pods_spend(
+                    usage, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product, now=self.now
+                )
+                a = _with_spend(a, measured)
+            spent += Spend((a.gpu_hours or 0.0) * 3600, a.cost_usd or 0.0)
+            attempts.append(a)
+        self.status.attempts = attempts
+        current = self._open_attempt()
+        progress = self.status.progress
+        self.status.cost = run_cost(
+            spent=spent,
+            pods=[p.usage for p in self.observed.pods_of(run.run, current.attempt)] if current else [],
+            resources=resources,
+            pricing=pricing,
+            nodes=nodes,
+            eta_seconds=0.0 if run.result is not None else (progress.eta_seconds if progress else None),
+        )
+
+    # ------------------------------------------------------------------------------------------
     # attempts
     # ------------------------------------------------------------------------------------------
 
     def _open_attempt(self) -> AttemptRecord | None:
-        last = self.status.attempts[-1] if self.status.attempts else None
-        return last if last is not None and last.reason is None else None
+        return open_attempt(self.status)
 
     def _start_next_attempt(self, run: RunRecord) -> bool:
         """Open the next attempt if it is due: the first one, one after a suspension, or one whose backoff
@@ -445,12 +516,13 @@ class _Reconciliation:
         status.conditions = conditions
         status.phase = compute_phase(conditions)
         status.observed_generation = gen
-        if self.observed.progress:
-            status.progress = self.observed.progress
-        if self.observed.checkpoint:
-            status.checkpoint = self.observed.checkpoint
-        if self.observed.cost:
-            status.cost = self.observed.cost
+        run = self._current_run()
+        if run is not None:
+            self._measure_cost(run)
+            if run.result is not None and status.cost is not None:
+                # A finished run's pods may still be checkpointing: its record follows their cost until they go.
+                cost = {"gpu_hours": status.cost.gpu_hours, "cost_usd": status.cost.usd}
+                status.runs = record_run(status.runs, run.model_copy(update=cost))
         if status.attempt is not None and status.run is not None:
             status.workers = _workers(self.observed.pods_of(status.run, status.attempt))
         if status.phase == "Running" and previous_phase != "Running":
@@ -478,9 +550,11 @@ class _Reconciliation:
             kept.add(config)
         elif not self._ttl_expired(run):
             kept.add(config)
-            if run.result == "Succeeded" and self.status.attempt is not None:
-                # The finished Job and its pods keep the logs until ttlSecondsAfterFinished.
-                kept.add(("Job", attempt_name(name, run.run, self.status.attempt)))
+            last = self.status.attempts[-1] if self.status.attempts else None
+            if last is not None and last.reason == "Completed":
+                # A Job whose workers finished (run Succeeded, or failed its evaluation gate) and its pods keep
+                # the logs until ttlSecondsAfterFinished.
+                kept.add(("Job", attempt_name(name, run.run, last.attempt)))
 
         existing = self._existing()
         create = [
@@ -549,6 +623,14 @@ def _workers(pods: list[PodState]) -> Workers:
 def _first_wait(pods: list[PodState]) -> str:
     waiting = next((p for p in sorted(pods, key=lambda p: p.index or 0) if p.waiting), None)
     return f"; worker {waiting.index} waits: {waiting.waiting}" if waiting else ""
+
+
+def _with_spend(attempt: AttemptRecord, spent: Spend) -> AttemptRecord:
+    """The attempt's record with its measured spend; never lower than recorded (pods that are gone no longer
+    count when measured again)."""
+    hours = max(attempt.gpu_hours or 0.0, round(spent.gpu_seconds / 3600, 4))
+    usd = max(attempt.cost_usd or 0.0, round(spent.usd, 4))
+    return attempt.model_copy(update={"gpu_hours": hours, "cost_usd": usd})
 
 
 def _trimmed(attempts: list[AttemptRecord]) -> list[AttemptRecord]:

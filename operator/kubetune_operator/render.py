@@ -25,6 +25,7 @@ from kubetune_trainer.config import (
 
 from kubetune_operator.api import API_VERSION, KIND
 from kubetune_operator.api.spec import FineTuneJobSpec, VolumeClaimTemplate
+from kubetune_operator.cost import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from kubetune_operator.names import (
     KUEUE_QUEUE_LABEL,
     attempt_name,
@@ -43,8 +44,6 @@ CONTAINER = "trainer"
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_KEY = "config.json"
 SPEC_KEY = "spec.json"
-GPU_RESOURCE = "nvidia.com/gpu"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 WORKER_UID = 1000
 
 

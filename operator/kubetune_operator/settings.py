@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from kubetune_operator.cost import Pricing
+
 SETTINGS_ENV = "KUBETUNE_SETTINGS"
 ENV_PREFIX = "KUBETUNE_"
 DEFAULT_IMAGE = "ghcr.io/kubetune/kubetune-trainer:0.1.0"
@@ -33,18 +35,6 @@ class Images(SettingsModel):
 
     peft: str = Field(DEFAULT_IMAGE, description="Image for lora, qlora, dora, prefix, prompt and ia3.")
     full: str = Field(DEFAULT_IMAGE, description="Image for full fine-tuning.")
-
-
-class Pricing(SettingsModel):
-    """Price per GPU-hour, read by the cost accounting: the instance type wins over the GPU product."""
-
-    default_usd_per_gpu_hour: float = Field(0.0, ge=0, description="Price when nothing more specific matches.")
-    by_gpu_product: dict[str, float] = Field(
-        default_factory=dict, description="By the node label nvidia.com/gpu.product, e.g. NVIDIA-H100-80GB-HBM3."
-    )
-    by_instance_type: dict[str, float] = Field(
-        default_factory=dict, description="By the node label node.kubernetes.io/instance-type, e.g. p5.48xlarge."
-    )
 
 
 class OperatorSettings(SettingsModel):
@@ -67,7 +57,12 @@ class OperatorSettings(SettingsModel):
     health_port: int = Field(8080, ge=0, le=65535, description="Operator /healthz and /readyz; 0 disables.")
     metrics_port: int = Field(9090, ge=0, le=65535, description="Operator /metrics; 0 disables.")
     progress_poll_interval_seconds: float = Field(
-        20.0, gt=0, description="How often an active job is re-reconciled (and its trainer progress polled)."
+        20.0,
+        gt=0,
+        description=(
+            "How often an active job is re-reconciled; its rank 0's progress is polled every 0.75-1.5 times this "
+            "(spread per job)."
+        ),
     )
     resync_seconds: float = Field(
         600.0, gt=0, description="How often an idle job (finished, suspended) is re-reconciled to catch drift."
@@ -75,7 +70,9 @@ class OperatorSettings(SettingsModel):
     reconcile_workers: int = Field(
         32, ge=1, le=256, description="FineTuneJobs reconciled concurrently (each mostly waits on the API server)."
     )
-    pricing: Pricing = Field(default_factory=Pricing)
+    pricing: Pricing = Field(
+        default_factory=Pricing, description="Prices per GPU-hour for cost tracking and budgets (USD)."
+    )
 
 
 def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> OperatorSettings:

@@ -1,27 +1,22 @@
-"""The cost model and the run guards: prices, GPU time from pod objects, accrual over attempts, projection,
-and the BudgetExceeded / Stalled / EvalGateFailed verdicts."""
+"""The cost model: prices, GPU time from pod objects, settled attempts plus live pods, projection. (The budget,
+stall and evaluation-gate policies that act on it: tests/operator/test_policies.py.)"""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from kubetune_operator.api.spec import Budget, Evaluation, Resources
-from kubetune_operator.api.status import CostStatus, Progress
+from kubetune_operator.api.spec import Resources
+from kubetune_operator.api.status import CostStatus
 from kubetune_operator.cost import (
     PodUsage,
     Pricing,
     Spend,
-    accrue,
-    budget_verdict,
-    eval_gate_verdict,
     hourly_rate,
     pod_usage,
     pods_spend,
     run_cost,
-    stall_clock,
-    stall_verdict,
     usd_per_gpu_hour,
 )
 from observability_helpers import H100, T0, pod
@@ -126,27 +121,19 @@ def test_pods_spend_prices_each_pod_by_its_node() -> None:
     assert spend.usd == pytest.approx(2 * 2.0)
 
 
-def test_accrue_settles_finished_attempts_so_the_run_cost_survives_their_pods() -> None:
+def test_run_cost_is_what_every_attempt_spent_projected_at_the_current_attempts_rate() -> None:
+    # attempts 1 and 2 ended (their pods are gone; their records kept what they used); attempt 3 runs
     attempt1 = [usage(gpus=8, node="p5-node", started=T0, finished=T0 + HOUR, phase="Failed")]
-    settled = accrue(Spend(), attempt1, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + 2 * HOUR)
-    assert settled == Spend(gpu_seconds=8 * 3600, usd=24.0)
     attempt2 = [usage(gpus=8, node="plain-node", started=T0 + 2 * HOUR, finished=T0 + 3 * HOUR)]
-    settled = accrue(settled, attempt2, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + 3 * HOUR)
-    assert settled == Spend(gpu_seconds=16 * 3600, usd=24.0 + 32.0)
+    attempt3 = [usage(gpus=8, node="p5-node", started=T0 + 4 * HOUR)]
+    spent = Spend()
+    for pods in (attempt1, attempt2, attempt3):
+        spent += pods_spend(pods, pricing=PRICING, nodes=NODES, gpu_product=H100, now=T0 + 5 * HOUR)
+    assert spent == Spend(gpu_seconds=24 * 3600, usd=24.0 + 32.0 + 24.0)
 
-    # attempt 1's pods are gone; attempt 3 runs: the run's cost is the settled part plus the live pods
     resources = Resources(num_nodes=1, gpus_per_node=8, gpu_product=H100)
-    live = [usage(gpus=8, node="p5-node", started=T0 + 4 * HOUR)]
-    cost = run_cost(
-        settled=settled,
-        pods=live,
-        resources=resources,
-        pricing=PRICING,
-        nodes=NODES,
-        eta_seconds=7200,
-        now=T0 + 5 * HOUR,
-    )
-    assert cost == CostStatus(gpu_hours=24.0, usd=56.0 + 24.0, projected_usd=80.0 + 2 * 8 * 3.0)
+    cost = run_cost(spent=spent, pods=attempt3, resources=resources, pricing=PRICING, nodes=NODES, eta_seconds=7200)
+    assert cost == CostStatus(gpu_hours=24.0, usd=80.0, projected_usd=80.0 + 2 * 8 * 3.0)
 
 
 @pytest.mark.parametrize(
@@ -173,126 +160,16 @@ def test_hourly_rate(pods: list[PodUsage], rate: float) -> None:
     ],
 )
 def test_run_cost_projection(eta_seconds: float | None, projected: float | None) -> None:
-    settled = Spend(gpu_seconds=2 * 3600, usd=8.0)
+    spent = Spend(gpu_seconds=2 * 3600, usd=8.0)
     resources = Resources(num_nodes=1, gpus_per_node=2, gpu_product=H100)
-    cost = run_cost(
-        settled=settled, pods=[], resources=resources, pricing=PRICING, nodes=NODES, eta_seconds=eta_seconds, now=T0
-    )
+    cost = run_cost(spent=spent, pods=[], resources=resources, pricing=PRICING, nodes=NODES, eta_seconds=eta_seconds)
     assert cost == CostStatus(gpu_hours=2.0, usd=8.0, projected_usd=projected)
 
 
 def test_run_cost_rounds_for_the_status() -> None:
     live = [usage(gpus=1, node="plain-node", started=T0)]
-    resources = Resources(gpus_per_node=1)
+    spent = pods_spend(live, pricing=PRICING, nodes=NODES, gpu_product=None, now=T0 + timedelta(seconds=100))
     cost = run_cost(
-        settled=Spend(),
-        pods=live,
-        resources=resources,
-        pricing=PRICING,
-        nodes=NODES,
-        eta_seconds=None,
-        now=T0 + timedelta(seconds=100),
+        spent=spent, pods=live, resources=Resources(gpus_per_node=1), pricing=PRICING, nodes=NODES, eta_seconds=None
     )
     assert (cost.gpu_hours, cost.usd) == (0.028, 0.06)
-
-
-# -- budget -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("budget", "cost", "message"),
-    [
-        (None, CostStatus(usd=1e6), None),
-        (Budget(max_cost_usd=50), None, None),
-        (Budget(max_cost_usd=50), CostStatus(usd=49.99, projected_usd=50.0), None),  # projection at the limit: ok
-        (Budget(max_cost_usd=50), CostStatus(usd=50.0), "Accrued cost $50.00 reached budget.maxCostUSD $50.00."),
-        (
-            Budget(max_cost_usd=50),
-            CostStatus(usd=12.0, projected_usd=63.4),
-            "Projected cost $63.40 (accrued $12.00 + the time left at the current rate) is over "
-            "budget.maxCostUSD $50.00.",
-        ),
-        (Budget(max_gpu_hours=800), CostStatus(gpu_hours=799.9, usd=1e6), None),  # no USD limit: only hours count
-        (
-            Budget(max_gpu_hours=800),
-            CostStatus(gpu_hours=801.25),
-            "GPU-hours used 801.25 reached budget.maxGpuHours 800.",
-        ),
-        (
-            Budget(max_cost_usd=2500, max_gpu_hours=800),  # both over: the accrued money is named first
-            CostStatus(gpu_hours=900, usd=2600, projected_usd=3000),
-            "Accrued cost $2600.00 reached budget.maxCostUSD $2500.00.",
-        ),
-    ],
-)
-def test_budget_verdict(budget: Budget | None, cost: CostStatus | None, message: str | None) -> None:
-    verdict = budget_verdict(budget, cost)
-    if message is None:
-        assert verdict is None
-    else:
-        assert verdict is not None
-        assert (verdict.reason, verdict.message) == ("BudgetExceeded", message)
-
-
-# -- stall --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("progress", "attempt_started", "clock"),
-    [
-        (None, T0, T0),
-        (Progress(step=5), T0, T0),  # no report time
-        (Progress(step=5, updated_at=T0 + HOUR), T0, T0 + HOUR),
-        # the report came from the previous attempt: the new attempt gets a full timeout from its start
-        (Progress(step=5, updated_at=T0), T0 + HOUR, T0 + HOUR),
-    ],
-)
-def test_stall_clock(progress: Progress | None, attempt_started: datetime, clock: datetime) -> None:
-    assert stall_clock(progress, attempt_started) == clock
-
-
-@pytest.mark.parametrize(
-    ("quiet", "step", "message"),
-    [
-        (timedelta(seconds=899), 1200, None),
-        (
-            timedelta(seconds=900),
-            1200,
-            "No new training step for 15m (step 1200; runPolicy.stallTimeoutSeconds is 900).",
-        ),
-        (
-            timedelta(hours=2, minutes=5),
-            None,
-            "No new training step for 2h5m (before the first step; runPolicy.stallTimeoutSeconds is 900).",
-        ),
-    ],
-)
-def test_stall_verdict(quiet: timedelta, step: int | None, message: str | None) -> None:
-    verdict = stall_verdict(900, since=T0, step=step, now=T0 + quiet)
-    assert (verdict.message if verdict else None) == message
-    assert verdict is None or verdict.reason == "Stalled"
-
-
-# -- evaluation gate ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("evaluation", "eval_loss", "message"),
-    [
-        (None, 9.0, None),
-        (Evaluation(), 9.0, None),
-        (Evaluation(max_eval_loss=1.5), 1.5, None),
-        (Evaluation(max_eval_loss=1.5), 1.2, None),
-        (Evaluation(max_eval_loss=1.5), 1.73, "Final evaluation loss 1.73 is above evaluation.maxEvalLoss 1.5."),
-        (Evaluation(max_eval_loss=1.5), None, "No final evaluation loss was reported; evaluation.maxEvalLoss is 1.5."),
-        (
-            Evaluation(max_eval_loss=1.5),
-            float("nan"),
-            "No final evaluation loss was reported; evaluation.maxEvalLoss is 1.5.",
-        ),
-    ],
-)
-def test_eval_gate_verdict(evaluation: Evaluation | None, eval_loss: float | None, message: str | None) -> None:
-    verdict = eval_gate_verdict(evaluation, eval_loss)
-    assert (verdict.message if verdict else None) == message
-    assert verdict is None or verdict.reason == "EvalGateFailed"

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.api.spec import Resources
-from kubetune_operator.cost import GPU_PRODUCT_LABEL, Pricing, Spend, accrue, pod_usage, pods_spend, run_cost
+from kubetune_operator.api.status import CostStatus
+from kubetune_operator.cost import GPU_PRODUCT_LABEL, Pricing, pod_usage, pods_spend, run_cost
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +69,7 @@ def test_finished_attempt_is_measured_from_its_pods_and_priced_by_instance_type(
 
     nodes = node_labels(cluster)
     later = datetime.now(UTC)
-    settled = accrue(Spend(), usages, pricing=PRICING, nodes=nodes, gpu_product=None, now=later)
+    settled = pods_spend(usages, pricing=PRICING, nodes=nodes, gpu_product=None, now=later)
     assert 2 * 8 * 3 <= settled.gpu_seconds <= 2 * 8 * 8
     assert settled.usd == pytest.approx(settled.gpu_seconds / 3600 * 3.6)  # the p5.48xlarge price, not the default
     # measured again later, a finished attempt costs the same: nothing depends on when the operator looks
@@ -86,18 +87,12 @@ def test_running_attempt_keeps_accruing(cluster: LocalCluster, namespace: str) -
     nodes = node_labels(cluster)
     resources = Resources(num_nodes=2, gpus_per_node=8)
     t = datetime.now(UTC)
-    first = run_cost(
-        settled=Spend(), pods=usages, resources=resources, pricing=PRICING, nodes=nodes, eta_seconds=3600, now=t
-    )
-    later = run_cost(
-        settled=Spend(),
-        pods=usages,
-        resources=resources,
-        pricing=PRICING,
-        nodes=nodes,
-        eta_seconds=3600,
-        now=t + timedelta(hours=1),
-    )
+
+    def cost_at(now: datetime) -> CostStatus:
+        spent = pods_spend(usages, pricing=PRICING, nodes=nodes, gpu_product=None, now=now)
+        return run_cost(spent=spent, pods=usages, resources=resources, pricing=PRICING, nodes=nodes, eta_seconds=3600)
+
+    first, later = cost_at(t), cost_at(t + timedelta(hours=1))
     assert first.gpu_hours is not None and later.gpu_hours is not None and first.usd is not None
     assert later.gpu_hours == pytest.approx(first.gpu_hours + 16, abs=0.001)  # 16 GPUs held for one more hour
     # the projection: the hour the trainer says is left, on 16 GPUs at the p5.48xlarge price

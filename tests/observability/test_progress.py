@@ -7,23 +7,34 @@ shape breaks these tests rather than the operator in production.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from kubetune_operator.api.status import CheckpointStatus, Progress
-from kubetune_operator.progress import fetch_progress, parse_report, poll_due, poll_interval, to_status
+from kubetune_operator.api.status import CheckpointStatus, HistoryPoint, Progress
+from kubetune_operator.progress import (
+    ProgressPoller,
+    fetch_progress,
+    parse_report,
+    poll_interval,
+    thin_history,
+    to_status,
+)
 from kubetune_trainer import progress as trainer_progress
 from observability_helpers import T0
 
 SAVED_AT = datetime(2026, 11, 27, 9, 30, 0, tzinfo=UTC).timestamp()
+# Where the worker mounts its job's directory of the checkpoint claim, and what that is outside the pod.
+ROOT = "/kubetune/job"
+URI = "pvc://ft-checkpoints/ml-team/support-bot"
 
 
 def trainer_doc() -> dict[str, Any]:
@@ -33,17 +44,19 @@ def trainer_doc() -> dict[str, Any]:
     p.set_state("training")
     for step in range(1, 1201):
         p.step_done(step, epoch=step / 2000, duration=0.5, tokens=4096)
-    p.logged(
-        loss=1.234,
-        learning_rate=2e-4,
-        grad_norm=0.8,
-        tokens_per_second=48210.0,
-        mfu=0.41,
-        eta_seconds=5400.4,
-        gpu_memory_peak=60 * 2**30,
-    )
-    p.evaluated(1200, eval_loss=1.31, perplexity=3.7)
-    p.checkpointed(1200, "/checkpoints/ml-team/support-bot/runs/2/step-1200", SAVED_AT, duration=12.0)
+        if step % 2 == 0:  # 600 logged points: more than the trainer's 500
+            p.logged(
+                loss=1.234 if step == 1200 else 2.0 - step / 1000,
+                learning_rate=2e-4,
+                grad_norm=0.8,
+                tokens_per_second=48210.0,
+                mfu=0.41,
+                eta_seconds=5400.4,
+                gpu_memory_peak=60 * 2**30,
+            )
+        if step % 100 == 0:
+            p.evaluated(step, eval_loss=1.31 if step == 1200 else 2.1 - step / 1000, perplexity=3.7)
+    p.checkpointed(1200, f"{ROOT}/runs/2/checkpoints/step-1200", SAVED_AT, duration=12.0)
     doc: dict[str, Any] = json.loads(json.dumps(p.snapshot()))
     return doc
 
@@ -52,8 +65,9 @@ def test_a_real_trainer_document_maps_into_the_status() -> None:
     doc = trainer_doc()
     report = parse_report(doc)
     assert report is not None
-    progress, checkpoint = to_status(report, previous_checkpoint=None, checkpoint_root="/checkpoints/ml-team")
-    assert progress == Progress(
+    progress, checkpoint = to_status(report, previous_checkpoint=None, checkpoint_root=ROOT, checkpoint_uri=URI)
+    history = progress.history
+    assert progress.model_copy(update={"history": []}) == Progress(
         step=1200,
         total_steps=4000,
         percent=30,
@@ -68,8 +82,15 @@ def test_a_real_trainer_document_maps_into_the_status() -> None:
     )
     assert progress.updated_at is not None and abs(progress.updated_at.timestamp() - time.time()) < 60
     assert checkpoint == CheckpointStatus(
-        latest="support-bot/runs/2/step-1200", step=1200, saved_at=datetime.fromtimestamp(SAVED_AT, UTC)
+        latest=f"{URI}/runs/2/checkpoints/step-1200", step=1200, saved_at=datetime.fromtimestamp(SAVED_AT, UTC)
     )
+    # the trainer's 500-point history, thinned for the status: spread over the run, every evaluation kept
+    assert len(doc["history"]) > 300 and len(history) == 100
+    assert history[-1] == HistoryPoint(step=1200, loss=1.234, eval_loss=1.31)
+    steps = [p.step for p in history]
+    assert steps == sorted(set(steps)) and steps[0] == doc["history"][0]["step"]
+    evaluated = [h["step"] for h in doc["history"] if "evalLoss" in h]
+    assert evaluated and [p.step for p in history if p.eval_loss is not None] == evaluated
     # the status accepts it: it serialises to JSON the API server takes
     json.loads(progress.model_dump_json(by_alias=True))
 
@@ -77,7 +98,7 @@ def test_a_real_trainer_document_maps_into_the_status() -> None:
 def test_a_fresh_trainer_has_no_progress_figures_yet() -> None:
     report = parse_report(json.loads(json.dumps(trainer_progress.Progress(world_size=1).snapshot())))
     assert report is not None
-    progress, checkpoint = to_status(report, previous_checkpoint=None, checkpoint_root=None)
+    progress, checkpoint = to_status(report, previous_checkpoint=None, checkpoint_root=ROOT, checkpoint_uri=URI)
     assert (progress.step, progress.total_steps, progress.percent, progress.loss, progress.eta) == (
         0,
         None,
@@ -111,9 +132,48 @@ BASE = {"step": 10, "totalSteps": 100, "updatedAt": "2026-11-27T09:00:00Z"}
 def test_mapping_drops_figures_a_status_cannot_hold(fields: dict[str, Any], expected: dict[str, Any]) -> None:
     report = parse_report({**BASE, **fields})
     assert report is not None
-    progress, _ = to_status(report, previous_checkpoint=None, checkpoint_root=None)
+    progress, _ = to_status(report, previous_checkpoint=None, checkpoint_root=ROOT, checkpoint_uri=URI)
     for key, value in expected.items():
         assert getattr(progress, key) == value, key
+
+
+def points(n: int, eval_every: int) -> list[HistoryPoint]:
+    return [HistoryPoint(step=i, loss=1.0, eval_loss=0.5 if i % eval_every == 0 else None) for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize(
+    ("n", "eval_every", "evals_kept"),
+    [
+        (100, 10, 10),  # fits: unchanged
+        (500, 25, 20),  # every evaluation kept, training points fill the rest
+        (500, 2, 62),  # half of the points for evaluations; the rest spread over all points, evaluated or not
+        (101, 1000, 0),
+    ],
+)
+def test_history_is_thinned_evenly_keeping_the_ends_and_the_evaluations(
+    n: int, eval_every: int, evals_kept: int
+) -> None:
+    thinned = thin_history(points(n, eval_every), limit=100)
+    steps = [p.step for p in thinned]
+    assert len(thinned) == min(n, 100)
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == n
+    assert sum(p.eval_loss is not None for p in thinned) == evals_kept
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
+    assert max(gaps) <= 3 * n / 100  # spread over the whole run, no long holes
+
+
+def test_odd_history_points_are_dropped_not_the_report() -> None:
+    history = [
+        {"step": 1, "loss": 2.0},
+        {"step": "x"},
+        "junk",
+        {"step": 2, "loss": float("nan")},
+        {"step": 3, "evalLoss": 1.5},
+    ]
+    report = parse_report({**BASE, "history": history})
+    assert report is not None
+    progress, _ = to_status(report, previous_checkpoint=None, checkpoint_root=ROOT, checkpoint_uri=URI)
+    assert progress.history == [HistoryPoint(step=1, loss=2.0), HistoryPoint(step=3, eval_loss=1.5)]
 
 
 @pytest.mark.parametrize(
@@ -133,8 +193,8 @@ def test_documents_of_another_shape_are_rejected(doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("reported_step", "root", "expected"),
     [
-        (300, "/ckpt", CheckpointStatus(latest="runs/1/step-300", step=300, saved_at=T0)),
-        (300, "/ckpt/", CheckpointStatus(latest="runs/1/step-300", step=300, saved_at=T0)),
+        (300, "/ckpt", CheckpointStatus(latest="pvc://c/ns/j/runs/1/step-300", step=300, saved_at=T0)),
+        (300, "/ckpt/", CheckpointStatus(latest="pvc://c/ns/j/runs/1/step-300", step=300, saved_at=T0)),
         (300, "/elsewhere", CheckpointStatus(latest="/ckpt/runs/1/step-300", step=300, saved_at=T0)),
         (300, "/ck", CheckpointStatus(latest="/ckpt/runs/1/step-300", step=300, saved_at=T0)),  # not a prefix dir
         (100, "/ckpt", CheckpointStatus(latest="runs/1/step-200", step=200)),  # older than what status has
@@ -152,26 +212,21 @@ def test_checkpoint_is_the_newest_known(reported_step: int | None, root: str, ex
     report = parse_report(doc)
     assert report is not None
     previous = CheckpointStatus(latest="runs/1/step-200", step=200)
-    assert to_status(report, previous_checkpoint=previous, checkpoint_root=root)[1] == expected
+    assert (
+        to_status(report, previous_checkpoint=previous, checkpoint_root=root, checkpoint_uri="pvc://c/ns/j")[1]
+        == expected
+    )
 
 
 # -- polling ------------------------------------------------------------------------------------------
 
 
 def test_poll_interval_is_stable_per_job_and_spread_over_the_range() -> None:
-    intervals = [poll_interval(f"uid-{i}") for i in range(500)]
+    intervals = [poll_interval(f"uid-{i}", 15, 30) for i in range(500)]
     assert all(15.0 <= i <= 30.0 for i in intervals)
-    assert poll_interval("uid-7") == intervals[7]
+    assert poll_interval("uid-7", 15, 30) == intervals[7]
     assert max(intervals) - min(intervals) > 12  # spread, not all the same
     assert 5.0 <= poll_interval("uid-7", low=5, high=10) <= 10.0
-
-
-@pytest.mark.parametrize(
-    ("last", "now", "due"),
-    [(None, 100.0, True), (90.0, 100.0, False), (80.0, 100.0, True), (85.0, 100.0, True)],
-)
-def test_poll_due(last: float | None, now: float, due: bool) -> None:
-    assert poll_due(last, now, interval=15.0) is due
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -247,5 +302,60 @@ def test_fetch_progress_from_the_real_trainer_server() -> None:
     assert doc is not None
     report = parse_report(doc)
     assert report is not None
-    progress, _ = to_status(report, previous_checkpoint=None, checkpoint_root=None)
+    progress, _ = to_status(report, previous_checkpoint=None, checkpoint_root=ROOT, checkpoint_uri=URI)
     assert (progress.step, progress.total_steps, progress.percent, progress.epoch) == (4, 10, 40, 0.4)
+
+
+def test_the_poller_wakes_a_job_on_news_and_a_hung_trainer_holds_up_nobody() -> None:
+    reported = {"step": 1}
+    served: list[int] = []
+    release = asyncio.Event()
+
+    async def progress(_: web.Request) -> web.Response:
+        served.append(reported["step"])
+        return web.json_response({**BASE, "step": reported["step"]})
+
+    async def hung(_: web.Request) -> web.Response:
+        await release.wait()  # until the test ends
+        return web.json_response({})
+
+    async def polls(count: int) -> None:
+        target = len(served) + count
+        while len(served) < target:
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        woken: asyncio.Queue[str] = asyncio.Queue()
+        async with server({"/progress": progress, "/hung": hung}) as base:
+            # One request at a time: the hung trainer's polls must time out and let the other job's through.
+            poller: ProgressPoller[str] = ProgressPoller(0.2, woken.put_nowait, concurrency=1)
+            try:
+                poller.watch("hung", base + "/hung", 1, 1, T0)
+                view = poller.watch("ok", base + "/progress", 1, 1, T0)
+                assert (view.report, view.watching_since) == (None, T0)
+                assert await asyncio.wait_for(woken.get(), 10) == "ok"
+                later = poller.watch("ok", base + "/progress", 1, 1, T0 + timedelta(minutes=1))
+                assert later.report is not None and later.report.step == 1
+                assert later.watching_since == T0  # the same rank 0: watched since it was first named
+
+                await asyncio.wait_for(polls(3), 10)
+                assert woken.empty()  # the same report again is no news
+                reported["step"] = 2
+                assert await asyncio.wait_for(woken.get(), 10) == "ok"
+
+                # the next attempt's rank 0 is another target: nothing known about it yet
+                fresh = poller.watch("ok", base + "/progress", 1, 2, T0 + timedelta(minutes=2))
+                assert (fresh.attempt, fresh.report, fresh.watching_since) == (2, None, T0 + timedelta(minutes=2))
+                assert await asyncio.wait_for(woken.get(), 10) == "ok"
+
+                poller.unwatch("ok")
+                await asyncio.sleep(0)
+                count = len(served)
+                await asyncio.sleep(0.5)
+                assert len(served) == count  # no longer polled
+            finally:
+                await poller.stop()
+                release.set()
+            assert woken.empty()
+
+    asyncio.run(scenario())

@@ -39,7 +39,7 @@ from aiohttp import web
 from kubetune_operator.api import FineTuneJob, FineTuneJobStatus
 from kubetune_operator.api.spec import Budget
 from kubetune_operator.api.status import CheckpointStatus, Progress
-from kubetune_operator.cost import Pricing, Spend, pod_usage, run_cost
+from kubetune_operator.cost import Pricing, Spend, pod_usage, pods_spend, run_cost
 from kubetune_operator.metrics import OperatorMetrics, serve
 from kubetune_operator.monitoring import ALERTS, DASHBOARD
 from kubetune_operator.progress import fetch_progress, parse_report, to_status
@@ -95,14 +95,15 @@ def healthy_job(progress: Progress | None, checkpoint: CheckpointStatus | None) 
     pods = [pod_usage(pod(gpus=1, node="gpu-node-0", started=t - timedelta(hours=1)))]
     job = example_job("lora-single-gpu.yaml", "ml-team")
     job.spec.budget = Budget(max_cost_usd=50, max_gpu_hours=24)
+    # attempt 1 (OOMKilled after 30 min) and attempt 2, running
+    spent = Spend(gpu_seconds=1800, usd=1.5) + pods_spend(pods, pricing=PRICING, nodes=NODES, gpu_product=None, now=t)
     cost = run_cost(
-        settled=Spend(gpu_seconds=1800, usd=1.5),  # attempt 1 (OOMKilled after 30 min)
+        spent=spent,
         pods=pods,
         resources=job.spec.resources,
         pricing=PRICING,
         nodes=NODES,
         eta_seconds=progress.eta_seconds if progress else None,
-        now=t,
     )
     status = FineTuneJobStatus(
         phase="Running",
@@ -128,13 +129,12 @@ def stuck_job() -> FineTuneJob:
         step=800, total_steps=5000, percent=16, loss=2.1, eta_seconds=200_000, updated_at=t - timedelta(hours=2)
     )
     cost = run_cost(
-        settled=Spend(),
+        spent=pods_spend(pods, pricing=PRICING, nodes=NODES, gpu_product=None, now=t),
         pods=pods,
         resources=job.spec.resources,
         pricing=PRICING,
         nodes=NODES,
         eta_seconds=progress.eta_seconds,
-        now=t,
     )
     status = FineTuneJobStatus(
         phase="Running",
@@ -274,7 +274,10 @@ class Operator:
                 report = parse_report(doc) if doc else None
                 if report is not None:
                     progress, checkpoint = to_status(
-                        report, previous_checkpoint=checkpoint, checkpoint_root=CHECKPOINT_ROOT
+                        report,
+                        previous_checkpoint=checkpoint,
+                        checkpoint_root=CHECKPOINT_ROOT,
+                        checkpoint_uri="pvc://ft-checkpoints/ml-team/support-bot-lora",
                     )
                     self.jobs[("ml-team", "support-bot-lora")] = healthy_job(progress, checkpoint)
                 self.jobs[("research", "qwen-7b-full")] = stuck_job()

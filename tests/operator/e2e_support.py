@@ -38,13 +38,21 @@ def free_port() -> int:
 class Operator:
     """`python -m kubetune_operator` against the local cluster, logging to a file."""
 
-    def __init__(self, cluster: LocalCluster, workdir: Path, namespaces: list[str], name: str = "operator") -> None:
+    def __init__(
+        self,
+        cluster: LocalCluster,
+        workdir: Path,
+        namespaces: list[str],
+        name: str = "operator",
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.cluster = cluster
         self.namespaces = namespaces
         self.log_path = workdir / f"{name}.log"
         self.settings_path = workdir / f"{name}-settings.yaml"
-        self.settings_path.write_text(yaml.safe_dump({**TEST_SETTINGS, "healthPort": free_port()}))
-        self.health_port = yaml.safe_load(self.settings_path.read_text())["healthPort"]
+        self.health_port, self.metrics_port = free_port(), free_port()
+        ports = {"healthPort": self.health_port, "metricsPort": self.metrics_port}
+        self.settings_path.write_text(yaml.safe_dump({**TEST_SETTINGS, **ports, **(settings or {})}))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60, *, wait: bool = True) -> Operator:

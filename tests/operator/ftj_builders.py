@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubetune_operator.api import FineTuneJob
+from kubetune_operator.cost import PodUsage
 from kubetune_operator.observed import JobState, Observed, PodState, RunConfig, Termination
 from kubetune_operator.reconcile import Plan, reconcile
 from kubetune_operator.render import Owner, render_config_map
@@ -91,8 +92,18 @@ def job_state(
 
 
 def pod(
-    index: int, run: int = 1, attempt: int = 1, *, job_uid: str = "job-uid", phase: str = "Running", **fields: Any
+    index: int,
+    run: int = 1,
+    attempt: int = 1,
+    *,
+    job_uid: str = "job-uid",
+    phase: str = "Running",
+    gpus: int = 8,
+    **fields: Any,
 ) -> PodState:
+    """A worker pod that started at T0 with `gpus` GPUs; a finished one held them until its termination."""
+    termination = fields.get("termination")
+    end = termination.finished_at if termination is not None and phase in ("Succeeded", "Failed") else None
     base = PodState(
         name=f"sft-r{run}-a{attempt}-{index}-abcde",
         job_uid=job_uid,
@@ -102,9 +113,8 @@ def pod(
         phase=phase,
         ready=phase == "Running",
         deleting=False,
-        node_name=f"gpu-node-{index}",
         pod_ip=f"10.244.0.{index + 1}",
-        start_time=T0,
+        usage=PodUsage(gpus=gpus, node_name=f"gpu-node-{index}", start=T0, end=end),
         reason=None,
         message=None,
         disruption=None,
@@ -123,9 +133,11 @@ def config_map_of(job: FineTuneJob, run: int = 1, generation: int = 1) -> RunCon
     return RunConfig(name=manifest["metadata"]["name"], owner_uid=UID, run=run, spec_json=manifest["data"]["spec.json"])
 
 
-def step(job: FineTuneJob, observed: Observed | None = None, now: datetime = T0) -> tuple[Plan, FineTuneJob]:
+def step(
+    job: FineTuneJob, observed: Observed | None = None, now: datetime = T0, settings: OperatorSettings = SETTINGS
+) -> tuple[Plan, FineTuneJob]:
     """Reconcile once and return the plan and the job as it is after the plan's status write."""
-    plan = reconcile(job, observed or Observed(), SETTINGS, now)
+    plan = reconcile(job, observed or Observed(), settings, now)
     body = job.model_dump(mode="json", by_alias=True, exclude_none=True)
     body["status"] = plan.status.model_dump(mode="json", by_alias=True, exclude_none=True)
     return plan, FineTuneJob.model_validate(body)

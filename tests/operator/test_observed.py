@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from kubetune_operator.cost import PodUsage
 from kubetune_operator.observed import summarize_child, summarize_config_map, summarize_job, summarize_pod
 
 OWNER = [{"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "uid": "ftj-uid", "controller": True}]
@@ -54,10 +55,14 @@ def test_a_preempted_pod() -> None:
                 "labels": {**LABELS, "batch.kubernetes.io/job-completion-index": "1"},
                 "ownerReferences": [{"kind": "Job", "uid": "job-uid", "controller": True}],
             },
-            "spec": {"nodeName": "gpu-node-1"},
+            "spec": {
+                "nodeName": "gpu-node-1",
+                "containers": [{"name": "trainer", "resources": {"limits": {"nvidia.com/gpu": "8"}}}],
+            },
             "status": {
                 "phase": "Failed",
                 "podIP": "10.244.0.7",
+                "startTime": "2026-11-27T09:00:00Z",
                 "conditions": [
                     {"type": "Ready", "status": "False"},
                     {
@@ -85,7 +90,10 @@ def test_a_preempted_pod() -> None:
         }
     )
     assert (pod.job_uid, pod.run, pod.attempt, pod.index) == ("job-uid", 2, 3, 1)
-    assert (pod.node_name, pod.pod_ip) == ("gpu-node-1", "10.244.0.7")
+    assert pod.pod_ip == "10.244.0.7"
+    # it held 8 GPUs on its node from its start until its trainer container ended
+    start, end = datetime(2026, 11, 27, 9, 0, 0, tzinfo=UTC), datetime(2026, 11, 27, 9, 5, 0, tzinfo=UTC)
+    assert pod.usage == PodUsage(gpus=8, node_name="gpu-node-1", start=start, end=end)
     assert (pod.phase, pod.ready, pod.disruption, pod.message) == ("Failed", False, "PreemptionByScheduler", "by p")
     assert pod.termination is not None
     assert pod.termination.exit_code == 143

@@ -27,7 +27,7 @@ from ftj_builders import (
     step,
 )
 from kubetune_operator.api import FineTuneJob
-from kubetune_operator.api.status import CheckpointStatus, CostStatus, FineTuneJobStatus, Progress
+from kubetune_operator.api.status import FineTuneJobStatus
 from kubetune_operator.observed import ChildRef, Observed, Rejection
 from kubetune_operator.reconcile import (
     Deletion,
@@ -533,27 +533,6 @@ def test_a_job_being_deleted_gets_no_plan() -> None:
     plan = reconcile(job, RUNNING, SETTINGS, later(5))
     assert plan.create == () and plan.delete == () and plan.events == ()
     assert plan.status == job.status
-
-
-def test_reported_progress_checkpoint_and_cost_land_in_status_and_reset_with_a_new_run() -> None:
-    job = started()
-    reported = replace(
-        RUNNING,
-        progress=Progress(step=120, total_steps=400, percent=30, loss=1.5),
-        checkpoint=CheckpointStatus(latest="runs/1/checkpoints/step-00000100", step=100, saved_at=later(3)),
-        cost=CostStatus(gpu_hours=1.5, usd=6.0, projected_usd=20.0),
-    )
-    _, job = step(job, reported, later(5))
-    assert job.status is not None
-    assert job.status.progress == reported.progress
-    assert job.status.checkpoint == reported.checkpoint
-    assert job.status.cost == reported.cost
-    _, job = step(job, RUNNING, later(6))
-    assert job.status is not None and job.status.progress == reported.progress
-    _, job = step(edited(job, spec(training={"epochs": 2})), Observed(), later(7))
-    assert job.status is not None
-    assert (job.status.progress, job.status.checkpoint, job.status.cost) == (None, None, None)
-    assert job.status.runs[0].final_loss == 1.5
 
 
 def test_many_suspensions_keep_the_attempt_list_within_the_api_bound() -> None:

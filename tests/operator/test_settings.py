@@ -14,7 +14,7 @@ def test_defaults_need_no_file() -> None:
     assert s == OperatorSettings()
     assert s.namespaces == []
     assert (s.master_port, s.trainer_metrics_port, s.health_port) == (29500, 9400, 8080)
-    assert s.pricing.default_usd_per_gpu_hour == 0.0
+    assert s.pricing.default_usd_per_gpu_hour == 2.0  # budgets guard something before prices are set
 
 
 def test_a_file_in_camel_case_with_env_overrides_on_top(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ AttemptReason = Literal[
 
 # How many finished or running runs status.runs keeps (oldest dropped first).
 MAX_RUN_HISTORY = 20
+# Loss points kept in status.progress.history: enough for a readable curve, small enough for the object
+# (rank 0 keeps up to 500; the operator thins them).
+MAX_PROGRESS_HISTORY = 100
 # The first attempt plus runPolicy.maxRestarts (at most 100) restarts.
 MAX_ATTEMPTS = 101
 
@@ -76,6 +79,14 @@ class Workers(ApiModel):
     failed: int = Field(0, ge=0, description="Pods that failed.")
 
 
+class HistoryPoint(ApiModel):
+    """One point of the loss curve."""
+
+    step: int = Field(ge=0, description="Optimizer step.")
+    loss: float | None = Field(None, description="Training loss at this step.")
+    eval_loss: float | None = Field(None, description="Evaluation loss, where the run evaluated at this step.")
+
+
 class Progress(ApiModel):
     """Training progress of the current run, as last reported by rank 0 (updated at most every ~30 s)."""
 
@@ -90,18 +101,30 @@ class Progress(ApiModel):
     eta: str | None = Field(None, max_length=32, description="Estimated time left, for humans (e.g. 1h12m).")
     eta_seconds: int | None = Field(None, ge=0, description="Estimated time left, in seconds.")
     updated_at: Time | None = Field(None, description="When this progress was reported.")
+    history: list[HistoryPoint] = Field(
+        default_factory=list,
+        max_length=MAX_PROGRESS_HISTORY,
+        description=(
+            f"The loss curve of the run so far, at most {MAX_PROGRESS_HISTORY} points spread over it, oldest first "
+            "(every evaluation kept while they fit in half of them)."
+        ),
+    )
 
 
 class CheckpointStatus(ApiModel):
     """The latest valid checkpoint of the current run."""
 
-    latest: str | None = Field(None, max_length=4096, description="Path of the checkpoint inside the claim.")
+    latest: str | None = Field(
+        None,
+        max_length=4096,
+        description="Where the checkpoint is, e.g. pvc://ft-checkpoints/default/support-bot/runs/2/checkpoints/step-1200.",
+    )
     step: int | None = Field(None, ge=0, description="Optimizer step it was taken at.")
     saved_at: Time | None = Field(None, description="When it was saved.")
 
 
 class CostStatus(ApiModel):
-    """Spend of the current run."""
+    """Spend of the current run: GPU time of its worker pods, over all its attempts, priced by their nodes."""
 
     gpu_hours: float | None = Field(None, ge=0, description="GPU-hours used by the run's worker pods.")
     usd: float | None = Field(None, ge=0, description="Accrued cost in US dollars.")
@@ -152,6 +175,10 @@ class RunRecord(ApiModel):
     final_loss: float | None = Field(None, description="Training loss at the end of the run.")
     final_eval_loss: float | None = Field(None, description="Evaluation loss at the end of the run.")
     output: str | None = Field(None, max_length=4096, description="Where the run's output is.")
+    gpu_hours: float | None = Field(None, ge=0, description="GPU-hours the run used, once it ended.")
+    cost_usd: float | None = Field(
+        None, ge=0, alias="costUSD", description="What the run cost in US dollars, once it ended."
+    )
 
 
 class AttemptRecord(ApiModel):
@@ -163,6 +190,12 @@ class AttemptRecord(ApiModel):
     reason: AttemptReason | None = Field(None, description="Why the attempt ended; omitted while it runs.")
     message: str | None = Field(None, max_length=32768, description="Details, e.g. which pod failed and how.")
     exit_code: int | None = Field(None, description="Exit code of the first failed worker container, if any.")
+    gpu_hours: float | None = Field(
+        None, ge=0, description="GPU-hours the attempt's workers used so far (final once they are gone)."
+    )
+    cost_usd: float | None = Field(
+        None, ge=0, alias="costUSD", description="What the attempt's workers cost so far, in US dollars."
+    )
 
 
 class FineTuneJobStatus(ApiModel):

@@ -1,0 +1,173 @@
+"""The run policies the reconcile applies to a healthy run: budget (accrued, GPU-hours, projected), stall
+detection, and the evaluation gate of a finished run. Pure: a RunContext in, a Ruling (or a message) out."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from ftj_builders import T0, spec
+from kubetune_operator.api.spec import Evaluation, FineTuneJobSpec
+from kubetune_operator.api.status import AttemptRecord, CostStatus, FineTuneJobStatus, Progress
+from kubetune_operator.observed import Observed
+from kubetune_operator.policies import Ruling, RunContext, Verdict, budget, eval_gate, judge, stall
+from kubetune_operator.progress import TrainerView
+
+HOUR = timedelta(hours=1)
+
+
+def context(
+    *,
+    budget_: dict[str, Any] | None = None,
+    cost: CostStatus | None = None,
+    progress: Progress | None = None,
+    attempt_start: datetime = T0,
+    trainer: TrainerView | None = None,
+    now: datetime = T0,
+    stall_timeout: int = 900,
+) -> RunContext:
+    overrides: dict[str, Any] = {"runPolicy": {"stallTimeoutSeconds": stall_timeout}}
+    if budget_ is not None:
+        overrides["budget"] = budget_
+    status = FineTuneJobStatus(
+        run=1,
+        attempt=2,
+        attempts=[
+            AttemptRecord(attempt=1, start_time=T0 - HOUR, completion_time=T0, reason="OOMKilled"),
+            AttemptRecord(attempt=2, start_time=attempt_start),
+        ],
+        progress=progress,
+        cost=cost,
+    )
+    return RunContext(FineTuneJobSpec.model_validate(spec(**overrides)), status, Observed(trainer=trainer), now)
+
+
+# -- budget -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limits", "cost", "message"),
+    [
+        (None, CostStatus(usd=1e6), None),
+        ({"maxCostUSD": 50}, None, None),
+        ({"maxCostUSD": 50}, CostStatus(usd=49.99, projected_usd=50.0), None),  # projection at the limit: ok
+        ({"maxCostUSD": 50}, CostStatus(usd=50.0), "accrued cost $50.00 reached budget.maxCostUSD $50.00"),
+        (
+            {"maxCostUSD": 50},
+            CostStatus(usd=12.0, projected_usd=63.4),
+            "projected cost $63.40 ($12.00 so far + the time left at the current rate) is over budget.maxCostUSD "
+            "$50.00",
+        ),
+        ({"maxGpuHours": 800}, CostStatus(gpu_hours=799.9, usd=1e6), None),  # no USD limit: only hours count
+        (
+            {"maxGpuHours": 800},
+            CostStatus(gpu_hours=801.25),
+            "801.25 GPU-hours used reached budget.maxGpuHours 800",
+        ),
+        (
+            {"maxCostUSD": 2500, "maxGpuHours": 800},  # both over: the accrued money is named first
+            CostStatus(gpu_hours=900, usd=2600, projected_usd=3000),
+            "accrued cost $2600.00 reached budget.maxCostUSD $2500.00",
+        ),
+    ],
+)
+def test_budget(limits: dict[str, Any] | None, cost: CostStatus | None, message: str | None) -> None:
+    ruling = budget(context(budget_=limits, cost=cost))
+    expected = Verdict("stop", "BudgetExceeded", message) if message else None
+    assert ruling == Ruling(expected)
+
+
+# -- stall ----------------------------------------------------------------------------------------------
+
+
+def watched(since: datetime = T0, run: int = 1, attempt: int = 2) -> TrainerView:
+    return TrainerView(run=run, attempt=attempt, watching_since=since, report=None)
+
+
+@pytest.mark.parametrize(
+    ("progress", "attempt_start", "since", "quiet_from"),
+    [
+        (None, T0, T0, T0),  # nothing reported: from the attempt's start
+        (Progress(step=5, updated_at=T0 + HOUR), T0, T0, T0 + HOUR),  # from the latest report
+        # the report came from the previous attempt: the new one gets a full timeout from its start
+        (Progress(step=5, updated_at=T0), T0 + HOUR, T0, T0 + HOUR),
+        # this operator started polling later (it was restarted): the time it was away is not judged
+        (Progress(step=5, updated_at=T0), T0, T0 + 2 * HOUR, T0 + 2 * HOUR),
+    ],
+)
+def test_stall_counts_quiet_time_from_the_latest_sign_of_life(
+    progress: Progress | None, attempt_start: datetime, since: datetime, quiet_from: datetime
+) -> None:
+    timeout = timedelta(seconds=900)
+
+    def rule(now: datetime) -> Ruling:
+        return stall(context(progress=progress, attempt_start=attempt_start, trainer=watched(since), now=now))
+
+    assert rule(quiet_from + timeout - timedelta(seconds=1)) == Ruling(recheck_at=quiet_from + timeout)
+    verdict = rule(quiet_from + timeout).verdict
+    assert verdict is not None and (verdict.action, verdict.reason) == ("restart", "Stalled")
+
+
+@pytest.mark.parametrize(
+    ("progress", "message"),
+    [
+        (
+            Progress(step=1200, updated_at=T0),
+            "no new training step for 15m (at step 1200; runPolicy.stallTimeoutSeconds is 900)",
+        ),
+        (None, "no new training step for 15m (no report from this attempt yet; runPolicy.stallTimeoutSeconds is 900)"),
+    ],
+)
+def test_stall_message(progress: Progress | None, message: str) -> None:
+    ruling = stall(context(progress=progress, trainer=watched(), now=T0 + timedelta(seconds=900)))
+    assert ruling == Ruling(Verdict("restart", "Stalled", message))
+
+
+@pytest.mark.parametrize(
+    "trainer",
+    [
+        None,  # rank 0 not running (pending, unschedulable): not a stall
+        watched(attempt=1),  # the poller still names the previous attempt's rank 0
+    ],
+)
+def test_stall_is_judged_only_while_the_current_rank_0_is_polled(trainer: TrainerView | None) -> None:
+    assert stall(context(trainer=trainer, now=T0 + 10 * HOUR)) == Ruling()
+
+
+def test_a_stop_beats_a_restart_and_the_earliest_recheck_wins() -> None:
+    ctx = context(
+        budget_={"maxCostUSD": 10},
+        cost=CostStatus(usd=11.0),
+        trainer=watched(),
+        now=T0 + 2 * HOUR,
+        stall_timeout=600,
+    )
+    assert stall(ctx).verdict is not None
+    ruling = judge(ctx)
+    assert ruling.verdict is not None and ruling.verdict.reason == "BudgetExceeded"
+    quiet = context(trainer=watched(), now=T0, stall_timeout=600)
+    assert judge(quiet) == Ruling(recheck_at=T0 + timedelta(seconds=600))
+
+
+# -- evaluation gate -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "eval_loss", "message"),
+    [
+        (None, 9.0, None),
+        (Evaluation(), 9.0, None),
+        (Evaluation(max_eval_loss=1.5), 1.5, None),
+        (Evaluation(max_eval_loss=1.5), 1.2, None),
+        (Evaluation(max_eval_loss=1.5), 1.73, "final evaluation loss 1.73 is above evaluation.maxEvalLoss 1.5"),
+        (Evaluation(max_eval_loss=1.5), None, "no final evaluation loss was reported; evaluation.maxEvalLoss is 1.5"),
+        (
+            Evaluation(max_eval_loss=1.5),
+            float("nan"),
+            "no final evaluation loss was reported; evaluation.maxEvalLoss is 1.5",
+        ),
+    ],
+)
+def test_eval_gate(evaluation: Evaluation | None, eval_loss: float | None, message: str | None) -> None:
+    assert eval_gate(evaluation, eval_loss) == message

@@ -1,0 +1,268 @@
+"""The pure reconcile with what observability adds: rank 0's reports in status.progress / status.checkpoint,
+the run's cost from its pods across attempts, and the budget, stall and evaluation-gate policies acting on a
+run (which Job is deleted, which reason the run ends with, what is kept)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from ftj_builders import SETTINGS, T0, condition, edited, exited, ftj, job_state, later, pod, reasons, spec, step
+from kubetune_operator.api import FineTuneJob
+from kubetune_operator.api.status import CheckpointStatus, CostStatus, HistoryPoint, OutputStatus, Progress
+from kubetune_operator.cost import PodUsage, Pricing
+from kubetune_operator.observed import Observed
+from kubetune_operator.progress import TrainerReport, TrainerView, parse_report
+from kubetune_operator.reconcile import Deletion
+from kubetune_operator.settings import OperatorSettings
+
+RUNNING = Observed(jobs=(job_state("sft-r1-a1"),), pods=(pod(0), pod(1)))  # 2 pods x 8 GPUs since T0
+JOB_1 = Deletion("Job", "sft-r1-a1")
+
+
+def started(spec_: dict[str, Any] | None = None) -> FineTuneJob:
+    _, job = step(ftj(spec_))
+    return job
+
+
+def report(**fields: Any) -> TrainerReport:
+    doc = {
+        "state": "training",
+        "step": 120,
+        "totalSteps": 400,
+        "epoch": 0.3,
+        "loss": 1.5,
+        "evalLoss": 1.6,
+        "tokensPerSecond": 900.0,
+        "mfu": 0.4,
+        "etaSeconds": 1800,
+        "updatedAt": "2026-11-27T09:05:00Z",
+        "checkpoint": {
+            "step": 100,
+            "path": "/kubetune/job/runs/1/checkpoints/step-100",
+            "savedAt": "2026-11-27T09:04:00Z",
+        },
+        "history": [{"step": 100, "loss": 1.6, "evalLoss": 1.7}, {"step": 120, "loss": 1.5}],
+    }
+    parsed = parse_report({**doc, **fields})
+    assert parsed is not None
+    return parsed
+
+
+def polled(rep: TrainerReport | None, observed: Observed = RUNNING, attempt: int = 1, since: datetime = T0) -> Observed:
+    return replace(observed, trainer=TrainerView(run=1, attempt=attempt, watching_since=since, report=rep))
+
+
+def completed(at: datetime) -> Observed:
+    finished = exited(0, "Completed", at=at)
+    return Observed(
+        jobs=(job_state("sft-r1-a1", complete=True, completion_time=at),),
+        pods=(pod(0, phase="Succeeded", termination=finished), pod(1, phase="Succeeded", termination=finished)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# progress
+# ----------------------------------------------------------------------------------------------
+
+
+def test_rank_0_report_lands_in_the_status_and_a_new_run_starts_afresh() -> None:
+    _, job = step(started(), polled(report()), later(300))
+    assert job.status is not None
+    assert job.status.progress == Progress(
+        step=120,
+        total_steps=400,
+        percent=30,
+        epoch=0.3,
+        loss=1.5,
+        eval_loss=1.6,
+        tokens_per_second=900.0,
+        mfu=0.4,
+        eta="30m",
+        eta_seconds=1800,
+        updated_at=later(300),
+        history=[HistoryPoint(step=100, loss=1.6, eval_loss=1.7), HistoryPoint(step=120, loss=1.5)],
+    )
+    assert job.status.checkpoint == CheckpointStatus(
+        latest="pvc://ft-checkpoints/ml/sft/runs/1/checkpoints/step-100", step=100, saved_at=later(240)
+    )
+    # 16 GPUs for 5 minutes at the default $2, and half an hour more at that rate
+    assert job.status.cost == CostStatus(gpu_hours=1.333, usd=2.67, projected_usd=18.67)
+
+    # a report from another attempt's rank 0 (the poller has not caught up) changes nothing
+    _, after = step(job, polled(report(step=5), attempt=2), later(310))
+    assert after.status is not None and after.status.progress == job.status.progress
+
+    _, job = step(edited(job, spec(training={"epochs": 2})), Observed(), later(320))
+    assert job.status is not None
+    assert (job.status.progress, job.status.checkpoint) == (None, None)
+    assert job.status.cost == CostStatus(gpu_hours=0.0, usd=0.0)  # run 2's attempt 1 was just created
+    first = job.status.runs[0]
+    assert (first.result, first.final_loss, first.final_eval_loss) == ("Cancelled", 1.5, 1.6)
+    assert (first.gpu_hours, first.cost_usd) == (1.333, 2.67)  # 16 GPUs for 300 s, when its pods were last seen
+
+
+# ----------------------------------------------------------------------------------------------
+# cost
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cost_over_attempts_follows_the_pods_and_survives_them() -> None:
+    job = started(spec(runPolicy={"maxRestarts": 2, "backoffSeconds": 300}))
+    _, job = step(job, RUNNING, later(1800))
+    assert job.status is not None and job.status.cost == CostStatus(gpu_hours=8.0, usd=16.0)
+
+    # worker 1 fails after an hour: attempt 1 ends with what its pods used
+    failed = exited(1, at=later(3600))
+    ending = replace(RUNNING, pods=(pod(0), pod(1, phase="Failed", termination=failed)))
+    _, job = step(job, ending, later(3600))
+    assert job.status is not None
+    first = job.status.attempts[0]
+    assert (first.reason, first.gpu_hours, first.cost_usd) == ("Error", 16.0, 32.0)
+
+    # worker 0 checkpoints for a minute after SIGTERM: the record follows it, and keeps that once it is gone
+    terminating = replace(ending, pods=(replace(pod(0), deleting=True), ending.pods[1]))
+    _, job = step(job, terminating, later(3660))
+    _, job = step(job, Observed(), later(3700))
+    assert job.status is not None
+    assert (job.status.attempts[0].gpu_hours, job.status.attempts[0].cost_usd) == (16.1333, 32.2667)
+    assert job.status.cost == CostStatus(gpu_hours=16.133, usd=32.27)
+
+    # attempt 2 runs an hour on p5 nodes priced by their instance type
+    priced = OperatorSettings(pricing=Pricing(by_instance_type={"p5.48xlarge": 3.0}))
+    _, job = step(job, Observed(), later(3900), priced)
+    assert job.status is not None and job.status.attempt == 2
+    pods = tuple(
+        pod(i, attempt=2, usage=PodUsage(gpus=8, node_name=f"gpu-node-{i}", start=later(3900), end=None))
+        for i in (0, 1)
+    )
+    p5 = {f"gpu-node-{i}": {"node.kubernetes.io/instance-type": "p5.48xlarge"} for i in (0, 1)}
+    running = Observed(jobs=(job_state("sft-r1-a2", attempt=2),), pods=pods, nodes=p5)
+    _, job = step(job, running, later(7500), priced)
+    assert job.status is not None
+    assert job.status.cost == CostStatus(gpu_hours=32.133, usd=80.27)  # + 16 GPU-hours at $3
+
+
+# ----------------------------------------------------------------------------------------------
+# budget
+# ----------------------------------------------------------------------------------------------
+
+
+def test_over_budget_the_workers_are_stopped_and_the_run_fails_with_budget_exceeded() -> None:
+    job = started(spec(budget={"maxCostUSD": 30}))
+    plan, job = step(job, RUNNING, later(3000))
+    assert JOB_1 not in plan.delete  # $26.67 so far
+
+    plan, job = step(job, RUNNING, later(3600))
+    assert job.status is not None
+    assert job.status.phase == "Failed"
+    assert condition(job, "Failed") == (
+        "True",
+        "BudgetExceeded",
+        "accrued cost $32.00 reached budget.maxCostUSD $30.00",
+    )
+    assert JOB_1 in plan.delete  # SIGTERM: the workers checkpoint, then stop
+    attempt = job.status.attempts[0]
+    assert (attempt.reason, attempt.cost_usd) == ("BudgetExceeded", 32.0)
+    run = job.status.runs[0]
+    assert (run.result, run.reason, run.cost_usd, run.gpu_hours) == ("Failed", "BudgetExceeded", 32.0, 16.0)
+    assert "BudgetExceeded" in reasons(plan)
+
+
+def test_gpu_hours_and_projected_cost_are_budgets_too() -> None:
+    job = started(spec(budget={"maxGpuHours": 10}))
+    _, job = step(job, RUNNING, later(2250))  # 10 GPU-hours
+    assert condition(job, "Failed")[1:] == ("BudgetExceeded", "10.00 GPU-hours used reached budget.maxGpuHours 10")
+
+    job = started(spec(budget={"maxCostUSD": 100}))
+    _, job = step(job, polled(report(etaSeconds=4 * 3600)), later(60))  # $0.53 so far, 4 h x $32/h to go
+    assert condition(job, "Failed")[1:] == (
+        "BudgetExceeded",
+        "projected cost $128.53 ($0.53 so far + the time left at the current rate) is over budget.maxCostUSD $100.00",
+    )
+    assert job.status is not None and job.status.cost == CostStatus(gpu_hours=0.267, usd=0.53, projected_usd=0.53)
+
+
+# ----------------------------------------------------------------------------------------------
+# stall
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_stalled_attempt_restarts_from_its_checkpoint_and_stalls_count_as_restarts() -> None:
+    job = started(spec(runPolicy={"maxRestarts": 1, "backoffSeconds": 10, "stallTimeoutSeconds": 600}))
+    quiet = polled(report(updatedAt="2026-11-27T09:01:00Z"))  # step 120, last at T0 + 60 s
+    plan, job = step(job, quiet, later(659))
+    assert job.status is not None and job.status.phase != "Failed" and JOB_1 not in plan.delete
+
+    plan, job = step(job, quiet, later(660))
+    assert job.status is not None
+    stalled = job.status.attempts[0]
+    assert stalled.reason == "Stalled"
+    assert stalled.message == "no new training step for 10m (at step 120; runPolicy.stallTimeoutSeconds is 600)"
+    assert JOB_1 in plan.delete
+    assert condition(job, "Reconciling")[1] == "BackingOff"
+    assert "Stalled" in reasons(plan)
+
+    # attempt 2 resumes; its rank 0 never reports: it stalls too, and no restart is left
+    _, job = step(job, Observed(), later(700))
+    assert job.status is not None and job.status.attempt == 2
+    second = replace(RUNNING, jobs=(job_state("sft-r1-a2", attempt=2),), pods=(pod(0, attempt=2), pod(1, attempt=2)))
+    _, job = step(job, polled(None, second, attempt=2, since=later(710)), later(1309))
+    assert job.status is not None and job.status.phase != "Failed"
+    _, job = step(job, polled(None, second, attempt=2, since=later(710)), later(1310))
+    assert job.status is not None and job.status.phase == "Failed"
+    assert condition(job, "Failed")[1] == "Stalled"
+    assert "no restarts left (runPolicy.maxRestarts=1)" in condition(job, "Failed")[2]
+
+
+def test_no_stall_while_rank_0_is_not_running() -> None:
+    job = started(spec(runPolicy={"stallTimeoutSeconds": 60}))
+    pending = replace(RUNNING, pods=(pod(0, phase="Pending"), pod(1, phase="Pending")))
+    _, job = step(job, pending, later(3600))  # no trainer view: the poller has nothing to poll
+    assert job.status is not None and job.status.attempts[0].reason is None
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation gate
+# ----------------------------------------------------------------------------------------------
+
+GATED = spec(dataset={"evalSplit": 0.1}, evaluation={"maxEvalLoss": 1.0})
+
+
+def test_a_run_over_its_eval_gate_fails_and_keeps_its_output_unpromoted() -> None:
+    _, job = step(started(GATED), polled(report(evalLoss=1.5)), later(60))
+    plan, job = step(job, completed(later(120)), later(121))
+    assert job.status is not None
+    assert job.status.phase == "Failed"
+    failed = condition(job, "Failed")
+    assert failed[:2] == ("True", "EvalGateFailed")
+    assert failed[2] == (
+        "final evaluation loss 1.5 is above evaluation.maxEvalLoss 1; "
+        "the output at pvc://ft-checkpoints/ml/sft/runs/1 is kept, not promoted"
+    )
+    assert job.status.output == OutputStatus(path="pvc://ft-checkpoints/ml/sft/runs/1", promoted=False)
+    assert job.status.attempts[-1].reason == "Completed"
+    run = job.status.runs[0]
+    assert (run.result, run.reason, run.output, run.final_eval_loss) == (
+        "Failed",
+        "EvalGateFailed",
+        "pvc://ft-checkpoints/ml/sft/runs/1",
+        1.5,
+    )
+    assert run.completion_time == later(120)
+    assert JOB_1 not in plan.delete  # the finished workers keep their logs, as for a success
+    assert "EvalGateFailed" in reasons(plan)
+
+    # it stays failed
+    plan, again = step(job, completed(later(120)), later(500))
+    assert again.status is not None and condition(again, "Failed")[1] == "EvalGateFailed" and plan.events == ()
+
+
+def test_a_run_within_its_eval_gate_succeeds_and_is_promoted() -> None:
+    _, job = step(started(GATED), polled(report(evalLoss=0.8)), later(60))
+    _, job = step(job, completed(later(120)), later(121))
+    assert job.status is not None and job.status.phase == "Succeeded"
+    assert job.status.output == OutputStatus(path="pvc://ft-checkpoints/ml/sft/runs/1", promoted=True)
+    assert job.status.runs[0].cost_usd == job.status.cost.usd if job.status.cost else False
+    assert SETTINGS.pricing.default_usd_per_gpu_hour == 2.0
