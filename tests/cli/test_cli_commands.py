@@ -23,7 +23,7 @@ from kubernetes import client, config
 from kubetune_dev.cluster import LocalCluster, free_port
 from kubetune_dev.toolchain import toolchain_bin
 from kubetune_operator.api import RERUN_ANNOTATION
-from kubetune_operator.api.status import AttemptRecord, CheckpointStatus
+from kubetune_operator.api.status import AttemptRecord, CheckpointStatus, HistoryPoint
 from kubetune_operator.cli.errors import explain_api_error
 
 pytestmark = pytest.mark.e2e
@@ -151,16 +151,16 @@ def test_list_all_namespaces_and_cost_totals(cli: Cli, crd: LocalCluster, namesp
     )
 
     assert ok(cli("cost", "-n", namespace)).splitlines() == [
-        "NAME   PHASE       GPUS   GPU-HOURS   COST     PROJECTED   BUDGET",
-        "a      Running     2x8    16.0        $40.00   $160.00     $250.00",
-        "b      Succeeded   2x8    78.1        $60.50   $60.50      $250.00",
+        "NAME   PHASE       GPUS   GPU-HOURS   COST     PROJECTED   BUDGET    RUNS   ALL RUNS",
+        "a      Running     2x8    16.0        $40.00   $160.00     $250.00   1      $40.00",
+        "b      Succeeded   2x8    78.1        $60.50   $60.50      $250.00   1      $60.50",
         "",
-        f"{'NAMESPACE':<{len(namespace)}}   JOBS   GPU-HOURS   COST      PROJECTED",
-        f"{namespace}   2      94.1        $100.50   $220.50",
+        f"{'NAMESPACE':<{len(namespace)}}   JOBS   GPU-HOURS   COST      PROJECTED   ALL RUNS",
+        f"{namespace}   2      94.1        $100.50   $220.50     $100.50",
     ]
     everywhere = ok(cli("cost", "-A")).splitlines()
     totals = everywhere[everywhere.index("") + 1 :]
-    assert f"{other_namespace}   1      4.8         $12.00    $24.00" in totals
+    assert f"{other_namespace}   1      4.8         $12.00    $24.00      $12.00" in totals
     assert totals[-1].startswith("TOTAL")
 
 
@@ -282,6 +282,24 @@ def test_plot_from_an_output_directory_or_the_status(
     assert error(cli("plot", "--from-dir", str(tmp_path))) == (
         f"cannot read {tmp_path}/metrics.jsonl (No such file or directory): --from-dir takes a run's output directory"
     )
+
+
+def test_plot_from_the_loss_history_the_operator_keeps_in_the_status(
+    cli: Cli, crd: LocalCluster, namespace: str, tmp_path: Path
+) -> None:
+    status = h.training(100, loss=1.5)
+    assert status.progress is not None
+    status.progress.history = [
+        HistoryPoint(step=s, loss=2.5 - s / 100, eval_loss=2.6 - s / 100 if s % 50 == 0 else None)
+        for s in range(10, 110, 10)
+    ]
+    h.apply(crd, namespace, h.manifest("support-bot"))
+    h.set_status(crd, namespace, "support-bot", status)  # through the CRD schema, as the operator writes it
+    out = tmp_path / "support-bot.png"
+    assert ok(cli("plot", "support-bot", "-n", namespace, "-o", str(out))) == (
+        f"wrote {out}: 10 train loss and 2 eval loss points\n"
+    )
+    assert png_size(out) == (800, 450)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from datetime import timedelta
 import cli_helpers as h
 import yaml
 from kubetune_operator.api import RERUN_ANNOTATION
-from kubetune_operator.api.status import AttemptRecord, CheckpointStatus
+from kubetune_operator.api.status import AttemptRecord, CheckpointStatus, FineTuneJobStatus, RunRecord
 from kubetune_operator.cli import views
 
 TRAINING = h.training(120, loss=1.23456, eval_loss=1.31, tokens_per_second=48210.5, eta_seconds=4320, usd=102.5)
@@ -40,24 +40,32 @@ def test_list_table_wide_over_all_namespaces() -> None:
     ]
 
 
+def retrained(status: FineTuneJobStatus, earlier_usd: float) -> FineTuneJobStatus:
+    """The status as run 2, after a run 1 that cost `earlier_usd` (cancelled by a spec change)."""
+    earlier = RunRecord(run=1, generation=1, result="Cancelled", reason="SpecChanged", cost_usd=earlier_usd)
+    current = status.runs[-1].model_copy(update={"run": 2, "generation": 2})
+    return status.model_copy(update={"run": 2, "runs": [earlier, current]})
+
+
 def test_cost_table_totals_per_namespace_and_overall() -> None:
-    jobs = [h.job("support-bot", status=TRAINING), h.job("nightly", "research", status=h.succeeded())]
+    jobs = [h.job("support-bot", status=TRAINING), h.job("nightly", "research", status=retrained(h.succeeded(), 40))]
     jobs.append(h.job("fresh", "research"))
     assert views.cost_table(jobs, all_namespaces=True).splitlines() == [
-        "NAMESPACE   NAME          PHASE       GPUS   GPU-HOURS   COST      PROJECTED   BUDGET",
-        "default     support-bot   Running     2x8    41.0        $102.50   $341.67     $250.00",
-        "research    nightly       Succeeded   2x8    78.1        $195.20   $195.20     $250.00",
-        "research    fresh         -           2x8    -           -         -           $250.00",
+        "NAMESPACE   NAME          PHASE       GPUS   GPU-HOURS   COST      PROJECTED   BUDGET    RUNS   ALL RUNS",
+        "default     support-bot   Running     2x8    41.0        $102.50   $341.67     $250.00   1      $102.50",
+        # the current run's figures, then what its two runs cost together
+        "research    nightly       Succeeded   2x8    78.1        $195.20   $195.20     $250.00   2      $235.20",
+        "research    fresh         -           2x8    -           -         -           $250.00   0      -",
         "",
-        "NAMESPACE   JOBS   GPU-HOURS   COST      PROJECTED",
-        "default     1      41.0        $102.50   $341.67",
-        "research    2      78.1        $195.20   $195.20",
-        "TOTAL       3      119.1       $297.70   $536.87",
+        "NAMESPACE   JOBS   GPU-HOURS   COST      PROJECTED   ALL RUNS",
+        "default     1      41.0        $102.50   $341.67     $102.50",
+        "research    2      78.1        $195.20   $195.20     $235.20",
+        "TOTAL       3      119.1       $297.70   $536.87     $337.70",
     ]
     # One namespace: no overall line repeating the namespace's.
     assert views.cost_table(jobs[:1], all_namespaces=False).splitlines()[-2:] == [
-        "NAMESPACE   JOBS   GPU-HOURS   COST      PROJECTED",
-        "default     1      41.0        $102.50   $341.67",
+        "NAMESPACE   JOBS   GPU-HOURS   COST      PROJECTED   ALL RUNS",
+        "default     1      41.0        $102.50   $341.67     $102.50",
     ]
 
 

@@ -169,13 +169,15 @@ def list_table(jobs: Sequence[Obj], *, now: datetime, all_namespaces: bool, wide
 
 
 def cost_table(jobs: Sequence[Obj], *, all_namespaces: bool) -> str:
-    """Spend of each job's current run, then totals per namespace (and overall, for several namespaces)."""
-    headers = ["NAME", "PHASE", "GPUS", "GPU-HOURS", "COST", "PROJECTED", "BUDGET"]
+    """Spend of each job's current run and of all its runs, then totals per namespace (and overall, for several
+    namespaces)."""
+    headers = ["NAME", "PHASE", "GPUS", "GPU-HOURS", "COST", "PROJECTED", "BUDGET", "RUNS", "ALL RUNS"]
     rows = []
     totals: dict[str, list[float]] = {}
     for job in jobs:
         meta, status, spec = job["metadata"], job.get("status") or {}, job.get("spec") or {}
         cost = status.get("cost") or {}
+        spent = all_runs_usd(status)
         row = [
             meta["name"],
             phase(job),
@@ -184,21 +186,36 @@ def cost_table(jobs: Sequence[Obj], *, all_namespaces: bool) -> str:
             usd(cost.get("usd")),
             usd(cost.get("projectedUSD")),
             usd(dig(spec, "budget", "maxCostUSD")),
+            str(len(status.get("runs") or [])),
+            usd(spent),
         ]
         rows.append([meta["namespace"], *row] if all_namespaces else row)
-        total = totals.setdefault(meta["namespace"], [0, 0.0, 0.0, 0.0])
+        total = totals.setdefault(meta["namespace"], [0, 0.0, 0.0, 0.0, 0.0])
         total[0] += 1
         for i, key in enumerate(("gpuHours", "usd", "projectedUSD"), start=1):
             total[i] += cost.get(key) or 0.0
+        total[4] += spent or 0.0
     by_namespace = [
-        [namespace, str(int(n)), number(hours, 1), usd(spent), usd(projected)]
-        for namespace, (n, hours, spent, projected) in sorted(totals.items())
+        [namespace, str(int(n)), number(hours, 1), usd(spent), usd(projected), usd(everything)]
+        for namespace, (n, hours, spent, projected, everything) in sorted(totals.items())
     ]
     if len(by_namespace) > 1:
         sums = [sum(column) for column in zip(*totals.values(), strict=True)]
-        by_namespace.append(["TOTAL", str(int(sums[0])), number(sums[1], 1), usd(sums[2]), usd(sums[3])])
+        by_namespace.append(["TOTAL", str(int(sums[0])), number(sums[1], 1), usd(sums[2]), usd(sums[3]), usd(sums[4])])
     jobs_table = table(["NAMESPACE", *headers] if all_namespaces else headers, rows)
-    return f"{jobs_table}\n\n{table(['NAMESPACE', 'JOBS', 'GPU-HOURS', 'COST', 'PROJECTED'], by_namespace)}"
+    totals_table = table(["NAMESPACE", "JOBS", "GPU-HOURS", "COST", "PROJECTED", "ALL RUNS"], by_namespace)
+    return f"{jobs_table}\n\n{totals_table}"
+
+
+def all_runs_usd(status: Obj) -> float | None:
+    """What the runs in status.runs cost together: the current run as status.cost says, the others by their
+    record. None when none has a figure."""
+    figures = [
+        dig(status, "cost", "usd") if r.get("run") == status.get("run") else r.get("costUSD")
+        for r in status.get("runs") or []
+    ]
+    known = [f for f in figures if isinstance(f, int | float)]
+    return sum(known) if known else None
 
 
 # ----------------------------------------------------------------------------------------------
