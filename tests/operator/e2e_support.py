@@ -3,6 +3,7 @@ through the Python client, namespaces with the claims the jobs refer to, job spe
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import socket
@@ -20,11 +21,13 @@ import yaml
 from kubernetes import client, config
 from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.api import CRD_NAME, GROUP, PLURAL, VERSION
+from kubetune_trainer import progress as trainer_progress
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / f"{CRD_NAME}.yaml"
 T = TypeVar("T")
 
+TIMEOUT = 60
 # Short intervals for tests; the grace period is irrelevant for kwok pods (they go at once).
 TEST_SETTINGS = {"progressPollIntervalSeconds": 5, "resyncSeconds": 30, "terminationGracePeriodSeconds": 30}
 
@@ -109,6 +112,37 @@ def wait_for(
     pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{context() if context else ''}")
 
 
+def wait_phase(api: Api, operator: Operator, ns: str, name: str, phase: str, timeout: float = TIMEOUT) -> dict:
+    def reached() -> dict:
+        status = api.status(ns, name)
+        return status if status.get("phase") == phase else {}
+
+    return wait_for(reached, timeout, f"{name} {phase}", operator.tail)
+
+
+def condition(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def wait_events(api: Api, ns: str, name: str, reasons: set[str]) -> None:
+    """Events are posted in the background, a moment after the transition they announce."""
+    posted = lambda: {e.reason for e in api.events(ns, name)}  # noqa: E731
+    wait_for(lambda: reasons <= posted(), 10, f"events {sorted(reasons)} for {name}", lambda: str(posted()))
+
+
+def attempt_pods(api: Api, ns: str, name: str, attempt: int) -> list[Any]:
+    return api.pods(ns, f"kubetune.io/job={name},kubetune.io/attempt={attempt}")
+
+
+def running_pods(api: Api, ns: str, name: str, attempt: int, count: int = 2) -> list[Any]:
+    def all_running() -> list[Any]:
+        pods = attempt_pods(api, ns, name, attempt)
+        return pods if len(pods) == count and all(p.status.phase == "Running" for p in pods) else []
+
+    pods = wait_for(all_running, TIMEOUT, f"{count} running pods of {name} attempt {attempt}")
+    return sorted(pods, key=lambda p: int(p.metadata.labels["batch.kubernetes.io/job-completion-index"]))
+
+
 class Api:
     """The cluster through the Python client, for fast polling from the tests."""
 
@@ -188,6 +222,63 @@ class Api:
                 {"type": "DisruptionTarget", "status": "True", "reason": disruption, "lastTransitionTime": now}
             ]
         self.core.patch_namespaced_pod_status(pod, namespace, {"status": status})
+
+    def set_pod_ip(self, namespace: str, pod: str, ip: str) -> None:
+        """What a kubelet reports once the pod has its address."""
+        patch = [
+            {"op": "replace", "path": "/status/podIP", "value": ip},
+            {"op": "replace", "path": "/status/podIPs", "value": [{"ip": ip}]},
+        ]
+        self.core.patch_namespaced_pod_status(pod, namespace, patch)  # a JSON patch: the IP list replaced
+
+
+# Loopback addresses for fake trainers (Linux routes all of 127/8 to the loopback), apart from the node agents'
+# 127.0.0.x.
+_TRAINER_HOSTS = (f"127.42.{i // 250}.{i % 250 + 1}" for i in itertools.count())
+
+
+class FakeTrainer:
+    """Rank 0 as the operator sees it, for kwok's pods (which run nothing): the trainer's own progress server
+    (kubetune_trainer.progress, /progress and /metrics) on a loopback address of its own, driven by the test. The
+    test reports that address as the rank-0 pod's IP (Api.set_pod_ip), as a kubelet reports its pod's address."""
+
+    def __init__(self, port: int, world_size: int = 2) -> None:
+        self.host = next(_TRAINER_HOSTS)
+        self.progress = trainer_progress.Progress(world_size)
+        self.progress.set_state("training")
+        self._server = trainer_progress.serve(self.progress, self.host, port)
+
+    def train(
+        self,
+        to_step: int,
+        *,
+        total: int,
+        loss: float,
+        eval_loss: float | None = None,
+        eta_seconds: float = 600.0,
+        checkpoint: str | None = None,
+    ) -> None:
+        """Steps up to `to_step`, a log (and evaluation) there, and a checkpoint at `checkpoint` if given."""
+        p = self.progress
+        p.set_plan(total)
+        p.step_done(to_step, epoch=to_step / total, duration=0.5, tokens=4096)
+        p.logged(
+            loss=loss,
+            learning_rate=2e-4,
+            grad_norm=0.7,
+            tokens_per_second=8192.0,
+            mfu=0.35,
+            eta_seconds=eta_seconds,
+            gpu_memory_peak=2**30,
+        )
+        if eval_loss is not None:
+            p.evaluated(to_step, eval_loss=eval_loss, perplexity=2.0)
+        if checkpoint is not None:
+            p.checkpointed(to_step, checkpoint, time.time(), duration=1.0)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def make_namespace(cluster: LocalCluster, prefix: str) -> str:

@@ -3,47 +3,24 @@ subprocess serves the module; each test gets its own kto-* namespace."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
-from e2e_support import Api, Operator, hanging, make_namespace, spec, wait_for
+from e2e_support import (
+    TIMEOUT,
+    Api,
+    Operator,
+    condition,
+    hanging,
+    make_namespace,
+    running_pods,
+    spec,
+    wait_events,
+    wait_for,
+    wait_phase,
+)
 from kubetune_dev.cluster import LocalCluster
 from kubetune_trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.e2e
-
-TIMEOUT = 60
-
-
-def wait_phase(api: Api, operator: Operator, ns: str, name: str, phase: str, timeout: float = TIMEOUT) -> dict:
-    def reached() -> dict:
-        status = api.status(ns, name)
-        return status if status.get("phase") == phase else {}
-
-    return wait_for(reached, timeout, f"{name} {phase}", operator.tail)
-
-
-def condition(status: dict, type_: str) -> dict:
-    return next(c for c in status["conditions"] if c["type"] == type_)
-
-
-def wait_events(api: Api, ns: str, name: str, reasons: set[str]) -> None:
-    """Events are posted in the background, a moment after the transition they announce."""
-    posted = lambda: {e.reason for e in api.events(ns, name)}  # noqa: E731
-    wait_for(lambda: reasons <= posted(), 10, f"events {sorted(reasons)} for {name}", lambda: str(posted()))
-
-
-def attempt_pods(api: Api, ns: str, name: str, attempt: int) -> list[Any]:
-    return api.pods(ns, f"kubetune.io/job={name},kubetune.io/attempt={attempt}")
-
-
-def running_pods(api: Api, ns: str, name: str, attempt: int, count: int = 2) -> list[Any]:
-    def all_running() -> list[Any]:
-        pods = attempt_pods(api, ns, name, attempt)
-        return pods if len(pods) == count and all(p.status.phase == "Running" for p in pods) else []
-
-    pods = wait_for(all_running, TIMEOUT, f"{count} running pods of {name} attempt {attempt}")
-    return sorted(pods, key=lambda p: int(p.metadata.labels["batch.kubernetes.io/job-completion-index"]))
 
 
 def test_children_have_the_expected_shape_and_workers_land_on_gpu_nodes(api: Api, operator: Operator, ns: str) -> None:
