@@ -134,7 +134,7 @@ def prepare(cluster: LocalCluster) -> None:
 
 def start_operator(cluster: LocalCluster, state: Path) -> subprocess.Popen[bytes]:
     settings = state / "operator-settings.yaml"
-    settings.write_text(yaml.safe_dump({"healthPort": 0}))
+    settings.write_text(yaml.safe_dump({"healthPort": 0, "metricsPort": 0}))
     with open(state / "operator.log", "wb") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "kubetune_operator", "-n", NAMESPACE, "--settings", str(settings)],

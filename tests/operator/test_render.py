@@ -270,6 +270,9 @@ def test_user_pod_labels_and_annotations_are_kept_but_the_operators_win() -> Non
     assert meta["labels"]["team"] == "ml"
     assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
     assert meta["annotations"]["kwok.kubetune.io/run-for"] == "5s"
+    # kubectl logs/exec on a worker pick the trainer container without -c
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert meta["annotations"]["kubectl.kubernetes.io/default-container"] == container["name"] == "trainer"
 
 
 @pytest.mark.parametrize(
