@@ -41,8 +41,9 @@ test-unit: venv ## only the fast tier
 test-e2e: venv toolchain ## only the tests that need the control plane
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
-crds: venv ## regenerate crds/ from the API models (tests fail when the committed CRD is stale)
+crds: venv ## regenerate crds/ and the chart's copies (CRD, dashboard, alerts, Argo CD snippet); tests fail when stale
 	$(PY) -m kubetune_operator.api.crd
+	$(PY) hack/chart_files.py
 
 bench-trainer: venv ## trainer vs HF Trainer+peft: tokens/s, ratio, peak memory (BENCH_ARGS=--gpu-mfu: MFU of an 8B-shaped model on a GPU)
 	$(PY) -m kubetune_trainer.bench $(BENCH_ARGS)
