@@ -1,0 +1,211 @@
+"""FineTuneJobs trained for real: the operator (a subprocess) renders the workers, two local node agents run
+them as processes (launcher -> torchrun -> trainer, gloo on CPU), the claims are directories.
+
+A tiny random-initialised Llama keeps each run to seconds of training; what takes time is starting the
+workers (torch imports). The tests share one operator, one namespace and the session's two nodes, and run
+one job at a time: the four claims of the namespace hold every job's model, data, checkpoints and outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trainer_assets
+from e2e_support import Api, Operator, wait_for
+from kubetune_dev.nodeagent.testing import LOCAL_NODE_SELECTOR, LOCAL_NODE_TOLERATION, LocalNode
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+RUN_TIMEOUT = 300  # a job from apply to its end, on 2 busy cores
+MODEL = "tiny-llama"  # on the models claim (conftest.py)
+
+
+def spec(**overrides: dict[str, Any]) -> dict[str, Any]:
+    """LoRA on the tiny model, 2 nodes x 1 CPU process; `overrides` are merged into the top-level groups."""
+    base: dict[str, Any] = {
+        "model": {"source": f"pvc://models/{MODEL}"},
+        "dataset": {"source": "pvc://datasets/train.jsonl", "format": "prompt_completion", "maxSeqLength": 128},
+        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "training": {
+            "maxSteps": 30,
+            "learningRate": 3e-3,
+            "batchSizePerDevice": 2,
+            "precision": "fp32",
+            "logEverySteps": 5,
+            "seed": 7,
+        },
+        "resources": {
+            "numNodes": 2,
+            "gpusPerNode": 0,
+            "nodeSelector": LOCAL_NODE_SELECTOR,
+            "tolerations": [LOCAL_NODE_TOLERATION],
+        },
+        "checkpoint": {"claimName": "ft-checkpoints", "everySteps": 10, "keepLast": 2},
+        "output": {"claimName": "ft-models"},
+        "runPolicy": {"maxRestarts": 1, "backoffSeconds": 1, "maxBackoffSeconds": 2},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value}
+    return base
+
+
+def unique(prefix: str) -> str:
+    # Unique names, so that a worker process found on this machine by its job name is this test's.
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def wait_for_phase(api: Api, ns: str, name: str, phase: str, op: Operator, timeout: float = RUN_TIMEOUT) -> dict:
+    def reached() -> dict[str, Any] | None:
+        status = api.status(ns, name)
+        if status.get("phase") == phase:
+            return status
+        assert status.get("phase") not in {"Succeeded", "Failed"} - {phase}, json.dumps(status, indent=1)
+        return None
+
+    return wait_for(reached, timeout, f"{name} {phase}", op.tail, every=1)
+
+
+def output_dir(node: LocalNode, ns: str, status: dict[str, Any]) -> Path:
+    claim, _, path = status["output"]["path"].removeprefix("pvc://").partition("/")
+    return node.claim_dir(ns, claim) / path
+
+
+def checkpoint_steps(node: LocalNode, ns: str, name: str) -> list[int]:
+    """Steps of the run's finished checkpoints (step-XXXXXXXX directories), oldest first."""
+    root = node.claim_dir(ns, "ft-checkpoints") / ns / name / "runs" / "1" / "checkpoints"
+    found = (re.fullmatch(r"step-(\d{8})", p.name) for p in root.iterdir()) if root.exists() else ()
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def worker_log(node: LocalNode, ns: str, name: str, attempt: int, index: int = 0) -> str:
+    """A worker's log, from the agents' files (they outlive the pod): its pod is <job>-r1-a<attempt>-<index>-*."""
+    dirs = sorted((node.root / "pods").glob(f"{ns}_{name}-r1-a{attempt}-{index}-*"), key=lambda p: p.stat().st_mtime)
+    logs = sorted((dirs[-1] / "logs" / "trainer").glob("*.log"), key=lambda p: int(p.stem)) if dirs else []
+    return logs[-1].read_text(errors="replace") if logs else ""
+
+
+def training_process(name: str, rank: int) -> int | None:
+    """The pid of the trainer process of `rank` in attempt 1 of job `name` (torchrun's worker, not torchrun)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        is_worker = b"kubetune_trainer" in cmdline and b"torch.distributed.run" not in cmdline
+        master = f"KUBETUNE_MASTER_ADDR={name}-r1-a1-0.".encode()
+        if is_worker and f"RANK={rank}".encode() in environ and any(e.startswith(master) for e in environ):
+            return int(entry.name)
+    return None
+
+
+def metrics(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trains_to_succeeded_and_the_adapter_changes_the_model(
+    api: Api, ns: str, operator: Operator, local_nodes: list[LocalNode]
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    name = unique("ok")
+    api.apply(ns, name, spec())
+    status = wait_for_phase(api, ns, name, "Succeeded", operator)
+
+    node = local_nodes[0]
+    out = output_dir(node, ns, status)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finalMetrics"]["steps"] == 30 and manifest["worldSize"] == 2
+    assert (out / "loss.png").stat().st_size > 0
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+    model_dir = node.claim_dir(ns, "models") / MODEL
+    tokenizer = trainer_assets.make_tokenizer()
+    inputs = tokenizer("repeat apple 3 times: ", return_tensors="pt")
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        before = base(**inputs).logits
+        tuned = PeftModel.from_pretrained(base, out).eval()
+        after = tuned(**inputs).logits
+    assert (after - before).abs().max().item() > 1e-2
+
+
+def test_a_killed_worker_restarts_the_gang_from_the_checkpoint(
+    api: Api, ns: str, operator: Operator, local_nodes: list[LocalNode]
+) -> None:
+    node = local_nodes[0]
+    name = unique("kill")
+    api.apply(ns, name, spec(training={"maxSteps": 100}))
+    wait_for(
+        lambda: max(checkpoint_steps(node, ns, name), default=0) >= 20, RUN_TIMEOUT, "checkpoint 20", operator.tail
+    )
+    pid = wait_for(lambda: training_process(name, rank=1), 30, "the rank-1 trainer process")
+    os.kill(pid, signal.SIGKILL)
+
+    status = wait_for(
+        lambda: (s := api.status(ns, name)).get("attempt") == 2 and s, RUN_TIMEOUT, "attempt 2", operator.tail
+    )
+    first = status["attempts"][0]
+    assert first["reason"] == "Error", first
+    # Every save needs both ranks, so attempt 1 wrote nothing after the kill: attempt 2 must resume from here.
+    latest = checkpoint_steps(node, ns, name)[-1]
+    assert 20 <= latest < 100
+
+    status = wait_for_phase(api, ns, name, "Succeeded", operator)
+    assert status["attempt"] == 2
+    manifest = json.loads((output_dir(node, ns, status) / "manifest.json").read_text())
+    assert manifest["resumedFromStep"] == latest
+    assert manifest["finalMetrics"]["steps"] == 100
+    assert f"at step {latest}/100" in worker_log(node, ns, name, attempt=2)
+
+
+def test_suspend_checkpoints_and_unsuspend_resumes_from_it(
+    api: Api, ns: str, operator: Operator, local_nodes: list[LocalNode]
+) -> None:
+    node = local_nodes[0]
+    name = unique("pause")
+    # No periodic checkpoints: the only one before the end is the one written on SIGTERM.
+    api.apply(ns, name, spec(training={"maxSteps": 100}, checkpoint={"everySteps": 1000}))
+    wait_for(lambda: " step 5/100 " in worker_log(node, ns, name, attempt=1), RUN_TIMEOUT, "step 5", operator.tail)
+    api.patch_spec(ns, name, {"runPolicy": {"suspend": True}})
+
+    status = wait_for_phase(api, ns, name, "Suspended", operator)
+    wait_for(lambda: not api.pods(ns, f"kubetune.io/job={name}"), 60, "the workers gone")
+    steps = checkpoint_steps(node, ns, name)
+    assert len(steps) == 1 and 5 <= steps[0] < 100, steps
+    saved = steps[0]
+    assert f"checkpoint step {saved} saved" in worker_log(node, ns, name, attempt=1)
+    assert status["attempts"][0]["reason"] == "Suspended", status["attempts"]
+
+    api.patch_spec(ns, name, {"runPolicy": {"suspend": False}})
+    status = wait_for_phase(api, ns, name, "Succeeded", operator)
+    manifest = json.loads((output_dir(node, ns, status) / "manifest.json").read_text())
+    assert manifest["resumedFromStep"] == saved
+    assert manifest["finalMetrics"]["steps"] == 100
+
+
+def test_a_bad_dataset_row_fails_the_job_with_a_reason_naming_the_row(
+    api: Api, ns: str, operator: Operator, local_nodes: list[LocalNode]
+) -> None:
+    rows: list[Any] = trainer_assets.rows(20, "prompt_completion")
+    rows[6] = {"prompt": "repeat apple 2 times: "}  # line 7: no completion
+    trainer_assets.write_jsonl(local_nodes[0].claim_dir(ns, "datasets") / "bad.jsonl", rows)
+    name = unique("bad")
+    api.apply(ns, name, spec(dataset={"source": "pvc://datasets/bad.jsonl"}))
+
+    status = wait_for_phase(api, ns, name, "Failed", operator)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "bad.jsonl row 7" in failed["message"] and 'field "completion" is missing' in failed["message"], failed
+    assert status["attempt"] == 1  # a permanent error: no restart spent on it
