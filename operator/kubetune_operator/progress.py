@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 POLL_TIMEOUT = 5.0
 POLL_CONCURRENCY = 32
+FINAL_POLL_SECONDS = 1.0
 K = TypeVar("K", bound=Hashable)
 
 
@@ -142,7 +143,10 @@ class ProgressPoller(Generic[K]):
             if report is not None and report != target.report:
                 target.report = report
                 self._wake(key)
-            await asyncio.sleep(interval)
+            # After the last step the trainer runs its final evaluation, then exports and exits: poll every second
+            # meanwhile, so the final figures (what the evaluation gate judges) are seen before rank 0 is gone.
+            ending = target.report is not None and target.report.finishing
+            await asyncio.sleep(min(FINAL_POLL_SECONDS, interval) if ending else interval)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +180,12 @@ class TrainerReport(_Doc):
     checkpoint: ReportedCheckpoint | None = None
     updated_at: AwareDatetime | None = None
     history: list[Any] = []
+
+    @property
+    def finishing(self) -> bool:
+        """Past the last step: evaluating for the last time, exporting, or done."""
+        last = self.total_steps is not None and 0 < self.total_steps <= self.step
+        return last or self.state in ("exporting", "done")
 
 
 def parse_report(doc: dict[str, Any]) -> TrainerReport | None:

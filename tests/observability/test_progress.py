@@ -359,3 +359,41 @@ def test_the_poller_wakes_a_job_on_news_and_a_hung_trainer_holds_up_nobody() -> 
             assert woken.empty()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("fields", "finishing"),
+    [
+        ({"state": "training", "step": 399, "totalSteps": 400}, False),
+        ({"state": "evaluating", "step": 400, "totalSteps": 400}, True),  # the final evaluation
+        ({"state": "exporting", "step": 400, "totalSteps": None}, True),
+        ({"state": "done"}, True),
+        ({"state": "loading", "step": 0, "totalSteps": 0}, False),
+    ],
+)
+def test_a_report_past_the_last_step_is_finishing(fields: dict[str, Any], finishing: bool) -> None:
+    report = parse_report({**BASE, **fields})
+    assert report is not None and report.finishing is finishing
+
+
+def test_past_the_last_step_the_poller_polls_every_second() -> None:
+    served: list[int] = []
+
+    async def progress(_: web.Request) -> web.Response:
+        served.append(1)
+        return web.json_response({**BASE, "state": "exporting", "step": 100, "totalSteps": 100})
+
+    async def polls(count: int) -> None:
+        while len(served) < count:
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        async with server({"/progress": progress}) as base:
+            poller: ProgressPoller[str] = ProgressPoller(3600, lambda _: None)  # otherwise every 45-90 minutes
+            try:
+                poller.watch("job", base + "/progress", 1, 1, T0)
+                await asyncio.wait_for(polls(3), 10)
+            finally:
+                await poller.stop()
+
+    asyncio.run(scenario())
