@@ -9,7 +9,7 @@ Why this shape rather than kopf's create/update handlers or a daemon per object:
   pod's status change wakes its FineTuneJob early; a timer per job (requeue_after) wakes it for backoffs,
   deadlines and polls.
 - The progress poller (progress.py) polls each running attempt's rank 0 beside the workers; a reconcile only
-  reads its latest report, and a new report wakes the job.
+  reads its latest report, and a report with news (state, evaluation, checkpoint) wakes the job.
 - No state-changing handlers, daemons or timers means no kopf finalizer and no kopf annotations on the user's
   object: deleting a FineTuneJob never waits for the operator (children go by ownerReferences), and Argo CD
   sees no diff it did not make.

@@ -3,7 +3,8 @@
 `ProgressPoller` polls the rank 0 of each running attempt in the background, one task per job, every 0.75-1.5
 times the operator's poll interval (15-30 s by default; `poll_interval` spreads jobs over that range), at most
 POLL_CONCURRENCY requests at a time, each bounded by POLL_TIMEOUT: a hung trainer holds up nobody. Reconciles
-never wait for it; they read its latest report (`watch`), and a new report wakes the job's reconcile.
+never wait for it; they read its latest report (`watch`). A report with news (a first one, a new state,
+evaluation or checkpoint) wakes the job's reconcile; new steps wait for its periodic one.
 `parse_report` and `to_status` turn the document into status.progress and status.checkpoint; they are pure and
 accept whatever a trainer sends without failing.
 """
@@ -92,7 +93,7 @@ class _Target:
 
 class ProgressPoller(Generic[K]):
     """Background polling of rank 0 per job. `watch` (called by each reconcile) names the current rank 0 and
-    returns what is known about it; `wake(key)` is called when a new report arrives."""
+    returns what is known about it; `wake(key)` is called when a report brings news."""
 
     def __init__(
         self,
@@ -141,12 +142,22 @@ class ProgressPoller(Generic[K]):
                 doc = await fetch_progress(self._session, target.url, self._timeout)
             report = parse_report(doc) if doc is not None else None
             if report is not None and report != target.report:
+                news = _news(target.report, report)
                 target.report = report
-                self._wake(key)
+                if news:
+                    self._wake(key)
             # After the last step the trainer runs its final evaluation, then exports and exits: poll every second
             # meanwhile, so the final figures (what the evaluation gate judges) are seen before rank 0 is gone.
             ending = target.report is not None and target.report.finishing
             await asyncio.sleep(min(FINAL_POLL_SECONDS, interval) if ending else interval)
+
+
+def _news(old: TrainerReport | None, new: TrainerReport) -> bool:
+    """What is worth a reconcile now: a first report, a new state, evaluation or checkpoint. New steps alone
+    wait for the job's next periodic reconcile (status writes stay at one per interval per job)."""
+    if old is None:
+        return True
+    return (old.state, old.eval_loss, old.checkpoint) != (new.state, new.eval_loss, new.checkpoint)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -307,13 +307,13 @@ def test_fetch_progress_from_the_real_trainer_server() -> None:
 
 
 def test_the_poller_wakes_a_job_on_news_and_a_hung_trainer_holds_up_nobody() -> None:
-    reported = {"step": 1}
+    reported: dict[str, Any] = {"step": 1}
     served: list[int] = []
     release = asyncio.Event()
 
     async def progress(_: web.Request) -> web.Response:
         served.append(reported["step"])
-        return web.json_response({**BASE, "step": reported["step"]})
+        return web.json_response({**BASE, **reported})
 
     async def hung(_: web.Request) -> web.Response:
         await release.wait()  # until the test ends
@@ -341,6 +341,11 @@ def test_the_poller_wakes_a_job_on_news_and_a_hung_trainer_holds_up_nobody() -> 
                 await asyncio.wait_for(polls(3), 10)
                 assert woken.empty()  # the same report again is no news
                 reported["step"] = 2
+                await asyncio.wait_for(polls(2), 10)
+                # new steps are known at once but wait for the job's periodic reconcile
+                known = poller.watch("ok", base + "/progress", 1, 1, T0).report
+                assert woken.empty() and known is not None and known.step == 2
+                reported["evalLoss"] = 1.25  # an evaluation is news
                 assert await asyncio.wait_for(woken.get(), 10) == "ok"
 
                 # the next attempt's rank 0 is another target: nothing known about it yet
