@@ -86,7 +86,7 @@ def budget(ctx: RunContext) -> Ruling:
     if usd is not None and cost.usd is not None and cost.usd >= usd:
         message = f"accrued cost ${cost.usd:.2f} reached budget.maxCostUSD ${usd:.2f}"
     elif hours is not None and cost.gpu_hours is not None and cost.gpu_hours >= hours:
-        message = f"{cost.gpu_hours:.2f} GPU-hours used reached budget.maxGpuHours {hours:g}"
+        message = f"{cost.gpu_hours:g} GPU-hours used reached budget.maxGpuHours {hours:g}"
     elif usd is not None and cost.projected_usd is not None and cost.projected_usd > usd:
         message = (
             f"projected cost ${cost.projected_usd:.2f} (${cost.usd or 0:.2f} so far + the time left at the current "

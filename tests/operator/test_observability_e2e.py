@@ -145,7 +145,7 @@ def test_progress_reaches_the_status_kubectl_get_and_the_operator_metrics(
     ("budget", "message"),
     [
         ({"maxCostUSD": 20}, "reached budget.maxCostUSD $20.00"),  # 2 GPUs at $2/s: about 5 s
-        ({"maxGpuHours": 0.003}, "reached budget.maxGpuHours 0.003"),  # 10.8 GPU-seconds: about 5 s
+        ({"maxGpuHours": 0.003}, "GPU-hours used reached budget.maxGpuHours 0.003"),  # 10.8 GPU-seconds: about 5 s
     ],
     ids=["cost", "gpu-hours"],
 )

@@ -173,7 +173,7 @@ def test_over_budget_the_workers_are_stopped_and_the_run_fails_with_budget_excee
 def test_gpu_hours_and_projected_cost_are_budgets_too() -> None:
     job = started(spec(budget={"maxGpuHours": 10}))
     _, job = step(job, RUNNING, later(2250))  # 10 GPU-hours
-    assert condition(job, "Failed")[1:] == ("BudgetExceeded", "10.00 GPU-hours used reached budget.maxGpuHours 10")
+    assert condition(job, "Failed")[1:] == ("BudgetExceeded", "10 GPU-hours used reached budget.maxGpuHours 10")
 
     job = started(spec(budget={"maxCostUSD": 100}))
     _, job = step(job, polled(report(etaSeconds=4 * 3600)), later(60))  # $0.53 so far, 4 h x $32/h to go
