@@ -251,6 +251,12 @@ def _container(
     memory = res.memory if res.memory is not None else settings.default_memory
     if cpu is not None:
         requests["cpu"] = str(cpu)
+        # OpenMP (torch's CPU threads) otherwise starts one thread per core of the node in every training
+        # process, whatever the pod's CPU share: processes sharing cores then run several times slower.
+        cores = cpu_cores(cpu)
+        if cores is not None:
+            threads = max(1, int(cores // max(1, res.gpus_per_node)))
+            env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     if memory is not None:
         requests["memory"] = limits["memory"] = str(memory)
     if res.gpus_per_node:
@@ -289,6 +295,15 @@ def _container(
             "capabilities": {"drop": ["ALL"]},
         },
     }
+
+
+def cpu_cores(quantity: int | str) -> float | None:
+    """A CPU quantity in cores (2, "2", "0.5", "1500m"); None for rarer forms such as "1k"."""
+    text = str(quantity)
+    try:
+        return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        return None
 
 
 def _volumes(
