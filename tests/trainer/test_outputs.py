@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import urllib.request
 from pathlib import Path
@@ -157,3 +158,36 @@ def test_history_is_bounded_and_spans_the_run() -> None:
     assert kept[0]["step"] == 1 and kept[-1]["step"] == 2000
     steps = [p["step"] for p in kept]
     assert steps == sorted(steps)
+
+
+def logged_history(steps: int, eval_every: int) -> list[dict[str, Any]]:
+    """The history rank 0 builds logging every step and evaluating every `eval_every` steps."""
+    p = Progress(world_size=1)
+    p.set_plan(steps)
+    for step in range(1, steps + 1):
+        p.step_done(step, epoch=step / steps, duration=0.1, tokens=10)
+        p.logged(
+            loss=2.0, learning_rate=1e-4, grad_norm=1.0, tokens_per_second=1.0, mfu=0, eta_seconds=1, gpu_memory_peak=0
+        )
+        if step % eval_every == 0:
+            p.evaluated(step, eval_loss=2.5, perplexity=12.0)
+    return p.history()
+
+
+def test_history_thinning_keeps_every_evaluation_while_they_fit_in_half() -> None:
+    history = logged_history(3000, eval_every=20)
+    assert len(history) <= MAX_HISTORY
+    assert [h["step"] for h in history if "evalLoss" in h] == list(range(20, 3001, 20))
+    steps = [h["step"] for h in history]
+    assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 3000
+    # the training curve still spans the run: points from its first and its last tenth
+    assert any(s < 300 for s in steps if s % 20) and any(s > 2700 for s in steps if s % 20)
+
+
+def test_history_thinning_spreads_evaluations_over_the_run_when_there_are_too_many() -> None:
+    history = logged_history(3000, eval_every=2)
+    evaluated = [h["step"] for h in history if "evalLoss" in h]
+    assert len(history) <= MAX_HISTORY and len(evaluated) > MAX_HISTORY // 4
+    # the eval curve spans the whole run, evenly: no gap wider than a bucket of 16 steps
+    assert evaluated[0] == 2 and evaluated[-1] == 3000
+    assert max(b - a for a, b in itertools.pairwise(evaluated)) <= 16

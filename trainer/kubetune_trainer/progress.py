@@ -35,8 +35,9 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
       "history": [{"step": int, "loss": float, "evalLoss": float (only where evaluated)}, ...]
     }
 
-`history` holds at most 500 points: when it would grow past that, every other older point is dropped, so
-it always spans the whole run at a coarser resolution.
+`history` holds at most 500 points evenly spread over the run: past that, the resolution of the training points
+halves (one point per 2, 4, 8... steps). Evaluations are few and make the eval curve: they are thinned separately,
+only when they alone take more than half the points.
 """
 
 from __future__ import annotations
@@ -62,11 +63,34 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def downsample(points: list[dict[str, Any]], limit: int = MAX_HISTORY) -> list[dict[str, Any]]:
-    """Halve the resolution of the older points until the list fits; the newest point is always kept."""
+def _thin(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """At most `limit` points evenly spread over the steps: the earliest point of each step bucket, for the
+    narrowest power-of-two bucket width that fits, plus the newest point. Buckets only ever merge pairwise as the
+    run grows, so a point dropped once would be dropped at any later length too: thinning as the history grows
+    gives the same spacing as thinning the whole history at the end."""
+    width = 1
     while len(points) > limit:
-        points = points[:-1][::2] + points[-1:]
+        kept: dict[int, dict[str, Any]] = {}
+        for point in points[:-1]:
+            kept.setdefault(point["step"] // width, point)
+        thinned = [*kept.values(), points[-1]]
+        if len(thinned) <= limit:
+            return thinned
+        width *= 2
     return points
+
+
+def downsample(points: list[dict[str, Any]], limit: int = MAX_HISTORY) -> list[dict[str, Any]]:
+    """At most `limit` points spanning the whole run, oldest first. Evaluations and training points are thinned
+    separately: evaluations keep up to half the points (more when training points leave room), so the eval curve
+    keeps every evaluation of a run of normal length, and spans the run when there are more."""
+    if len(points) <= limit:
+        return points
+    evals = [p for p in points if "evalLoss" in p]
+    train = [p for p in points if "evalLoss" not in p]
+    evals = _thin(evals, max(limit // 2, limit - len(train)))
+    train = _thin(train, limit - len(evals))
+    return sorted(evals + train, key=lambda p: p["step"])
 
 
 class Progress:
