@@ -57,6 +57,10 @@ def test_ddp_lora_ranks_agree_and_match_one_process(tmp_path: Path, llama_dir: P
     launch(two, assets.trainer_config(two, llama_dir, train_jsonl, training={**training, **SPLIT}))
     m = manifest(two / "out")
     assert m["worldSize"] == 2 and len(m["replicaDigests"]) == 2 and len(set(m["replicaDigests"])) == 1
+    # The launcher's termination message on success: rank 0's final figures, as in the manifest.
+    final = json.loads((two / "termination-log").read_text())
+    assert final == {"finalMetrics": m["finalMetrics"], "output": str(two / "out")}
+    assert final["finalMetrics"]["steps"] == 10 and final["finalMetrics"]["evalLoss"] > 0
 
     one = tmp_path / "one"
     cfg = assets.trainer_config(one, llama_dir, train_jsonl, training={**training, **WHOLE})

@@ -105,6 +105,9 @@ def test_wait_for_address_retries_then_times_out() -> None:
 
 def test_outcome_prefers_the_workers_reason() -> None:
     assert outcome(0, []) == (0, None)
+    final = '{"finalMetrics":{"steps":12,"evalLoss":1.3}}'
+    assert outcome(0, [], final) == (0, final)  # success: rank 0's final figures are the message
+    assert outcome(1, [(1, "RuntimeError: boom")], final) == (1, "RuntimeError: boom")
     assert outcome(1, [(143, "stopped"), (78, "dataset row 3"), (1, "crash")]) == (78, "dataset row 3")
     assert outcome(1, [(143, "stopped"), (1, "RuntimeError: boom")]) == (1, "RuntimeError: boom")
     assert outcome(1, [(143, "stopped by SIGTERM")]) == (143, "stopped by SIGTERM")

@@ -71,6 +71,35 @@ def test_report_exit_goes_to_the_launcher_or_the_termination_log(
     errors.write_termination_log("not writable: silently skipped")
 
 
+def test_the_final_message_is_one_bounded_json_line() -> None:
+    metrics = {"steps": 120, "trainLoss": 1.25, "evalLoss": float("nan"), "tokensTotal": 98304, "epochs": 2.0}
+    message = errors.final_message(metrics, "/kubetune/output/runs/3")
+    assert "\n" not in message and " " not in message and errors.one_line(message) == message
+    assert json.loads(message) == {
+        "finalMetrics": {"steps": 120, "trainLoss": 1.25, "evalLoss": None, "tokensTotal": 98304, "epochs": 2.0},
+        "output": "/kubetune/output/runs/3",
+    }
+    long_path = errors.final_message(metrics, "/x" * 600)  # would not fit: the path is left out, the figures stay
+    assert len(long_path) <= errors.MESSAGE_LIMIT and json.loads(long_path)["finalMetrics"]["steps"] == 120
+
+
+def test_report_final_goes_to_the_launcher_or_the_termination_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv(errors.TERMINATION_LOG_ENV, str(log))
+    monkeypatch.delenv(errors.EXIT_STATUS_DIR_ENV, raising=False)
+    errors.report_final('{"finalMetrics":{"steps":3}}')
+    assert log.read_text() == '{"finalMetrics":{"steps":3}}\n'
+    status = tmp_path / "status"
+    status.mkdir()
+    assert errors.read_final(status) is None
+    monkeypatch.setenv(errors.EXIT_STATUS_DIR_ENV, str(status))
+    errors.report_final('{"finalMetrics":{"steps":4}}')
+    assert errors.read_final(status) == '{"finalMetrics":{"steps":4}}'
+    assert errors.read_exit_statuses(status) == []  # a success is no exit status to choose from
+
+
 def llama_8b_counts() -> object:
     from transformers import LlamaConfig, LlamaForCausalLM
 

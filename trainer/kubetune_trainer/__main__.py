@@ -1,7 +1,7 @@
 """`python -m kubetune_trainer --config FILE`: one training worker (run it under torchrun for several).
 
 Exit codes and the failure reason follow errors.py: 0 done, 78 permanent error, 143 stopped by SIGTERM
-(after a checkpoint), 1 any other failure.
+(after a checkpoint), 1 any other failure. On success rank 0 reports the final figures (errors.final_message).
 """
 
 from __future__ import annotations
@@ -12,7 +12,17 @@ import os
 import sys
 
 from .config import load_config
-from .errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_TERMINATED, PermanentError, Terminated, report_exit
+from .errors import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    PermanentError,
+    Terminated,
+    final_message,
+    report_exit,
+    report_final,
+)
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -42,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         from .train import run
 
         rt = init_runtime()
-        run(cfg, rt)
+        final = run(cfg, rt)
+        if rt.is_main:
+            report_final(final_message(final, cfg.output.dir))
         shutdown_runtime(rt)
     except PermanentError as e:
         log.error("permanent error, not retrying: %s", e)

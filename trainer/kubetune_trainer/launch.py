@@ -25,8 +25,9 @@ stays torchrun's parent (it does not exec it): it forwards SIGTERM/SIGINT to tor
 to the workers), and afterwards exits with the most telling code a worker reported through
 $KUBETUNE_EXIT_STATUS_DIR (see errors.py): 78 for a permanent error, 143 after a SIGTERM checkpoint, the
 worker's code for a crash; torchrun's own code when no worker reported anything (e.g. one was OOM-killed).
-It writes the matching reason to the termination log. A config or environment error exits 78 before torchrun
-starts; an address that never resolves exits 1 (retryable: DNS may just be slow).
+It writes the matching reason to the termination log; on success, rank 0's final figures (errors.py). A config
+or environment error exits 78 before torchrun starts; an address that never resolves exits 1 (retryable: DNS may
+just be slow).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from .errors import (
     Terminated,
     most_telling,
     read_exit_statuses,
+    read_final,
     write_termination_log,
 )
 
@@ -164,13 +166,14 @@ def wait_for_address(
             delay = min(delay * 2, 5.0)
 
 
-def outcome(torchrun_code: int, statuses: list[tuple[int, str]]) -> tuple[int, str | None]:
-    """The launcher's exit code and reason, from torchrun's code and what the workers reported."""
+def outcome(torchrun_code: int, statuses: list[tuple[int, str]], final: str | None = None) -> tuple[int, str | None]:
+    """The launcher's exit code and termination message, from torchrun's code and what the workers reported:
+    the reason of a failure, or on success rank 0's final figures (`final`)."""
     chosen = most_telling(statuses)
     if chosen is not None:
         return chosen
     if torchrun_code == 0:
-        return EXIT_OK, None
+        return EXIT_OK, final
     code = torchrun_code if torchrun_code > 0 else 128 - torchrun_code
     return code, (
         f"torchrun exited with code {torchrun_code} before any worker reported a reason (a rendezvous failure, or a "
@@ -215,7 +218,7 @@ def run(env: Mapping[str, str]) -> tuple[int, str | None]:
         log.info("%s", " ".join(cmd))
         forward.child = subprocess.Popen(cmd, env={**env, EXIT_STATUS_DIR_ENV: str(status_dir)})
         code = forward.child.wait()
-        return outcome(code, read_exit_statuses(status_dir))
+        return outcome(code, read_exit_statuses(status_dir), read_final(status_dir))
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
 
@@ -223,14 +226,15 @@ def run(env: Mapping[str, str]) -> tuple[int, str | None]:
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s: %(message)s")
     try:
-        code, reason = run(os.environ)
+        code, message = run(os.environ)
     except PermanentError as e:
-        code, reason = EXIT_CONFIG, str(e)
+        code, message = EXIT_CONFIG, str(e)
     except Terminated as e:
-        code, reason = EXIT_TERMINATED, str(e)
-    if reason:
-        log.error("exit %d: %s", code, reason)
-        write_termination_log(reason)
+        code, message = EXIT_TERMINATED, str(e)
+    if message:
+        if code != EXIT_OK:
+            log.error("exit %d: %s", code, message)
+        write_termination_log(message)
     return code
 
 
