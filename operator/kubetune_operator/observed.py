@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
 from kubetune_operator.api.spec import FineTuneJobSpec
 from kubetune_operator.cost import NodeLabels, PodUsage, pod_usage
 from kubetune_operator.names import COMPLETION_INDEX_LABEL, LABEL_ATTEMPT, LABEL_RUN
@@ -61,6 +64,39 @@ class JobState:
     deleting: bool
 
 
+class _Message(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+
+class FinalMetrics(_Message):
+    """The run's final figures, as in the trainer's manifest (kubetune_trainer.errors.final_message)."""
+
+    steps: int = Field(ge=0)
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_perplexity: float | None = None
+    tokens_total: int | None = None
+    tokens_per_second: float | None = None
+    epochs: float | None = None
+
+
+class FinalReport(_Message):
+    """What rank 0 leaves as its termination message when training succeeded."""
+
+    final_metrics: FinalMetrics
+    output: str | None = None
+
+
+def parse_final_report(message: str | None) -> FinalReport | None:
+    """Rank 0's final report, or None when the message is not one (a failure reason, a log tail, nothing)."""
+    if not message or not message.startswith("{"):
+        return None
+    try:
+        return FinalReport.model_validate_json(message)
+    except ValidationError:
+        return None
+
+
 @dataclass(frozen=True)
 class Termination:
     """How the trainer container of a pod ended."""
@@ -69,6 +105,8 @@ class Termination:
     reason: str | None
     message: str | None
     finished_at: datetime | None
+    # Rank 0's final figures, from the message of a successful exit.
+    final: FinalReport | None = None
 
 
 @dataclass(frozen=True)
@@ -197,15 +235,20 @@ def summarize_pod(body: Body) -> PodState:
         reason=status.get("reason"),
         message=status.get("message") or (disruption.get("message") if disruption else None),
         disruption=disruption.get("reason") if disruption else None,
-        termination=Termination(
-            exit_code=int(terminated.get("exitCode", 0)),
-            reason=terminated.get("reason"),
-            message=(terminated.get("message") or "").strip() or None,
-            finished_at=parse_time(terminated.get("finishedAt")),
-        )
-        if terminated
-        else None,
+        termination=_termination(terminated) if terminated else None,
         waiting=_waiting_text(conditions.get("PodScheduled"), state.get("waiting")),
+    )
+
+
+def _termination(terminated: Body) -> Termination:
+    exit_code = int(terminated.get("exitCode", 0))
+    message = (terminated.get("message") or "").strip() or None
+    return Termination(
+        exit_code=exit_code,
+        reason=terminated.get("reason"),
+        message=message,
+        finished_at=parse_time(terminated.get("finishedAt")),
+        final=parse_final_report(message) if exit_code == 0 else None,
     )
 
 

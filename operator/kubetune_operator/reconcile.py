@@ -15,7 +15,9 @@ Runs and attempts:
   until maxRestarts failures; the trainer's exit code 78 fails the run at once;
 - suspending deletes the attempt's Job (reason Suspended, not counted); resuming starts the next attempt.
 
-Observability: rank 0's latest report becomes status.progress and status.checkpoint; the run's cost is measured
+Observability: rank 0's latest report becomes status.progress and status.checkpoint, and when the attempt completes
+the final figures rank 0 left in its termination message replace it (they are there even when the run ended
+between two polls); the run's cost is measured
 from its pods on every reconcile (ended attempts keep theirs in status.attempts); the policies (deadline,
 budget, stall) judge the run with both; a run whose workers completed still fails its evaluation gate
 (EvalGateFailed) when the final eval loss is too high, and its output is kept but not promoted.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -36,8 +39,10 @@ from kubetune_operator.api.status import (
     AttemptRecord,
     ConditionType,
     FineTuneJobStatus,
+    HistoryPoint,
     OutputStatus,
     Phase,
+    Progress,
     RunRecord,
     Workers,
     compute_phase,
@@ -47,9 +52,9 @@ from kubetune_operator.api.status import (
 from kubetune_operator.cost import Spend, pods_spend, run_cost
 from kubetune_operator.failures import WorkerFailure, attempt_failure
 from kubetune_operator.names import attempt_name, claim_name, run_config_name
-from kubetune_operator.observed import Observed, PodState
+from kubetune_operator.observed import FinalReport, JobState, Observed, PodState
 from kubetune_operator.policies import RunContext, eval_gate, judge, open_attempt
-from kubetune_operator.progress import to_status
+from kubetune_operator.progress import thin_history, to_status
 from kubetune_operator.render import (
     Manifest,
     Owner,
@@ -68,6 +73,10 @@ NOT_COUNTED: frozenset[AttemptReason] = frozenset({"Suspended", "SpecChanged", "
 # Kind -> the order children are created in: storage and config first, so pods find them.
 CREATION_ORDER = ("PersistentVolumeClaim", "ConfigMap", "Service", "Job")
 MAX_ATTEMPT_RECORDS = 101
+# A Job is Complete once its pods succeeded, but the pods' watch can deliver that a moment after the Job's: wait
+# this long (looking again every FINAL_REPORT_POLL seconds) for rank 0's pod to show its final report.
+FINAL_REPORT_WAIT = timedelta(seconds=10)
+FINAL_REPORT_POLL = 1.0
 
 
 @dataclass(frozen=True)
@@ -344,6 +353,13 @@ class _Reconciliation:
             checkpoint_uri=f"{PVC_SCHEME}{claim}/{self.owner.namespace}/{self.owner.name}",
         )
 
+    def _take_final_report(self, pods: list[PodState]) -> None:
+        """Rank 0's final figures (its termination message) into status.progress, which the evaluation gate and the
+        run's record read."""
+        ended = next((p.termination for p in pods if p.index == 0 and p.termination and p.termination.final), None)
+        if ended is not None and ended.final is not None:
+            self.status.progress = final_progress(ended.final, self.status.progress, ended.finished_at)
+
     def _measure_cost(self, run: RunRecord) -> None:
         """status.cost of the run, from its attempts' records, each first brought up to what its pods used so far
         (pods that are gone, or not seen yet after a restart, never lower a record)."""
@@ -474,6 +490,10 @@ class _Reconciliation:
         if failure:
             return self._attempt_failed(run, failure)
         if job.complete:
+            if _rank0_not_seen_ending(job, pods, self.now):
+                self.recheck.append(FINAL_REPORT_POLL)
+                return Situation("Running", "Finishing", f"all {workers} workers finished{self.queued_note}", True)
+            self._take_final_report(pods)
             self._close_attempt("Completed", "all workers finished", exit_code=0, at=job.completion_time)
             return self._succeed_run(run, job.completion_time)
         ready = sum(1 for p in pods if p.ready and not p.deleting)
@@ -623,6 +643,47 @@ def _workers(pods: list[PodState]) -> Workers:
 def _first_wait(pods: list[PodState]) -> str:
     waiting = next((p for p in sorted(pods, key=lambda p: p.index or 0) if p.waiting), None)
     return f"; worker {waiting.index} waits: {waiting.waiting}" if waiting else ""
+
+
+def _rank0_not_seen_ending(job: JobState, pods: list[PodState], now: datetime) -> bool:
+    """The Job is Complete but its rank-0 pod, as cached, has not ended yet (its watch event is late)."""
+    rank0 = next((p for p in pods if p.index == 0 and not p.deleting), None)
+    return (
+        rank0 is not None
+        and rank0.phase not in ("Succeeded", "Failed")
+        and job.completion_time is not None
+        and now < job.completion_time + FINAL_REPORT_WAIT
+    )
+
+
+def _finite(value: float | None, low: float = -math.inf) -> float | None:
+    # NaN/inf cannot be written into a Kubernetes object (JSON has no such numbers).
+    return value if value is not None and math.isfinite(value) and value >= low else None
+
+
+def final_progress(final: FinalReport, previous: Progress | None, at: datetime | None) -> Progress:
+    """status.progress of a run that finished, from rank 0's final report. Its figures are the final ones (a
+    figure it leaves out, or could not compute, is no figure: the evaluation gate must not pass on an older
+    evaluation); the curve so far ends with the final point; MFU stays the last one polled."""
+    m = final.final_metrics
+    loss, eval_loss = _finite(m.train_loss), _finite(m.eval_loss)
+    history = [h for h in previous.history if h.step < m.steps] if previous else []
+    if loss is not None or eval_loss is not None:
+        history.append(HistoryPoint(step=m.steps, loss=loss, eval_loss=eval_loss))
+    return Progress(
+        step=m.steps,
+        total_steps=m.steps,
+        percent=100,
+        epoch=_finite(m.epochs, low=0),
+        loss=loss,
+        eval_loss=eval_loss,
+        tokens_per_second=_finite(m.tokens_per_second, low=0),
+        mfu=previous.mfu if previous else None,
+        eta="0s",
+        eta_seconds=0,
+        updated_at=at or (previous.updated_at if previous else None),
+        history=thin_history(history),
+    )
 
 
 def _with_spend(attempt: AttemptRecord, spent: Spend) -> AttemptRecord:

@@ -26,6 +26,7 @@ from e2e_support import (
     wait_phase,
 )
 from kubetune_dev.cluster import LocalCluster
+from kubetune_trainer.errors import final_message
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
@@ -227,3 +228,27 @@ def test_over_its_eval_gate_a_finished_run_fails_and_its_output_is_kept(
     wait_events(api, ns, "gate", {"EvalGateFailed"})
     # the workers finished: their Job (and logs) stay, as after a success
     assert [j.metadata.name for j in api.jobs(ns, "gate")] == ["gate-r1-a1"]
+
+
+def test_final_figures_reach_the_gate_and_the_status_when_the_run_ends_between_polls(
+    api: Api, operator: Operator, ns: str, trainer: FakeTrainer
+) -> None:
+    api.apply(ns, "ends", hanging(dataset={"evalSplit": 0.1}, evaluation={"maxEvalLoss": 1.0}))
+    trainer.train(380, total=400, loss=1.3)  # the last poll: before the final evaluation
+    pods = serve_rank0(api, ns, "ends", 1, trainer)
+    polled = lambda: (api.status(ns, "ends").get("progress") or {}).get("step") == 380  # noqa: E731
+    wait_for(polled, 30, "step 380 in the status", operator.tail)
+    # the run evaluates, exports and exits before the next poll; rank 0's launcher leaves the final figures
+    final = {"steps": 400, "trainLoss": 1.1, "evalLoss": 0.9, "evalPerplexity": 2.46, "tokensTotal": 1638400}
+    message = final_message({**final, "epochs": 1.0}, "/kubetune/output/runs/1")
+    for pod in pods:
+        rank0 = pod.metadata.name == pods[0].metadata.name
+        api.end_pod(ns, pod.metadata.name, 0, reason="Completed", message=message if rank0 else "")
+
+    status = wait_phase(api, operator, ns, "ends", "Succeeded")
+    progress = status["progress"]
+    assert (progress["step"], progress["percent"], progress["loss"], progress["evalLoss"]) == (400, 100, 1.1, 0.9)
+    assert progress["history"][-1] == {"step": 400, "loss": 1.1, "evalLoss": 0.9}
+    [run] = status["runs"]
+    assert (run["result"], run["finalLoss"], run["finalEvalLoss"]) == ("Succeeded", 1.1, 0.9)
+    assert status["output"] == {"path": f"pvc://ft-checkpoints/{ns}/ends/runs/1", "promoted": True}

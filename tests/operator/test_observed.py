@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from kubetune_operator.cost import PodUsage
-from kubetune_operator.observed import summarize_child, summarize_config_map, summarize_job, summarize_pod
+from kubetune_operator.observed import (
+    FinalMetrics,
+    FinalReport,
+    summarize_child,
+    summarize_config_map,
+    summarize_job,
+    summarize_pod,
+)
 
 OWNER = [{"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "uid": "ftj-uid", "controller": True}]
 LABELS = {"kubetune.io/job": "sft", "kubetune.io/run": "2", "kubetune.io/attempt": "3"}
@@ -99,6 +107,61 @@ def test_a_preempted_pod() -> None:
     assert pod.termination.exit_code == 143
     assert pod.termination.message == "stopped by SIGTERM; checkpoint saved at step 40"
     assert pod.termination.finished_at == datetime(2026, 11, 27, 9, 5, 0, tzinfo=UTC)
+
+
+def ended_rank0(exit_code: int, message: str) -> dict:
+    return {
+        "metadata": {"name": "sft-r2-a3-0-xyz", "labels": {**LABELS, "batch.kubernetes.io/job-completion-index": "0"}},
+        "status": {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "containerStatuses": [
+                {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "message": message}}}
+            ],
+        },
+    }
+
+
+# What the trainer's launcher writes on success (kubetune_trainer.errors.final_message).
+FINAL_MESSAGE = (
+    '{"finalMetrics":{"steps":400,"trainLoss":1.12,"evalLoss":0.93,"evalPerplexity":2.53,"tokensTotal":1638400,'
+    '"trainSeconds":812.5,"tokensPerSecond":2016.5,"epochs":2.0},"output":"/kubetune/output/runs/2"}\n'
+)
+
+
+def test_rank_0s_final_report_is_read_from_its_termination_message() -> None:
+    pod = summarize_pod(ended_rank0(0, FINAL_MESSAGE))
+    assert pod.termination is not None and pod.termination.final == FinalReport(
+        final_metrics=FinalMetrics(
+            steps=400,
+            train_loss=1.12,
+            eval_loss=0.93,
+            eval_perplexity=2.53,
+            tokens_total=1638400,
+            tokens_per_second=2016.5,
+            epochs=2.0,
+        ),
+        output="/kubetune/output/runs/2",
+    )
+    # null figures (a diverged loss) stay unknown
+    pod = summarize_pod(ended_rank0(0, '{"finalMetrics":{"steps":3,"evalLoss":null}}'))
+    assert pod.termination is not None and pod.termination.final == FinalReport(final_metrics=FinalMetrics(steps=3))
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "message"),
+    [
+        (78, 'dataset /data/x.jsonl row 17: field "completion" is missing'),  # a failure keeps its reason
+        (1, FINAL_MESSAGE),  # only a success carries final figures
+        (0, ""),  # a trainer without a final report (older image, not rank 0)
+        (0, "done"),
+        (0, '{"finalMetrics":{"steps":"many"}}'),
+        (0, '{"finalMetrics":{"steps":400'),  # cut short
+    ],
+)
+def test_other_termination_messages_are_no_final_report(exit_code: int, message: str) -> None:
+    pod = summarize_pod(ended_rank0(exit_code, message))
+    assert pod.termination is not None and pod.termination.final is None
+    assert pod.termination.message == (message.strip() or None)
 
 
 def test_a_pod_that_cannot_start_says_why() -> None:

@@ -8,11 +8,12 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+import pytest
 from ftj_builders import SETTINGS, T0, condition, edited, exited, ftj, job_state, later, pod, reasons, spec, step
 from kubetune_operator.api import FineTuneJob
 from kubetune_operator.api.status import CheckpointStatus, CostStatus, HistoryPoint, OutputStatus, Progress
 from kubetune_operator.cost import PodUsage, Pricing
-from kubetune_operator.observed import Observed
+from kubetune_operator.observed import FinalMetrics, FinalReport, Observed
 from kubetune_operator.progress import TrainerReport, TrainerView, parse_report
 from kubetune_operator.reconcile import Deletion
 from kubetune_operator.settings import OperatorSettings
@@ -54,12 +55,21 @@ def polled(rep: TrainerReport | None, observed: Observed = RUNNING, attempt: int
     return replace(observed, trainer=TrainerView(run=1, attempt=attempt, watching_since=since, report=rep))
 
 
-def completed(at: datetime) -> Observed:
+def completed(at: datetime, final: FinalReport | None = None) -> Observed:
+    """The attempt's Job complete; rank 0 left `final` as its termination message."""
     finished = exited(0, "Completed", at=at)
     return Observed(
         jobs=(job_state("sft-r1-a1", complete=True, completion_time=at),),
-        pods=(pod(0, phase="Succeeded", termination=finished), pod(1, phase="Succeeded", termination=finished)),
+        pods=(
+            pod(0, phase="Succeeded", termination=replace(finished, final=final)),
+            pod(1, phase="Succeeded", termination=finished),
+        ),
     )
+
+
+def final(**figures: Any) -> FinalReport:
+    metrics = {"steps": 400, "train_loss": 1.1, "eval_loss": 0.8, "tokens_total": 10**6, "epochs": 1.0, **figures}
+    return FinalReport(final_metrics=FinalMetrics(**metrics), output="/kubetune/output/runs/1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,3 +276,61 @@ def test_a_run_within_its_eval_gate_succeeds_and_is_promoted() -> None:
     assert job.status.output == OutputStatus(path="pvc://ft-checkpoints/ml/sft/runs/1", promoted=True)
     assert job.status.runs[0].cost_usd == job.status.cost.usd if job.status.cost else False
     assert SETTINGS.pricing.default_usd_per_gpu_hour == 2.0
+
+
+@pytest.mark.parametrize(
+    ("final_eval_loss", "phase"),
+    [(0.8, "Succeeded"), (1.5, "Failed")],
+)
+def test_the_gate_judges_rank_0s_final_report_when_the_run_ended_between_polls(
+    final_eval_loss: float, phase: str
+) -> None:
+    # the last poll saw step 380, before the final evaluation; the run then ended before the next poll
+    _, job = step(
+        started(GATED), polled(report(step=380, evalLoss=1.2, history=[{"step": 380, "loss": 1.3}])), later(60)
+    )
+    _, job = step(job, completed(later(120), final(eval_loss=final_eval_loss)), later(121))
+    assert job.status is not None and job.status.phase == phase
+    assert job.status.progress == Progress(
+        step=400,
+        total_steps=400,
+        percent=100,
+        epoch=1.0,
+        loss=1.1,
+        eval_loss=final_eval_loss,
+        mfu=0.4,
+        eta="0s",
+        eta_seconds=0,
+        updated_at=later(120),
+        history=[HistoryPoint(step=380, loss=1.3), HistoryPoint(step=400, loss=1.1, eval_loss=final_eval_loss)],
+    )
+    run = job.status.runs[0]
+    assert (run.final_loss, run.final_eval_loss) == (1.1, final_eval_loss)
+    if phase == "Failed":
+        assert condition(job, "Failed")[1] == "EvalGateFailed"
+
+
+def test_a_final_report_without_an_evaluation_loss_fails_the_gate() -> None:
+    _, job = step(started(GATED), polled(report(evalLoss=None)), later(60))
+    _, job = step(job, completed(later(120), final(eval_loss=None)), later(121))  # e.g. a NaN eval loss
+    assert job.status is not None and job.status.progress is not None and job.status.progress.eval_loss is None
+    assert condition(job, "Failed")[1:] == (
+        "EvalGateFailed",
+        "no final evaluation loss was reported; evaluation.maxEvalLoss is 1; "
+        "the output at pvc://ft-checkpoints/ml/sft/runs/1 is kept, not promoted",
+    )
+
+
+def test_a_complete_job_waits_briefly_for_rank_0s_pod_to_show_its_report() -> None:
+    _, job = step(started(GATED), polled(report(evalLoss=None)), later(60))
+    done = completed(later(120), final(eval_loss=0.8))
+    late = replace(done, pods=(pod(0), done.pods[1]))  # the Job's event came first; rank 0's is on its way
+    plan, job = step(job, late, later(121))
+    assert job.status is not None and job.status.phase == "Running"
+    assert condition(job, "Running")[1] == "Finishing" and plan.requeue_after == 1.0
+    _, finished = step(job, done, later(122))
+    assert finished.status is not None and finished.status.phase == "Succeeded"
+    assert finished.status.runs[0].final_eval_loss == 0.8
+    # a pod event that never comes holds the result up 10 s at most
+    _, given_up = step(job, late, later(131))
+    assert given_up.status is not None and condition(given_up, "Failed")[1] == "EvalGateFailed"
