@@ -20,6 +20,10 @@ from kubetune_operator.api.spec import Evaluation, FineTuneJobSpec
 from kubetune_operator.api.status import AttemptReason, AttemptRecord, FineTuneJobStatus, format_eta
 from kubetune_operator.observed import Observed
 
+# Steps an attempt trains before its pace projects the run's cost (see `projection_counts`): five of the trainer's
+# 10-step log intervals, the first of which carries the warm-up.
+PROJECTION_MIN_STEPS = 50
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -76,9 +80,25 @@ def deadline(ctx: RunContext) -> Ruling:
     return Ruling(Verdict("stop", "DeadlineExceeded", f"the run exceeded runPolicy.activeDeadlineSeconds ({limit}s)"))
 
 
+def projection_counts(ctx: RunContext) -> bool:
+    """Whether the projected cost rests on the run's steady pace: the current attempt's rank 0 reports having trained
+    PROJECTION_MIN_STEPS steps itself, since it started or resumed. The trainer's time left is the latest log
+    interval's pace times the steps left; the first intervals of an attempt carry its warm-up (the first step's
+    compilation and allocations, a cold page cache), which projected over the whole run can be many times the
+    real cost."""
+    trainer, attempt = ctx.observed.trainer, open_attempt(ctx.status)
+    if trainer is None or trainer.report is None or attempt is None:
+        return False
+    if (trainer.run, trainer.attempt) != (ctx.status.run, attempt.attempt):
+        return False
+    report = trainer.report
+    return report.step - (report.resumed_from_step or 0) >= PROJECTION_MIN_STEPS
+
+
 def budget(ctx: RunContext) -> Ruling:
-    """BudgetExceeded when the run's accrued cost reaches budget.maxCostUSD, its GPU-hours reach maxGpuHours, or
-    its projected cost passes maxCostUSD (stopping then saves the money a run bound to overspend would burn)."""
+    """BudgetExceeded when the run's accrued cost reaches budget.maxCostUSD or its GPU-hours reach maxGpuHours (at
+    once), or its projected cost passes maxCostUSD once the projection counts (`projection_counts`); stopping then
+    saves the money a run bound to overspend would burn."""
     limits, cost = ctx.spec.budget, ctx.status.cost
     if limits is None or cost is None:
         return Ruling()
@@ -87,7 +107,7 @@ def budget(ctx: RunContext) -> Ruling:
         message = f"accrued cost ${cost.usd:.2f} reached budget.maxCostUSD ${usd:.2f}"
     elif hours is not None and cost.gpu_hours is not None and cost.gpu_hours >= hours:
         message = f"{cost.gpu_hours:g} GPU-hours used reached budget.maxGpuHours {hours:g}"
-    elif usd is not None and cost.projected_usd is not None and cost.projected_usd > usd:
+    elif usd is not None and cost.projected_usd is not None and cost.projected_usd > usd and projection_counts(ctx):
         message = (
             f"projected cost ${cost.projected_usd:.2f} (${cost.usd or 0:.2f} so far + the time left at the current "
             f"rate) is over budget.maxCostUSD ${usd:.2f}"

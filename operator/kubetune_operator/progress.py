@@ -189,6 +189,7 @@ class TrainerReport(_Doc):
     mfu: float | None = None
     eta_seconds: float | None = None
     checkpoint: ReportedCheckpoint | None = None
+    resumed_from_step: int | None = None
     updated_at: AwareDatetime | None = None
     history: list[Any] = []
 

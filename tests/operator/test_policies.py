@@ -8,11 +8,20 @@ from typing import Any
 
 import pytest
 from ftj_builders import T0, spec
-from kubetune_operator.api.spec import Evaluation, FineTuneJobSpec
+from kubetune_operator.api.spec import Budget, Evaluation, FineTuneJobSpec
 from kubetune_operator.api.status import AttemptRecord, CostStatus, FineTuneJobStatus, Progress
 from kubetune_operator.observed import Observed
-from kubetune_operator.policies import Ruling, RunContext, Verdict, budget, eval_gate, judge, stall
-from kubetune_operator.progress import TrainerView
+from kubetune_operator.policies import (
+    PROJECTION_MIN_STEPS,
+    Ruling,
+    RunContext,
+    Verdict,
+    budget,
+    eval_gate,
+    judge,
+    stall,
+)
+from kubetune_operator.progress import TrainerReport, TrainerView
 
 HOUR = timedelta(hours=1)
 
@@ -73,9 +82,49 @@ def context(
     ],
 )
 def test_budget(limits: dict[str, Any] | None, cost: CostStatus | None, message: str | None) -> None:
-    ruling = budget(context(budget_=limits, cost=cost))
+    ruling = budget(context(budget_=limits, cost=cost, trainer=trained(steps=400, resumed_from=300)))
     expected = Verdict("stop", "BudgetExceeded", message) if message else None
     assert ruling == Ruling(expected)
+
+
+def trained(steps: int, resumed_from: int | None = None, attempt: int = 2) -> TrainerView:
+    """Rank 0 of `attempt` polled at `steps`, having resumed from a checkpoint at `resumed_from`."""
+    report = TrainerReport(step=steps, total_steps=4000, resumed_from_step=resumed_from, eta_seconds=3600)
+    return TrainerView(run=1, attempt=attempt, watching_since=T0, report=report)
+
+
+OVER_BY_PROJECTION = CostStatus(usd=0.5, projected_usd=900.0)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "judged"),
+    [
+        (None, False),  # rank 0 not polled (starting, restarting): no pace of this attempt to project
+        (trained(PROJECTION_MIN_STEPS - 1), False),  # the first steps carry the warm-up
+        (trained(PROJECTION_MIN_STEPS), True),
+        (trained(1200 + PROJECTION_MIN_STEPS - 1, resumed_from=1200), False),  # a resumed attempt warms up too
+        (trained(1200 + PROJECTION_MIN_STEPS, resumed_from=1200), True),
+        (trained(3000, attempt=1), False),  # the previous attempt's report
+    ],
+)
+def test_the_projection_counts_once_the_attempt_trained_past_its_warm_up(
+    trainer: TrainerView | None, judged: bool
+) -> None:
+    ruling = budget(context(budget_={"maxCostUSD": 50}, cost=OVER_BY_PROJECTION, trainer=trainer))
+    assert (ruling.verdict is not None) == judged
+    if judged:
+        assert ruling.verdict is not None and ruling.verdict.message.startswith("projected cost $900.00")
+
+
+def test_the_api_documents_the_projection_rule() -> None:
+    description = Budget.model_fields["max_cost_usd"].description
+    assert description is not None and f"current attempt has trained {PROJECTION_MIN_STEPS} steps" in description
+
+
+def test_accrued_cost_and_gpu_hours_stop_the_run_from_the_first_step() -> None:
+    for limits, cost in (({"maxCostUSD": 50}, CostStatus(usd=50.0)), ({"maxGpuHours": 1}, CostStatus(gpu_hours=1))):
+        ruling = budget(context(budget_=limits, cost=cost, trainer=trained(1)))
+        assert ruling.verdict is not None and ruling.verdict.reason == "BudgetExceeded"
 
 
 # -- stall ----------------------------------------------------------------------------------------------

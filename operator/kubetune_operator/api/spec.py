@@ -386,7 +386,11 @@ class Budget(ApiModel):
         None,
         gt=0,
         alias="maxCostUSD",
-        description="Most the run may cost, in US dollars (GPU-hours x the operator's price for the GPU product).",
+        description=(
+            "Most the run may cost, in US dollars (GPU-hours x the operator's price for the GPU product). The run "
+            "also stops when its projected cost (spent + the time left at the current pace) passes this, once the "
+            "current attempt has trained 50 steps: the first steps carry the warm-up and project too much."
+        ),
     )
     max_gpu_hours: float | None = Field(None, gt=0, description="Most GPU-hours the run may use.")
 
