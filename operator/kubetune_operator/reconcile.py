@@ -35,9 +35,11 @@ from typing import Any, Literal
 from kubetune_operator.api import RERUN_ANNOTATION, FineTuneJob
 from kubetune_operator.api.spec import FineTuneJobSpec
 from kubetune_operator.api.status import (
+    MAX_ATTEMPTS,
     AttemptReason,
     AttemptRecord,
     ConditionType,
+    DroppedAttempts,
     FineTuneJobStatus,
     HistoryPoint,
     OutputStatus,
@@ -72,7 +74,6 @@ GOVERNANCE_FIELDS = {"run_policy", "budget", "evaluation"}
 NOT_COUNTED: frozenset[AttemptReason] = frozenset({"Suspended", "SpecChanged", "Completed"})
 # Kind -> the order children are created in: storage and config first, so pods find them.
 CREATION_ORDER = ("PersistentVolumeClaim", "ConfigMap", "Service", "Job")
-MAX_ATTEMPT_RECORDS = 101
 # A Job is Complete once its pods succeeded, but the pods' watch can deliver that a moment after the Job's: wait
 # this long (looking again every FINAL_REPORT_POLL seconds) for rank 0's pod to show its final report.
 FINAL_REPORT_WAIT = timedelta(seconds=10)
@@ -248,6 +249,7 @@ class _Reconciliation:
         self.status.run = number
         self.status.attempt = None
         self.status.attempts = []
+        self.status.dropped_attempts = None
         self.status.start_time = None
         self.status.completion_time = None
         self.status.workers = None
@@ -276,7 +278,7 @@ class _Reconciliation:
                 "result": result,
                 "reason": reason,
                 "completion_time": at,
-                "attempts": len(self.status.attempts) or None,
+                "attempts": self.status.attempt,
                 "final_loss": progress.loss if progress else None,
                 "final_eval_loss": progress.eval_loss if progress else None,
                 "output": output,
@@ -367,7 +369,8 @@ class _Reconciliation:
             return
         resources = self._trained(run).resources
         pricing, nodes = self.settings.pricing, self.observed.nodes
-        spent = Spend()
+        dropped = self.status.dropped_attempts
+        spent = Spend((dropped.gpu_hours or 0.0) * 3600, dropped.cost_usd or 0.0) if dropped else Spend()
         attempts = []
         for a in self.status.attempts:
             usage = [p.usage for p in self.observed.pods_of(run.run, a.attempt)]
@@ -406,7 +409,10 @@ class _Reconciliation:
             if self.now < (last.completion_time or self.now) + timedelta(seconds=wait):
                 return False
         number = (self.status.attempt or 0) + 1
-        self.status.attempts = _trimmed([*self.status.attempts, AttemptRecord(attempt=number, start_time=self.now)])
+        kept, dropped = _trimmed([*self.status.attempts, AttemptRecord(attempt=number, start_time=self.now)])
+        self.status.attempts = kept
+        if dropped:
+            self.status.dropped_attempts = _dropped(self.status.dropped_attempts, dropped)
         self.status.attempt = number
         if self.status.start_time is None:
             self.status.start_time = self.now
@@ -694,14 +700,23 @@ def _with_spend(attempt: AttemptRecord, spent: Spend) -> AttemptRecord:
     return attempt.model_copy(update={"gpu_hours": hours, "cost_usd": usd})
 
 
-def _trimmed(attempts: list[AttemptRecord]) -> list[AttemptRecord]:
-    """Keep the list within the API's bound by dropping the oldest suspensions: failures are what
-    maxRestarts counts, and there are at most maxRestarts + 1 of them."""
-    out = list(attempts)
-    while len(out) > MAX_ATTEMPT_RECORDS:
-        drop = next(i for i, a in enumerate(out) if a.reason == "Suspended")
-        del out[drop]
-    return out
+def _trimmed(attempts: list[AttemptRecord]) -> tuple[list[AttemptRecord], list[AttemptRecord]]:
+    """The list within the API's bound, and what was dropped: the oldest suspensions go (failures are what
+    maxRestarts counts, and there are at most maxRestarts + 1 of them)."""
+    kept, dropped = list(attempts), []
+    while len(kept) > MAX_ATTEMPTS:
+        dropped.append(kept.pop(next(i for i, a in enumerate(kept) if a.reason == "Suspended")))
+    return kept, dropped
+
+
+def _dropped(before: DroppedAttempts | None, attempts: list[AttemptRecord]) -> DroppedAttempts:
+    """`before` with `attempts` added: how many, and what they used (ended attempts' records are final)."""
+    before = before or DroppedAttempts(count=0, gpu_hours=0.0, cost_usd=0.0)
+    return DroppedAttempts(
+        count=before.count + len(attempts),
+        gpu_hours=round((before.gpu_hours or 0.0) + sum(a.gpu_hours or 0.0 for a in attempts), 4),
+        cost_usd=round((before.cost_usd or 0.0) + sum(a.cost_usd or 0.0 for a in attempts), 4),
+    )
 
 
 def status_wire(status: FineTuneJobStatus | None) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from ftj_builders import SETTINGS, T0, condition, edited, exited, ftj, job_state, later, pod, reasons, spec, step
 from kubetune_operator.api import FineTuneJob
-from kubetune_operator.api.status import CheckpointStatus, CostStatus, HistoryPoint, OutputStatus, Progress
+from kubetune_operator.api.status import (
+    MAX_ATTEMPTS,
+    CheckpointStatus,
+    CostStatus,
+    HistoryPoint,
+    OutputStatus,
+    Progress,
+)
 from kubetune_operator.cost import PodUsage, Pricing
 from kubetune_operator.observed import FinalMetrics, FinalReport, Observed
 from kubetune_operator.progress import TrainerReport, TrainerView, parse_report
@@ -334,3 +341,33 @@ def test_a_complete_job_waits_briefly_for_rank_0s_pod_to_show_its_report() -> No
     # a pod event that never comes holds the result up 10 s at most
     _, given_up = step(job, late, later(131))
     assert given_up.status is not None and condition(given_up, "Failed")[1] == "EvalGateFailed"
+
+
+def test_the_runs_cost_counts_the_attempts_dropped_from_its_bounded_list() -> None:
+    job = started()
+    unsuspended, suspended = spec(runPolicy={"suspend": False}), spec(runPolicy={"suspend": True})
+    cycles = MAX_ATTEMPTS + 49
+    for n in range(1, cycles + 1):
+        t = (n - 1) * 100
+        # attempt n's two 8-GPU workers run for a minute, then the run is suspended and they go
+        pods = tuple(
+            pod(i, attempt=n, usage=PodUsage(gpus=8, node_name=f"gpu-node-{i}", start=later(t), end=None))
+            for i in (0, 1)
+        )
+        _, job = step(job, Observed(jobs=(job_state(f"sft-r1-a{n}", attempt=n),), pods=pods), later(t + 60))
+        _, job = step(edited(job, suspended), Observed(), later(t + 61))
+        _, job = step(edited(job, unsuspended), Observed(), later(t + 62))
+    assert job.status is not None and job.status.attempt == cycles + 1
+    assert len(job.status.attempts) == MAX_ATTEMPTS and job.status.attempts[0].attempt == cycles + 1 - MAX_ATTEMPTS + 1
+    dropped = job.status.dropped_attempts
+    assert dropped is not None and dropped.count == cycles + 1 - MAX_ATTEMPTS
+    # every attempt's minute on 16 GPUs at $2 per GPU-hour is still in the run's cost
+    assert job.status.cost is not None
+    assert job.status.cost.gpu_hours == pytest.approx(cycles * 16 / 60, abs=0.01)
+    assert job.status.cost.usd == pytest.approx(cycles * 16 / 60 * 2, abs=0.02)
+
+    # a new run starts afresh
+    _, job = step(edited(job, spec(training={"epochs": 2})), Observed(), later(cycles * 100))
+    assert job.status is not None and job.status.dropped_attempts is None
+    first = job.status.runs[0]
+    assert first.attempts == cycles + 1 and first.cost_usd == pytest.approx(cycles * 16 / 60 * 2, abs=0.02)

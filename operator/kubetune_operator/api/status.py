@@ -198,6 +198,14 @@ class AttemptRecord(ApiModel):
     )
 
 
+class DroppedAttempts(ApiModel):
+    """Attempts of the current run no longer listed in status.attempts, with what they used."""
+
+    count: int = Field(ge=0, description="How many attempts were dropped from the list.")
+    gpu_hours: float | None = Field(None, ge=0, description="GPU-hours their workers used.")
+    cost_usd: float | None = Field(None, ge=0, alias="costUSD", description="What their workers cost, in US dollars.")
+
+
 class FineTuneJobStatus(ApiModel):
     """The observed state of the job, written by the operator."""
 
@@ -233,6 +241,13 @@ class FineTuneJobStatus(ApiModel):
         max_length=MAX_ATTEMPTS,
         description="The attempts of the current run, oldest first, with why each ended.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["attempt"]},
+    )
+    dropped_attempts: DroppedAttempts | None = Field(
+        None,
+        description=(
+            f"Attempts of the current run dropped from attempts to keep it within {MAX_ATTEMPTS} (the oldest "
+            "suspensions go first), and what they used: status.cost counts it."
+        ),
     )
 
 
