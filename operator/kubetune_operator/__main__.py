@@ -18,20 +18,42 @@ import sys
 
 import kopf
 
+from kubetune_operator.api import GROUP, KIND, PLURAL, VERSION
 from kubetune_operator.controller import Controller
 from kubetune_operator.health import start_health_server
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import ApiError, Kube
 from kubetune_operator.metrics import serve
 from kubetune_operator.settings import OperatorSettings, load_settings
 
 log = logging.getLogger("kubetune_operator")
+
+CRD_POLL_SECONDS = 5.0
+
+
+async def wait_for_crd(kube: Kube, poll: float = CRD_POLL_SECONDS) -> None:
+    """Until API discovery shows FineTuneJobs. With its scanning off, kopf serves only the resources discovery
+    showed when it started: an operator started before its CRD would run, ready, and never see a FineTuneJob.
+    Waiting here keeps it not ready (and saying why) instead."""
+    warned = False
+    while True:
+        try:
+            found = await kube.request("GET", f"/apis/{GROUP}/{VERSION}")
+            if any(r.get("name") == PLURAL for r in found.get("resources") or []):
+                return
+        except ApiError as e:
+            if e.status != 404:
+                raise
+        if not warned:
+            log.warning("no %s API (%s/%s) yet: waiting for its CRD to be installed", KIND, GROUP, VERSION)
+            warned = True
+        await asyncio.sleep(poll)
 
 
 async def run_operator(settings: OperatorSettings, namespaces: list[str]) -> None:
     kube = await Kube.connect()
     controller = Controller(kube, settings)
     kopf_settings = kopf.OperatorSettings()
-    controller.configure(kopf_settings)
+    controller.configure(kopf_settings, namespaces)
     controller.start_workers()
     health = await start_health_server(controller, settings.health_port) if settings.health_port else None
     metrics = (
@@ -39,6 +61,8 @@ async def run_operator(settings: OperatorSettings, namespaces: list[str]) -> Non
     )
     log.info("watching %s", ", ".join(namespaces) if namespaces else "all namespaces")
     try:
+        if kopf_settings.scanning.disabled:
+            await wait_for_crd(kube)
         # Returns on SIGTERM/SIGINT (kopf installs the handlers).
         await kopf.operator(
             registry=controller.registry(),

@@ -202,9 +202,14 @@ class Controller:
         kopf.index(*resource, id=cache, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)(index)
         kopf.on.event(*resource, labels={LABEL_JOB: kopf.PRESENT}, registry=registry)(wake_owner)
 
-    def configure(self, kopf_settings: kopf.OperatorSettings) -> None:
-        """kopf settings (DESIGN section 9)."""
+    def configure(self, kopf_settings: kopf.OperatorSettings, namespaces: list[str]) -> None:
+        """kopf settings (DESIGN section 9) for watching `namespaces` (none: every namespace)."""
         s = kopf_settings
+        # A fixed list of namespaces needs no scanning: kopf then neither lists and watches namespaces to resolve
+        # the list, nor watches CRDs to notice ours appear or change; it serves the resources discovery showed at
+        # start (the FineTuneJob CRD must be installed before the operator starts; the chart's is). So namespaced
+        # mode needs no cluster-wide read of CRDs or namespaces. Every namespace, or globs, keep it.
+        s.scanning.disabled = only_exact_namespaces(namespaces)
         # Only the operator's own children are listed and watched, filtered by the API server.
         for resource, _ in CHILDREN.values():
             s.watching.label_selectors[resource] = CHILD_SELECTOR
@@ -370,6 +375,12 @@ class Controller:
         host = f"[{rank0.pod_ip}]" if ":" in rank0.pod_ip else rank0.pod_ip
         url = f"http://{host}:{self.settings.trainer_metrics_port}/progress"
         return self.poller.watch(key, url, status.run, status.attempt, now)
+
+
+def only_exact_namespaces(namespaces: list[str]) -> bool:
+    """Whether `namespaces` names namespaces one by one: no globs ("*", "?"), negations ("!") or kopf's
+    comma-separated patterns, none of which kopf can resolve without listing namespaces."""
+    return bool(namespaces) and not any(set(ns) & set("*?!,") for ns in namespaces)
 
 
 def _owner_key(child: kopf.Body) -> Key:

@@ -55,6 +55,15 @@ def _resource_of(path: str) -> str:
     return "/".join(parts[:1] + parts[2:3])
 
 
+def _status_body(raw: bytes) -> dict[str, Any]:
+    """An error's metav1.Status, or {} for a body that is none (e.g. "404 page not found" for an unknown API group)."""
+    try:
+        body = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 class Kube:
     def __init__(self, api_client: aio_client.ApiClient) -> None:
         self._client = api_client
@@ -66,7 +75,10 @@ class Kube:
         configuration = aio_client.Configuration()
         kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
         if Path(kubeconfig.split(os.pathsep)[0]).exists():
-            await aio_config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            # Named explicitly: the client reads $KUBECONFIG once, when it is imported.
+            await aio_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, client_configuration=configuration
+            )
         else:
             aio_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         api_client = aio_client.ApiClient(configuration)
@@ -98,10 +110,11 @@ class Kube:
             method, url, header_params=headers, body=body, _request_timeout=REQUEST_TIMEOUT
         )
         raw = await response.read()  # type: ignore[no-untyped-call]
-        data: dict[str, Any] = json.loads(raw) if raw else {}
         if not 200 <= response.status < 300:
-            reason = str(data.get("reason") or response.reason)
-            raise ApiError(response.status, reason, str(data.get("message") or raw[:500]))
+            status = _status_body(raw)
+            reason = str(status.get("reason") or response.reason)
+            raise ApiError(response.status, reason, str(status.get("message") or raw[:500]))
+        data: dict[str, Any] = json.loads(raw) if raw else {}
         return data
 
     async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:

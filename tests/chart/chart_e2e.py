@@ -138,9 +138,10 @@ def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
 
 
 def assert_no_rbac_errors(op: Operator) -> None:
-    """No request of the operator was refused by the RBAC authorizer ("... is forbidden: User ... cannot ...")."""
+    """No request of the operator was refused by the RBAC authorizer ("... is forbidden: User ... cannot ..."), and
+    kopf never fell back for want of a permission ("Not enough permissions to list namespaces ...")."""
     log = op.log_path.read_text(errors="replace")
-    denials = re.findall(r"forbidden: User \S+ cannot [^\n]*", log)
+    denials = re.findall(r"forbidden: User \S+ cannot [^\n]*|Not enough permissions [^\n]*", log)
     assert denials == [], "\n".join(denials)
 
 

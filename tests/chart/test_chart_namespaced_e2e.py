@@ -111,6 +111,10 @@ def test_the_service_account_cannot_touch_other_namespaces(
         assert not can_i(cluster, release, verb, resource, "-n", other), (verb, resource)
     assert not can_i(cluster, release, "list", "finetunejobs.kubetune.io", "--all-namespaces")
     assert not can_i(cluster, release, "list", "secrets", "-n", a)
+    # cluster-wide it reads node labels (prices) only: kopf's scanning is off, so no namespace or CRD reads
+    assert can_i(cluster, release, "watch", "nodes")
+    assert not can_i(cluster, release, "list", "namespaces")
+    assert not can_i(cluster, release, "watch", "customresourcedefinitions.apiextensions.k8s.io")
     assert not can_i(cluster, release, "delete", "persistentvolumeclaims", "-n", a)
 
     assert forbidden(as_operator(cluster, release, "get", "finetunejobs", "-n", other))

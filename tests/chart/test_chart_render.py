@@ -455,12 +455,10 @@ def test_namespaced_mode_binds_them_only_in_the_watched_namespaces(tmp_path: Pat
     assert {r["metadata"]["namespace"] for r in of_kind(docs, "Role")} == {"team-a", "team-b"}
     assert {r["metadata"]["namespace"] for r in of_kind(docs, "RoleBinding")} == {"team-a", "team-b"}
     assert rules_of(docs, "ClusterRole", fullname) == []
+    # node prices only: with exact namespace names the operator turns kopf's scanning off, so kopf neither lists
+    # namespaces nor watches CRDs
     cluster_reads = rules_of(docs, "ClusterRole", f"{fullname}-cluster-reads")
-    assert {r for rule in cluster_reads for r in rule["resources"]} == {
-        "nodes",
-        "customresourcedefinitions",
-        "namespaces",
-    }
+    assert cluster_reads == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
     assert settings_of(docs)["namespaces"] == ["team-a", "team-b"]
 
 
@@ -494,7 +492,7 @@ def test_every_operator_rule_says_why_in_a_comment() -> None:
     for name, text in sources.items():
         lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("{{")]
         rules = [i for i, line in enumerate(lines) if line.startswith("- apiGroups:")]
-        assert len(rules) >= 3, name
+        assert len(rules) >= 2, name
         for i in rules:
             assert lines[i - 1].startswith("#"), f"{name}: the rule {lines[i + 1]} has no comment"
 

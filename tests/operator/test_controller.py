@@ -1,0 +1,64 @@
+"""The kopf settings the controller asks for, and what the operator does before kopf starts."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import kopf
+import pytest
+from kubetune_operator.__main__ import wait_for_crd
+from kubetune_operator.controller import Controller
+from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.settings import OperatorSettings
+
+
+@pytest.mark.parametrize(
+    ("namespaces", "scanning"),
+    [
+        ([], True),  # every namespace: kopf watches CRDs to notice ours installed or changed while it runs
+        (["team-a", "team-b"], False),  # exact names: no namespace listing, no CRD watch, so no such RBAC needed
+        (["ml-*"], True),  # a glob is resolved by listing namespaces
+        (["team-?"], True),
+        (["team-a", "!team-b"], True),
+        (["team-a,team-b"], True),  # kopf's comma-separated pattern
+    ],
+)
+def test_kopf_scans_the_cluster_only_when_its_namespaces_need_resolving(namespaces: list[str], scanning: bool) -> None:
+    settings = kopf.OperatorSettings()
+    Controller(cast(Kube, None), OperatorSettings()).configure(settings, namespaces)
+    assert settings.scanning.disabled is not scanning
+
+
+class DiscoveryAnswers:
+    """Kube.request answering discovery requests with the given answers, in order."""
+
+    def __init__(self, *answers: dict[str, Any] | ApiError) -> None:
+        self.answers = list(answers)
+        self.paths: list[str] = []
+
+    async def request(self, method: str, path: str) -> dict[str, Any]:
+        self.paths.append(f"{method} {path}")
+        answer = self.answers.pop(0)
+        if isinstance(answer, ApiError):
+            raise answer
+        return answer
+
+
+def test_without_scanning_the_operator_waits_for_its_crd(caplog: pytest.LogCaptureFixture) -> None:
+    kube = DiscoveryAnswers(
+        ApiError(404, "NotFound", "the server could not find the requested resource"),  # no kubetune.io group yet
+        {"resources": []},  # the group is there, the CRD not established yet
+        {"resources": [{"name": "finetunejobs"}, {"name": "finetunejobs/status"}]},
+    )
+    asyncio.run(wait_for_crd(cast(Kube, kube), poll=0))
+    assert kube.paths == ["GET /apis/kubetune.io/v1alpha1"] * 3
+    assert [r.message for r in caplog.records] == [
+        "no FineTuneJob API (kubetune.io/v1alpha1) yet: waiting for its CRD to be installed"
+    ]
+
+
+def test_an_api_error_other_than_not_found_is_not_waited_out() -> None:
+    kube = DiscoveryAnswers(ApiError(403, "Forbidden", "discovery is forbidden"))
+    with pytest.raises(ApiError, match="403 Forbidden"):
+        asyncio.run(wait_for_crd(cast(Kube, kube), poll=0))
