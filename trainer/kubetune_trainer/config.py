@@ -211,19 +211,27 @@ class TrainingConfig(Model):
 class ModelConfig(Model):
     source: str = Field(
         description=(
-            "A local directory (what a PVC mount gives) or an hf:// model id downloaded into the cache dir "
-            "with the token from the HF_TOKEN environment variable."
+            "A local directory (what a PVC mount gives), an hf://<org>/<name> model id downloaded into cacheDir "
+            "with the token from the HF_TOKEN environment variable, or an s3://<bucket>/<prefix> directory "
+            "downloaded into sources.cacheDir."
         )
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// sources.")
     gguf_file: str | None = Field(None, description="GGUF file inside the source directory to load and dequantise.")
-    cache_dir: str | None = Field(None, description="Where hub downloads go.")
+    cache_dir: str | None = Field(None, description="Where hub downloads of the model go.")
     trust_remote_code: bool = Field(False, description="Allow model code from the source to run.")
 
 
+DATASET_SOURCE_FORMS = (
+    "a local file or directory, hf://<org>/<name>[/<path>] (a Hugging Face dataset repository, or a file or "
+    "directory in it) or s3://<bucket>/<key or prefix>"
+)
+
+
 class DatasetConfig(DatasetOptions):
-    path: str = Field(description="Local file or directory with the training rows.")
-    eval_path: str | None = Field(None, description="Local file or directory with evaluation rows.")
+    path: str = Field(description=f"Training rows: {DATASET_SOURCE_FORMS}.")
+    eval_path: str | None = Field(None, description=f"Evaluation rows: {DATASET_SOURCE_FORMS}.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// dataset sources.")
 
 
 class CheckpointConfig(Model):
@@ -238,6 +246,28 @@ class CheckpointConfig(Model):
 class OutputConfig(Model):
     dir: str = Field(description="Directory that receives the final adapter or model, tokenizer and manifest.")
     merge_adapter: bool = Field(False, description="Also write the base model with the adapter merged in.")
+
+
+class S3Config(Model):
+    """How to reach the store of s3:// sources. Credentials come from the environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or, without them, from the node's instance role."""
+
+    endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible store (e.g. http://minio.minio.svc:9000). Omitted: AWS S3."
+    )
+    region: str | None = Field(None, description="Region of the buckets. Omitted: AWS_REGION, else us-east-1.")
+
+
+class SourcesConfig(Model):
+    cache_dir: str | None = Field(
+        None,
+        description=(
+            "Where s3:// and hf:// dataset sources are downloaded: a directory every worker of the job sees (the "
+            "operator puts it on the checkpoint claim), so one download serves every node and every later attempt. "
+            "Omitted: ~/.cache/kubetune/sources."
+        ),
+    )
+    s3: S3Config = Field(default_factory=S3Config, description="How to reach the store of s3:// sources.")
 
 
 class MetricsConfig(Model):
@@ -260,6 +290,7 @@ class TrainerConfig(Model):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig
     output: OutputConfig
+    sources: SourcesConfig = Field(default_factory=SourcesConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     identity: RunIdentity = Field(default_factory=RunIdentity)
 

@@ -6,8 +6,9 @@ tokenizer files
 merged/                                            output.mergeAdapter: base + adapter merged, with tokenizer
 metrics.jsonl                                      one record per log step (appended while training)
 loss.png                                           training and eval loss curves
-manifest.json                                      written last: base model, dataset hashes, resolved config,
-                                                   final metrics, world size, versions, output checksums
+manifest.json                                      written last: base model, dataset hashes, downloaded sources
+                                                   (ETags, commits), config, final metrics, world size, versions,
+                                                   output checksums
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def write_manifest(
     *,
     files: list[SourceFile],
     eval_files: list[SourceFile],
+    sources: dict[str, dict[str, Any]],
     final_metrics: dict[str, Any],
     world_size: int,
     parameters: dict[str, int],
@@ -164,6 +166,8 @@ def write_manifest(
             "files": [vars(f) for f in files],
             "evalFiles": [vars(f) for f in eval_files],
         },
+        # s3:// and hf:// dataset sources: where the bytes came from (object ETags, or the commit) and the local copy.
+        "sources": sources,
         "config": json.loads(cfg.dump()),
         "finalMetrics": final_metrics,
         "worldSize": world_size,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, export, mfu
+from . import checkpoint, export, mfu, sources
 from .config import TrainerConfig
 from .data import IGNORE, PreparedData, Samples, prepare
 from .errors import Stopped, Terminated
@@ -120,6 +120,10 @@ class Run:
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
         check_supported(cfg, rt.device)
+        # s3:// sources and hf:// datasets become local copies (rank 0 downloads them, the others wait); self.cfg
+        # keeps the sources as given, for the manifest.
+        self.sources = sources.resolve(cfg, rt)
+        cfg = self.sources.config
         self.packed = cfg.dataset.packing and cfg.method.type not in ("prefix", "prompt")
         if cfg.dataset.packing and not self.packed:
             log.info("packing is off for %s tuning: its virtual tokens belong to every sample", cfg.method.type)
@@ -473,7 +477,7 @@ class Run:
         if rt.is_main:
             self.tokenizer.save_pretrained(self.out_dir)
             if cfg.output.merge_adapter and cfg.method.is_peft:
-                export.merge_adapter(cfg, self.out_dir, self.tokenizer)
+                export.merge_adapter(self.sources.config, self.out_dir, self.tokenizer)
             records = export.read_metrics(self.out_dir)
             export.plot_loss(records, self.out_dir / export.LOSS_PLOT, f"{cfg.method.type} fine-tuning")
             c = self.prepared.counts
@@ -482,6 +486,7 @@ class Run:
                 cfg,
                 files=self.data.files,
                 eval_files=self.data.eval_files,
+                sources=self.sources.records,
                 final_metrics=final,
                 world_size=rt.world_size,
                 parameters={"total": c.total, "trainable": c.trainable, "matmul": c.matmul},
