@@ -20,6 +20,8 @@ from kubetune_trainer.config import (
     ModelConfig,
     OutputConfig,
     RunIdentity,
+    S3Config,
+    SourcesConfig,
     TrainerConfig,
 )
 
@@ -86,6 +88,7 @@ def trainer_config(
 ) -> TrainerConfig:
     storage = worker_storage(owner.namespace, owner.name, spec, run)
     dataset_options = spec.dataset.model_dump(include=set(DatasetOptions.model_fields))
+    s3 = spec.storage.s3 if spec.storage else None
     return TrainerConfig(
         model=ModelConfig(
             source=storage.model_source,
@@ -93,7 +96,9 @@ def trainer_config(
             cache_dir=storage.cache_dir,
             trust_remote_code=spec.model.trust_remote_code,
         ),
-        dataset=DatasetConfig(**dataset_options, path=storage.dataset_path, eval_path=storage.eval_path),
+        dataset=DatasetConfig(
+            **dataset_options, path=storage.dataset_path, eval_path=storage.eval_path, revision=spec.dataset.revision
+        ),
         method=spec.method,
         training=spec.training,
         checkpoint=CheckpointConfig(
@@ -103,6 +108,10 @@ def trainer_config(
             keep_last=spec.checkpoint.keep_last,
         ),
         output=OutputConfig(dir=storage.output_dir, merge_adapter=spec.output.merge_adapter),
+        sources=SourcesConfig(
+            cache_dir=storage.sources_cache_dir,
+            s3=S3Config(endpoint_url=s3.endpoint_url, region=s3.region) if s3 else S3Config(),
+        ),
         metrics=MetricsConfig(port=settings.trainer_metrics_port),
         identity=RunIdentity(namespace=owner.namespace, name=owner.name, run=run, generation=generation),
     )
@@ -244,6 +253,18 @@ def _container(
     token = spec.model.token_secret_ref
     if token:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    s3_secret = spec.storage.s3.credentials_secret_ref if spec.storage and spec.storage.s3 else None
+    if s3_secret:
+        # Each key under its own name, which the S3 client reads; a session token only comes with temporary keys.
+        for key, optional in (
+            ("AWS_ACCESS_KEY_ID", False),
+            ("AWS_SECRET_ACCESS_KEY", False),
+            ("AWS_SESSION_TOKEN", True),
+        ):
+            ref: dict[str, Any] = {"name": s3_secret.name, "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
 
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}

@@ -4,12 +4,14 @@
         runs/<run>/checkpoints/step-...                      checkpoints of the run
         runs/<run>/                                          outputs, when the output claim is the checkpoint claim
         cache/huggingface/                                   hub downloads, kept across attempts and runs
+        cache/sources/                                       s3:// sources and hf:// datasets (the trainer's cache)
     <output claim>/<output path>/<namespace>/<job>/         mounted at /kubetune/output (when it differs)
         runs/<run>/                                          outputs
     pvc://<claim>/<path> sources                             mounted read-only at /kubetune/sources/<role>/<name>
 
 Every mount uses a subPath, so a worker sees only its own job's directory and the source paths it was given.
-hf:// and s3:// sources are passed to the trainer unchanged.
+hf:// and s3:// sources are passed to the trainer unchanged: it downloads them into cache/, which every node of
+the job sees, so one download serves all workers and later attempts.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class WorkerStorage:
     output_dir: str
     output_uri: str
     cache_dir: str
+    sources_cache_dir: str
     model_source: str
     dataset_path: str
     eval_path: str | None
@@ -92,6 +95,7 @@ def worker_storage(namespace: str, job: str, spec: FineTuneJobSpec, run: int) ->
         output_dir=output_dir,
         output_uri=output_uri(namespace, job, spec, run),
         cache_dir=f"{JOB_DIR}/cache/huggingface",
+        sources_cache_dir=f"{JOB_DIR}/cache/sources",
         model_source=model,
         dataset_path=dataset,
         eval_path=eval_path,

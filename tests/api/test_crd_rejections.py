@@ -245,12 +245,64 @@ CASES = [
     Case(
         "dataset-source-https",
         {"dataset": {"source": "https://example.com/data.jsonl"}},
-        ("spec.dataset.source must be hf://<org>/<name>, pvc://<claim>/<path> or s3://<bucket>/<path>",),
+        ("spec.dataset.source must be hf://<org>/<name>[/<path>], pvc://<claim>/<path> or s3://<bucket>/<path>",),
     ),
     Case(
         "eval-source-bad",
         {"dataset": {"evalSource": "/data/eval.jsonl"}},
-        ("spec.dataset.evalSource must be hf://<org>/<name>, pvc://<claim>/<path> or s3://<bucket>/<path>",),
+        ("spec.dataset.evalSource must be hf://<org>/<name>[/<path>], pvc://<claim>/<path> or s3://<bucket>/<path>",),
+    ),
+    Case(
+        "model-hf-source-with-path",
+        {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct/config.json"}},
+        ("spec.model.source must be hf://<org>/<name>, pvc://<claim>/<path> or s3://<bucket>/<path>",),
+    ),
+    Case(
+        "dataset-hf-source-without-name",
+        {"dataset": {"source": "hf://acme"}},
+        ("spec.dataset.source must be hf://<org>/<name>[/<path>]",),
+    ),
+    Case(
+        "dataset-revision-syntax",
+        {"dataset": {"source": "hf://acme/support", "revision": "v2 final"}},
+        ("spec.dataset.revision must be a branch, tag or commit",),
+    ),
+    Case(
+        "s3-endpoint-without-scheme",
+        {
+            "model": {"source": "s3://models/qwen", "tokenSecretRef": None},
+            "storage": {"s3": {"endpointUrl": "minio:9000"}},
+        },
+        (
+            "spec.storage.s3.endpointUrl must be an http:// or https:// URL with a host and an optional port and no "
+            "path",
+        ),
+    ),
+    Case(
+        "s3-endpoint-with-path",
+        {
+            "model": {"source": "s3://models/qwen"},
+            "storage": {"s3": {"endpointUrl": "https://minio.example.com/s3"}},
+        },
+        ("spec.storage.s3.endpointUrl must be an http:// or https:// URL",),
+    ),
+    Case(
+        "s3-region-syntax",
+        {"model": {"source": "s3://models/qwen"}, "storage": {"s3": {"region": "eu west 1"}}},
+        ("spec.storage.s3.region must be a region name",),
+    ),
+    Case(
+        "s3-credentials-secret-name",
+        {"model": {"source": "s3://models/qwen"}, "storage": {"s3": {"credentialsSecretRef": {"name": "S3_Keys"}}}},
+        ("spec.storage.s3.credentialsSecretRef.name must be a lowercase RFC 1123 name",),
+    ),
+    Case(
+        "s3-credentials-secret-key",
+        {
+            "model": {"source": "s3://models/qwen"},
+            "storage": {"s3": {"credentialsSecretRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}},
+        },
+        (".spec.storage.s3.credentialsSecretRef.key: field not declared in schema",),
     ),
     Case(
         "token-secret-name",
@@ -352,9 +404,28 @@ CASES = [
         ("spec.model.revision: Forbidden: spec.model.revision applies only to hf:// sources",),
     ),
     Case(
-        "model-token-on-s3",
+        "model-token-without-hf-source",
         {"model": {"source": "s3://models/qwen", "tokenSecretRef": {"name": "hf"}}},
-        ("spec.model.tokenSecretRef: Forbidden: spec.model.tokenSecretRef applies only to hf:// sources",),
+        (
+            "spec.model.tokenSecretRef: Forbidden: spec.model.tokenSecretRef applies only when a source "
+            "(spec.model.source, spec.dataset.source or spec.dataset.evalSource) is hf://",
+        ),
+    ),
+    Case(
+        "dataset-revision-without-hf-source",
+        {"dataset": {"revision": "main"}},
+        (
+            "spec.dataset.revision: Forbidden: spec.dataset.revision applies only when spec.dataset.source or "
+            "spec.dataset.evalSource is hf://",
+        ),
+    ),
+    Case(
+        "s3-storage-without-s3-source",
+        {"storage": {"s3": {"region": "eu-west-1"}}},
+        (
+            "spec.storage.s3: Forbidden: spec.storage.s3 applies only when a source (spec.model.source, "
+            "spec.dataset.source or spec.dataset.evalSource) is s3://",
+        ),
     ),
     Case(
         "eval-split-and-eval-source",

@@ -118,6 +118,70 @@ def test_without_a_token_reference_there_is_no_token() -> None:
     assert "HF_TOKEN" not in env(job_of(no_token))
 
 
+S3_SOURCES = spec(
+    model={"source": "s3://acme-models/qwen2.5-7b", "tokenSecretRef": {"name": "hf", "key": "token"}},
+    dataset={
+        "source": "s3://acme-data/support/v3/",
+        "evalSource": "hf://acme/support-eval/test.jsonl",
+        "revision": "v2",
+    },
+    storage={
+        "s3": {
+            "endpointUrl": "http://minio.minio.svc:9000",
+            "region": "eu-west-1",
+            "credentialsSecretRef": {"name": "minio-keys"},
+        }
+    },
+)
+
+
+def test_s3_keys_reach_the_workers_only_as_secret_key_refs() -> None:
+    job = ftj(S3_SOURCES)
+    manifest = render_job(owner(job), job.spec, 1, 1, SETTINGS)
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container(manifest)["env"]
+        if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]
+    }
+    assert refs == {
+        "HF_TOKEN": {"name": "hf", "key": "token"},
+        "AWS_ACCESS_KEY_ID": {"name": "minio-keys", "key": "AWS_ACCESS_KEY_ID"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "minio-keys", "key": "AWS_SECRET_ACCESS_KEY"},
+        "AWS_SESSION_TOKEN": {"name": "minio-keys", "key": "AWS_SESSION_TOKEN", "optional": True},
+    }
+    assert not [e for e in container(manifest)["env"] if e["name"].startswith("AWS_") and "value" in e]
+    # Remote sources mount nothing: the trainer downloads them into the job's cache on the checkpoint claim.
+    assert mounts(manifest) == {"/kubetune/job": ("ft-checkpoints", "ml/sft", False)}
+
+
+def test_remote_sources_reach_the_trainer_config_as_given_with_where_to_fetch_them() -> None:
+    job = ftj(S3_SOURCES)
+    cm = render_config_map(owner(job), job.spec, 1, 1, SETTINGS)
+    config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
+    assert config.model.source == "s3://acme-models/qwen2.5-7b"
+    assert (config.dataset.path, config.dataset.eval_path) == (
+        "s3://acme-data/support/v3/",
+        "hf://acme/support-eval/test.jsonl",
+    )
+    assert config.dataset.revision == "v2"
+    assert config.sources.cache_dir == "/kubetune/job/cache/sources"
+    assert (config.sources.s3.endpoint_url, config.sources.s3.region) == ("http://minio.minio.svc:9000", "eu-west-1")
+    # The ConfigMap names the Secret (in the stored spec) and never holds a key.
+    assert "AWS_" not in json.dumps(cm["data"])
+
+
+def test_without_a_credentials_secret_the_workers_use_the_nodes_role() -> None:
+    no_secret = spec(
+        model={"source": "s3://acme-models/qwen2.5-7b", "tokenSecretRef": None}, storage={"s3": {"region": "eu-west-1"}}
+    )
+    assert not [name for name in env(job_of(no_secret)) if name.startswith("AWS_")]
+    job = ftj(no_secret)
+    config = TrainerConfig.model_validate_json(
+        render_config_map(owner(job), job.spec, 1, 1, SETTINGS)["data"]["config.json"]
+    )
+    assert (config.sources.s3.endpoint_url, config.sources.s3.region) == (None, "eu-west-1")
+
+
 def test_gpus_memory_and_cpu_become_requests_and_limits() -> None:
     job = job_of(spec(resources={"cpu": 16, "memory": "200Gi"}))
     assert container(job)["resources"] == {

@@ -16,7 +16,14 @@ from kubetune_operator.api.common import DEFAULTED_GROUP, ApiModel, EmbeddedObje
 
 SOURCE_FORMS = (
     "hf://<org>/<name> (Hugging Face Hub), pvc://<claim>/<path> (a PersistentVolumeClaim in the job's "
-    "namespace, mounted read-only) or s3://<bucket>/<path>"
+    "namespace, mounted read-only) or s3://<bucket>/<path> (copied to the checkpoint claim before training; see "
+    "spec.storage.s3)"
+)
+DATASET_SOURCE_FORMS = (
+    "hf://<org>/<name>[/<path>] (a Hugging Face Hub dataset repository, or one file or directory in it), "
+    "pvc://<claim>/<path> (a PersistentVolumeClaim in the job's namespace, mounted read-only) or "
+    "s3://<bucket>/<key or prefix> (one object, or every object under the prefix, copied to the checkpoint claim "
+    "before training; see spec.storage.s3)"
 )
 
 LabelValue = Annotated[str, Field(max_length=63)]
@@ -34,6 +41,13 @@ class SecretKeyRef(ApiModel):
 
     name: str = Field(max_length=253, description="Name of the Secret, in the FineTuneJob's namespace.")
     key: str = Field("token", max_length=253, description="Key inside the Secret that holds the credential.")
+
+
+class SecretRef(ApiModel):
+    """A Secret in the FineTuneJob's namespace, whose keys reach the workers only as environment variables from
+    secretKeyRefs: never in a ConfigMap, the status, events or logs."""
+
+    name: str = Field(max_length=253, description="Name of the Secret, in the FineTuneJob's namespace.")
 
 
 class ModelSpec(ApiModel):
@@ -56,8 +70,8 @@ class ModelSpec(ApiModel):
     token_secret_ref: SecretKeyRef | None = Field(
         None,
         description=(
-            "hf:// sources only: the Hugging Face access token for gated or private repositories (exported to "
-            "the workers as HF_TOKEN; also used for hf:// dataset sources)."
+            "The Hugging Face access token for gated or private repositories, used for the hf:// model and the "
+            "hf:// dataset sources (exported to the workers as HF_TOKEN). Only when some source is hf://."
         ),
     )
     trust_remote_code: bool = Field(
@@ -75,16 +89,63 @@ class DatasetSpec(DatasetOptions):
     source: str = Field(
         max_length=2048,
         description=(
-            f"Training rows: {SOURCE_FORMS}. A file (.jsonl, .json, .parquet) or a directory of such files. "
-            "To retrain on new data, point this at the new version (e.g. pvc://datasets/support/v4.jsonl)."
+            f"Training rows: {DATASET_SOURCE_FORMS}. A file (.jsonl, .json, .parquet) or a directory of such "
+            "files. To retrain on new data, point this at the new version (e.g. pvc://datasets/support/v4.jsonl)."
         ),
     )
     eval_source: str | None = Field(
         None,
         max_length=2048,
         description=(
-            f"Evaluation rows in the same format: {SOURCE_FORMS}. Mutually exclusive with a non-zero evalSplit."
+            f"Evaluation rows in the same format: {DATASET_SOURCE_FORMS}. Mutually exclusive with a non-zero evalSplit."
         ),
+    )
+    revision: str | None = Field(
+        None,
+        max_length=255,
+        description=(
+            "hf:// dataset sources only (source and evalSource): the branch, tag or commit of the dataset repository. "
+            "Omitted: the default branch. A branch is resolved when each attempt starts: pin a tag or commit for "
+            "reproducible runs."
+        ),
+    )
+
+
+class S3Storage(ApiModel):
+    """How the workers reach the S3 or S3-compatible store that s3:// sources name. Requests use path-style URLs
+    (<endpoint>/<bucket>/<key>), which AWS S3, MinIO, Ceph RGW, Cloudflare R2 and Google Cloud Storage accept."""
+
+    endpoint_url: str | None = Field(
+        None,
+        max_length=2048,
+        description=(
+            "Endpoint of an S3-compatible store: scheme, host and optional port, e.g. http://minio.minio.svc:9000 "
+            "or https://<account>.r2.cloudflarestorage.com. Omitted: AWS S3 in the region."
+        ),
+    )
+    region: str | None = Field(
+        None,
+        max_length=63,
+        description=(
+            "Region of the buckets, e.g. eu-west-1. Omitted: us-east-1. S3-compatible stores often ignore it or "
+            "expect a fixed value (R2: auto)."
+        ),
+    )
+    credentials_secret_ref: SecretRef | None = Field(
+        None,
+        description=(
+            "A Secret with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for "
+            "temporary credentials), exported to the workers as environment variables of the same names. Omitted: "
+            "the workers use the node's instance role, from the instance metadata service."
+        ),
+    )
+
+
+class StorageSpec(ApiModel):
+    """Access to the object storage that sources name."""
+
+    s3: S3Storage | None = Field(
+        None, description="The S3 or S3-compatible store of the s3:// sources. Only when some source is s3://."
     )
 
 
@@ -418,6 +479,7 @@ class FineTuneJobSpec(ApiModel):
 
     model: ModelSpec = Field(description="The base model to fine-tune.")
     dataset: DatasetSpec = Field(description="Training data, optional evaluation data, and how rows become sequences.")
+    storage: StorageSpec | None = Field(None, description="How the workers reach the object storage of s3:// sources.")
     method: MethodConfig = Field(
         default_factory=MethodConfig,
         description="The fine-tuning method and its settings; only the group named by type may be given.",

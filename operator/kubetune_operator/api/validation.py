@@ -23,12 +23,19 @@ DNS_SUBDOMAIN = f"{DNS_LABEL}([.]{DNS_LABEL})*"
 LABEL_VALUE_RE = "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 LABEL_KEY_RE = f"^({DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 HF_RE = "^hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*$"
+HF_PATH_RE = "^hf://[A-Za-z0-9][-A-Za-z0-9_.]*/[A-Za-z0-9][-A-Za-z0-9_.]*(/[^/[:space:]]+)*/?$"  # datasets
 PVC_RE = f"^pvc://{DNS_SUBDOMAIN}(/[^/[:space:]]+)*/?$"
 S3_RE = "^s3://[a-z0-9][-a-z0-9.]{1,61}[a-z0-9](/[^[:space:]]*)?$"
 DOT_DOT_SEGMENT_RE = "/[.][.](/|$)"
 RELATIVE_PATH_RE = "^[A-Za-z0-9_][-A-Za-z0-9_.]*(/[A-Za-z0-9_][-A-Za-z0-9_.]*)*$"
+REVISION_RE = "^[A-Za-z0-9][-A-Za-z0-9_./]*$"
+ENDPOINT_RE = "^https?://[^/?#[:space:]]+/?$"
+REGION_RE = "^[A-Za-z0-9][-A-Za-z0-9_]*$"
+# Every source of a spec, for the rules that depend on the schemes in use.
+SOURCES = "([self.model.source, self.dataset.source] + (has(self.dataset.evalSource) ? [self.dataset.evalSource] : []))"
 
 SOURCE_HELP = "hf://<org>/<name>, pvc://<claim>/<path> or s3://<bucket>/<path>"
+DATASET_SOURCE_HELP = "hf://<org>/<name>[/<path>], pvc://<claim>/<path> or s3://<bucket>/<path>"
 NAME_HELP = "a lowercase RFC 1123 name: a-z, 0-9, '-' and '.', starting and ending with a letter or digit"
 QUANTITY_HELP = "a positive Kubernetes quantity such as 16, 500m, 64Gi or 1Ti"
 LORA_FAMILY = "['lora', 'qlora', 'dora']"
@@ -87,14 +94,25 @@ def _quantity(field: str) -> Rule:
     )
 
 
-def _source(field: str) -> tuple[Rule, ...]:
+def _source(field: str, hf_re: str = HF_RE, forms: str = SOURCE_HELP) -> tuple[Rule, ...]:
     return (
         Rule(
-            f"self.matches('{HF_RE}') || self.matches('{PVC_RE}') || self.matches('{S3_RE}')",
-            f"{field} must be {SOURCE_HELP} (no spaces)",
+            f"self.matches('{hf_re}') || self.matches('{PVC_RE}') || self.matches('{S3_RE}')",
+            f"{field} must be {forms} (no spaces)",
         ),
         Rule(f"!self.matches('{DOT_DOT_SEGMENT_RE}')", f"{field} must not contain '..' path segments"),
     )
+
+
+def _revision(field: str) -> Rule:
+    return Rule(
+        f"self.matches('{REVISION_RE}')",
+        f"{field} must be a branch, tag or commit: letters, digits, '-', '_', '.' and '/'",
+    )
+
+
+def _dataset_source(field: str) -> tuple[Rule, ...]:
+    return _source(field, HF_PATH_RE, DATASET_SOURCE_HELP)
 
 
 def _only_for(group: str, types: str, allowed: str) -> Rule:
@@ -171,6 +189,21 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "spec.resources.numNodes is more than 1: every node mounts the checkpoint volume",
             field_path=".checkpoint.volumeClaimTemplate.spec.accessModes",
         ),
+        # The Hugging Face token serves the hf:// model and hf:// datasets alike.
+        Rule(
+            f"!has(self.model.tokenSecretRef) || {SOURCES}.exists(s, s.startsWith('hf://'))",
+            "spec.model.tokenSecretRef applies only when a source (spec.model.source, spec.dataset.source or "
+            "spec.dataset.evalSource) is hf:// (it is the Hugging Face access token)",
+            field_path=".model.tokenSecretRef",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            f"!has(self.storage) || !has(self.storage.s3) || {SOURCES}.exists(s, s.startsWith('s3://'))",
+            "spec.storage.s3 applies only when a source (spec.model.source, spec.dataset.source or "
+            "spec.dataset.evalSource) is s3://",
+            field_path=".storage.s3",
+            reason="FieldValueForbidden",
+        ),
     ),
     # -- model and dataset ---------------------------------------------------------------------
     "spec.model": (
@@ -180,20 +213,9 @@ RULES: dict[str, tuple[Rule, ...]] = {
             field_path=".revision",
             reason="FieldValueForbidden",
         ),
-        Rule(
-            "!has(self.tokenSecretRef) || self.source.startsWith('hf://')",
-            "spec.model.tokenSecretRef applies only to hf:// sources (the Hugging Face access token)",
-            field_path=".tokenSecretRef",
-            reason="FieldValueForbidden",
-        ),
     ),
     "spec.model.source": _source("spec.model.source"),
-    "spec.model.revision": (
-        Rule(
-            "self.matches('^[A-Za-z0-9][-A-Za-z0-9_./]*$')",
-            "spec.model.revision must be a branch, tag or commit: letters, digits, '-', '_', '.' and '/'",
-        ),
-    ),
+    "spec.model.revision": (_revision("spec.model.revision"),),
     "spec.model.tokenSecretRef.name": (_name("spec.model.tokenSecretRef.name"),),
     "spec.model.tokenSecretRef.key": (
         Rule(
@@ -209,9 +231,32 @@ RULES: dict[str, tuple[Rule, ...]] = {
             field_path=".evalSource",
             reason="FieldValueForbidden",
         ),
+        Rule(
+            "!has(self.revision) || self.source.startsWith('hf://') "
+            "|| (has(self.evalSource) && self.evalSource.startsWith('hf://'))",
+            "spec.dataset.revision applies only when spec.dataset.source or spec.dataset.evalSource is hf:// (a "
+            "branch, tag or commit of the dataset repository)",
+            field_path=".revision",
+            reason="FieldValueForbidden",
+        ),
     ),
-    "spec.dataset.source": _source("spec.dataset.source"),
-    "spec.dataset.evalSource": _source("spec.dataset.evalSource"),
+    "spec.dataset.source": _dataset_source("spec.dataset.source"),
+    "spec.dataset.evalSource": _dataset_source("spec.dataset.evalSource"),
+    "spec.dataset.revision": (_revision("spec.dataset.revision"),),
+    "spec.storage.s3.endpointUrl": (
+        Rule(
+            f"self.matches('{ENDPOINT_RE}')",
+            "spec.storage.s3.endpointUrl must be an http:// or https:// URL with a host and an optional port and "
+            "no path, e.g. https://minio.example.com:9000",
+        ),
+    ),
+    "spec.storage.s3.region": (
+        Rule(
+            f"self.matches('{REGION_RE}')",
+            "spec.storage.s3.region must be a region name: letters, digits, '-' and '_', e.g. eu-west-1",
+        ),
+    ),
+    "spec.storage.s3.credentialsSecretRef.name": (_name("spec.storage.s3.credentialsSecretRef.name"),),
     # -- method: only the settings group of the chosen method may be given ---------------------
     "spec.method": (
         _only_for("lora", LORA_FAMILY, "lora, qlora or dora"),
