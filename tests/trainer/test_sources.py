@@ -1,20 +1,15 @@
-"""s3:// sources for real: an S3-compatible server on localhost (moto in server mode, with IAM authentication
-on, so wrong keys are refused as AWS refuses them), the trainer downloading from it, and its request log to
-count what was downloaded."""
+"""s3:// sources for real: the trainer downloading from an S3-compatible server on localhost (s3_server.py: moto,
+with IAM authentication on), whose request log counts what was downloaded."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,112 +20,24 @@ from kubetune_trainer import sources
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import EXIT_CONFIG, PermanentError
 from kubetune_trainer.train import run
-from obstore.store import S3Store
+from s3_server import BUCKET, S3Server, s3_server
 
 pytestmark = pytest.mark.trainer
 
-REPO = Path(__file__).resolve().parents[2]
-BUCKET = "kt-data"
 MODEL = f"s3://{BUCKET}/models/llama"
 TRAIN = f"s3://{BUCKET}/data/train.jsonl"
 EVAL = f"s3://{BUCKET}/data/eval/"
 
-# Run with the server's boto3 while authentication is still off (INITIAL_NO_AUTH_ACTION_COUNT=4 allows these
-# four requests): a user allowed everything, its access key, and the bucket. Prints the key as JSON.
-SETUP = """
-import json, sys
-import boto3
-url, bucket = sys.argv[1:]
-kw = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
-iam = boto3.client("iam", **kw)
-iam.create_user(UserName="trainer")
-allow_all = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-iam.put_user_policy(UserName="trainer", PolicyName="all", PolicyDocument=json.dumps(allow_all))
-key = iam.create_access_key(UserName="trainer")["AccessKey"]
-boto3.client("s3", **kw).create_bucket(Bucket=bucket)
-print(json.dumps({"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]}))
-"""
-
-
-@dataclass
-class S3Server:
-    url: str
-    key_id: str
-    secret: str
-    log: Path
-
-    def credentials(self, secret: str | None = None) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": secret or self.secret}
-
-    def store(self) -> Any:
-        return S3Store(
-            BUCKET,
-            endpoint=self.url,
-            region="us-east-1",
-            access_key_id=self.key_id,
-            secret_access_key=self.secret,
-            client_options={"allow_http": True},
-        )
-
-    def etags(self, prefix: str) -> dict[str, str]:
-        return {m["path"]: m["e_tag"].strip('"') for batch in obstore.list(self.store(), prefix=prefix) for m in batch}
-
-    def downloads(self) -> dict[str, int]:
-        """Object downloads so far, by key (listings and HEADs are not downloads)."""
-        counts: dict[str, int] = {}
-        for line in self.log.read_text().splitlines():
-            marker = f'"GET /{BUCKET}/'
-            if marker in line:
-                key = line.split(marker, 1)[1].split(" ", 1)[0]
-                counts[key] = counts.get(key, 0) + 1
-        return counts
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    # A bare TCP connect: an HTTP request would use up one of the unauthenticated setup requests.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "moto_server exited"
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError("moto_server did not listen")
-
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path, train_jsonl: Path) -> Iterator[S3Server]:
-    env_dir = Path(
-        subprocess.run([REPO / "hack" / "moto.sh"], capture_output=True, text=True, check=True).stdout.split()[-1]
-    )
-    tmp = tmp_path_factory.mktemp("s3")
-    port = assets.free_port()
-    log = tmp / "moto.log"
-    server_env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4", "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [env_dir / "bin" / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=server_env,
-        )
-    try:
-        wait_for_port(port, proc)
-        url = f"http://127.0.0.1:{port}"
-        setup = subprocess.run([env_dir / "bin" / "python", "-c", SETUP, url, BUCKET], capture_output=True, text=True)
-        assert setup.returncode == 0, setup.stderr
-        key = json.loads(setup.stdout)
-        server = S3Server(url, key["id"], key["secret"], log)
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
         store = server.store()
-        for f in sorted(llama_dir.iterdir()):
-            obstore.put(store, f"models/llama/{f.name}", f.read_bytes())
+        server.put_dir("models/llama", llama_dir)
         obstore.put(store, "data/train.jsonl", train_jsonl.read_bytes())
         obstore.put(store, "data/eval/", b"")  # a folder marker, as S3 consoles create: not a file
         obstore.put(store, "data/eval/part-0.jsonl", eval_rows().encode())
         yield server
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def eval_rows() -> str:
@@ -187,7 +94,7 @@ def test_trains_from_s3_downloads_once_and_records_the_etags(
     assert [o["key"] for o in manifest["sources"]["evalDataset"]["objects"]] == ["data/eval/part-0.jsonl"]
     assert manifest["dataset"]["evalFiles"][0]["rows"] == 16
 
-    downloaded = {k: n - before.get(k, 0) for k, n in s3.downloads().items() if n != before.get(k, 0)}
+    downloaded = s3.downloads_since(before)
     assert downloaded == {**{k: 1 for k in model_etags}, "data/train.jsonl": 1, "data/eval/part-0.jsonl": 1}
 
     # A second run (a restart, or the next run of the job) on the same cache downloads nothing.
@@ -318,7 +225,7 @@ def test_two_ranks_train_on_one_download(tmp_path: Path, s3: S3Server) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["worldSize"] == 2 and len(set(manifest["replicaDigests"])) == 1
-    downloaded = {k: n - before.get(k, 0) for k, n in s3.downloads().items() if n != before.get(k, 0)}
+    downloaded = s3.downloads_since(before)
     assert set(downloaded.values()) == {1} and len(downloaded) == len(manifest["sources"]["model"]["objects"]) + 2
 
 
