@@ -99,7 +99,7 @@ class Plan(ABC):
 
     @abstractmethod
     def fetch(self, dest: Path, cfg: TrainerConfig) -> None:
-        """Download into `dest` (an empty directory)."""
+        """Download into `dest` (an empty directory), retrying what may pass."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,8 @@ class S3Plan(Plan):
             try:
                 # if_match: the bytes must be the ones rank 0 listed, or the ranks could train on different data.
                 result = obstore.get(store, obj.key, options={"if_match": obj.etag})
-            except PreconditionError:
+            except (PreconditionError, FileNotFoundError):
+                # Replaced or deleted since the listing: a new attempt lists again.
                 changed = f"{obj.key} changed during the download; the next attempt starts over"
                 raise SourceUnavailable(f"{self.role} source {self.uri}: {changed}") from None
             with open(target, "wb") as f:
@@ -188,15 +189,19 @@ class HubPlan(Plan):
 
         log.info("%s: downloading dataset %s at %s into %s", self.uri, self.repo_id, self.commit, dest)
         patterns = [self.inner, f"{self.inner}/*"] if self.inner else None
-        with permanent_errors(hub_failure, self.role, self.uri):
-            snapshot_download(
-                self.repo_id,
-                repo_type="dataset",
-                revision=self.commit,
-                local_dir=dest,
-                allow_patterns=patterns,
-                token=hf_token(),
-            )
+
+        def download() -> None:
+            with permanent_errors(hub_failure, self.role, self.uri):
+                snapshot_download(
+                    self.repo_id,
+                    repo_type="dataset",
+                    revision=self.commit,
+                    local_dir=dest,
+                    allow_patterns=patterns,
+                    token=hf_token(),
+                )
+
+        retrying(f"{self.role} source {self.uri}", download)
 
 
 def digest(value: Any) -> str:
@@ -311,7 +316,7 @@ def s3_failure(role: str, uri: str, e: Exception) -> PermanentError | None:
     if status == 301 or code == "PermanentRedirect":
         return PermanentError(f"{where}: the bucket is in another region: set spec.storage.s3.region")
     if status is not None and 300 <= status < 500 and status not in (408, 429):
-        return PermanentError(f"{where}: S3 refused the request ({status} {code or ''})".replace(" )", ")"))
+        return PermanentError(f"{where}: S3 refused the request ({f'{status} {code}' if code else status})")
     return None
 
 
@@ -439,7 +444,7 @@ def ensure(plan: Plan, cache: Path, cfg: TrainerConfig) -> Path:
         log.info("%s: discarding an unfinished download in %s", plan.uri, partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    retrying(f"{plan.role} source {plan.uri}", lambda: plan.fetch(partial, cfg))
+    plan.fetch(partial, cfg)
     (partial / ".kubetune-source.json").write_text(json.dumps(plan.record(str(final)), indent=2))
     fsync_dir(partial)
     partial.rename(final)
