@@ -170,10 +170,6 @@ def test_status_progress_matches_the_trainer_metrics(
             assert point["loss"] == pytest.approx(logged[point["step"]], rel=1e-9), (point, logged)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="operator bug: status.progress keeps the last polled step after the run succeeded (e.g. 56/100)",
-)
 def test_a_succeeded_run_shows_every_step_done(api: Api, ns: str, operator: Operator) -> None:
     name = unique("done")
     api.apply(ns, name, spec(training={"maxSteps": 100}))
