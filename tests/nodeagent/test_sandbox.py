@@ -4,6 +4,7 @@ where asked, the pod's hostname, and nothing created on the machine for mount po
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -12,7 +13,8 @@ from pathlib import Path
 from kubetune_dev.nodeagent.runtime import SANDBOX
 
 
-def run_sandbox(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: str = "/") -> subprocess.CompletedProcess:
+def write_plan(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: str, started_fd: int) -> list[str]:
+    """The plan the agent writes, and the command line it starts the sandbox with."""
     plan = tmp_path / "plan.json"
     plan.write_text(
         json.dumps(
@@ -24,11 +26,21 @@ def run_sandbox(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: st
                 "env": {"PATH": "/usr/bin:/bin", "GREETING": "hi"},
                 "error_file": str(tmp_path / "error"),
                 "scratch": str(tmp_path / "scratch"),
+                "started_fd": started_fd,
             }
         )
     )
-    cmd = ["unshare", "--mount", "--uts", "--", sys.executable, str(SANDBOX), str(plan)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    return ["unshare", "--mount", "--uts", "--", sys.executable, str(SANDBOX), str(plan)]
+
+
+def run_sandbox(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: str = "/") -> subprocess.CompletedProcess:
+    started_read, started_write = os.pipe()
+    try:
+        cmd = write_plan(tmp_path, mounts, argv, workdir, started_write)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, pass_fds=(started_write,))
+    finally:
+        os.close(started_read)
+        os.close(started_write)
 
 
 def test_volumes_land_at_the_pods_paths_without_touching_the_machine(tmp_path: Path) -> None:
@@ -77,3 +89,21 @@ def test_a_missing_executable_is_a_start_error(tmp_path: Path) -> None:
     assert result.returncode == 128
     assert (tmp_path / "error").read_text() == 'exec: "kt-no-such-binary": executable file not found in $PATH'
     assert not (tmp_path / "plan.json").exists(), "the plan holds secrets: the sandbox removes it"
+
+
+def test_the_started_pipe_closes_once_the_command_runs(tmp_path: Path) -> None:
+    """What the agent waits for before it reports a container running: before the exec, a SIGTERM would end the
+    sandbox, not the container's command."""
+    marker = f"kt-started-{uuid.uuid4().hex[:8]}"
+    started_read, started_write = os.pipe()
+    cmd = write_plan(tmp_path, [], ["sh", "-c", f"sleep 30 # {marker}"], "/", started_write)
+    proc = subprocess.Popen(cmd, pass_fds=(started_write,))
+    os.close(started_write)
+    try:
+        assert os.read(started_read, 1) == b""  # end-of-file: every writer closed it
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert cmdline[:2] == [b"sh", b"-c"] and marker.encode() in cmdline[2]
+    finally:
+        os.close(started_read)
+        proc.kill()
+        proc.wait()

@@ -38,6 +38,9 @@ SANDBOX = Path(__file__).with_name("sandbox.py")
 MEMORY_ROOT = Path("/dev/shm/kubetune-nodeagent")
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds before a restart; the kubelet's are 10 s and 5 min
 CONFIG_RETRY_SECONDS = 2.0
+# How long the sandbox may take to set a container up and exec its command before the agent reports it running
+# anyway (normally well under a second; much longer only on a machine starved of CPU).
+EXEC_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -52,6 +55,21 @@ class NodeContext:
     allocatable: dict[str, str]
     service_env: dict[str, str]  # KUBERNETES_SERVICE_HOST/PORT: in-cluster clients find the API server
     base_env: dict[str, str]  # PATH and HOME of the agent: what an image would otherwise provide
+
+
+async def _until_closed(fd: int, timeout: float) -> None:
+    """Wait (at most `timeout` seconds) until every writer of pipe `fd` has closed it, then close it. Nothing is
+    ever written to it: readable means end-of-file."""
+    loop = asyncio.get_running_loop()
+    closed = loop.create_future()
+    loop.add_reader(fd, lambda: closed.done() or closed.set_result(None))
+    try:
+        await asyncio.wait_for(closed, timeout)
+    except TimeoutError:
+        log.warning("a container's command had not started after %.0fs; reporting it running anyway", timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def read_oom_kills() -> int:
@@ -241,7 +259,9 @@ class PodWorker:
         error_file = self.dir / "errors" / name
         error_file.parent.mkdir(exist_ok=True)
         error_file.unlink(missing_ok=True)
+        started_read, started_write = os.pipe()
         plan = {
+            "started_fd": started_write,
             "mounts": [
                 {"source": str(m.source), "target": m.target, "read_only": m.read_only}
                 for m in sorted(mounts, key=lambda m: len(Path(m.target).parts))
@@ -261,24 +281,31 @@ class PodWorker:
         log_file = self.dir / "logs" / name / f"{run.restart_count}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         oom_before = read_oom_kills()
-        with open(log_file, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                "unshare",
-                "--mount",
-                "--uts",
-                "--",
-                sys.executable,
-                str(SANDBOX),
-                str(plan_file),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # its own process group: what SIGKILL takes down as the container
-            )
+        try:
+            with open(log_file, "ab") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    "unshare",
+                    "--mount",
+                    "--uts",
+                    "--",
+                    sys.executable,
+                    str(SANDBOX),
+                    str(plan_file),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: what SIGKILL takes down as the container
+                    pass_fds=(started_write,),
+                )
+        finally:
+            os.close(started_write)
         run.container_id = f"local://{self.uid}/{name}/{run.restart_count}"
-        run.state = {"running": {"startedAt": now()}}
         self._pids[name] = [proc.pid, process_start_time(proc.pid)]
         self._write_state()
+        # Running once the command runs, as a container runtime reports it: before that the main process is still
+        # the sandbox, which a SIGTERM would end without the command ever seeing it.
+        await _until_closed(started_read, EXEC_WAIT_SECONDS)
+        run.state = {"running": {"startedAt": now()}}
         log.info("pod %s/%s: started container %s (pid %d)", self.namespace, self.name, name, proc.pid)
         await self._report()
         return proc, log_file, oom_before

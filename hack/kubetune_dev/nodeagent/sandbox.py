@@ -3,7 +3,8 @@ container: bind-mounts the container's volumes at the paths the pod asked for, s
 changes to the working directory and execs the command. Stdlib only, run as a script by path, so the
 container's environment never needs this package on its path.
 
-Usage: python sandbox.py PLAN.json   (PLAN: mounts, hostname, workdir, argv, env, error_file, scratch)
+Usage: python sandbox.py PLAN.json   (PLAN: mounts, hostname, workdir, argv, env, error_file, scratch,
+                                     started_fd)
 
 The machine's filesystem is never written to. A mount point (or working directory) missing on the machine
 is created in the namespace only: its parent directory is "shadowed" by a tmpfs holding bind mounts of
@@ -13,6 +14,9 @@ in the volume, as a container runtime does.
 
 A failure before the exec is written to error_file (which stays empty otherwise) and the process exits
 128, which the agent reports as a StartError like a container runtime does.
+
+started_fd is the write end of a pipe from the agent, inherited open: it is closed by the exec (or by the
+exit), so the agent reads end-of-file once the container's command runs, and only then reports it running.
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ def main(plan_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
     os.unlink(plan_path)  # it holds the container's secrets
+    os.set_inheritable(plan["started_fd"], False)  # closed by the exec: the agent's sign that the command runs
     # Opened before any mount can hide its path; left empty when the command starts.
     errors = open(plan["error_file"], "w")  # noqa: SIM115 - closed on exec (not inheritable) or on exit
     try:
