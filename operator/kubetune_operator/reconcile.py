@@ -15,10 +15,10 @@ Runs and attempts:
   until maxRestarts failures; the trainer's exit code 78 fails the run at once;
 - suspending deletes the attempt's Job (reason Suspended, not counted); resuming starts the next attempt.
 
-Observability: rank 0's latest report becomes status.progress and status.checkpoint, and when the attempt completes
+Observability: rank 0's latest report becomes status.progress and status.checkpoint; when the attempt completes,
 the final figures rank 0 left in its termination message replace it (they are there even when the run ended
-between two polls); the run's cost is measured
-from its pods on every reconcile (ended attempts keep theirs in status.attempts); the policies (deadline,
+between two polls). The run's cost is measured from its pods on every reconcile (ended attempts keep theirs in
+status.attempts, attempts dropped from that bounded list in status.droppedAttempts); the policies (deadline,
 budget, stall) judge the run with both; a run whose workers completed still fails its evaluation gate
 (EvalGateFailed) when the final eval loss is too high, and its output is kept but not promoted.
 """
