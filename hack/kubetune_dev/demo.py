@@ -420,10 +420,12 @@ def up() -> int:
     for (question, expected), b, a in zip(questions, before, after, strict=True):
         say(f"  Q: {question}\n    before:   {b}\n    after:    {a}\n    dataset:  {expected}\n")
     say(f"demo finished in {time.monotonic() - start:.0f}s. The cluster, operator and node agents keep running:")
-    say(f"  export KUBECONFIG={KUBECONFIG_LINK}")
-    say(f"  kubectl get ftj -n {NAMESPACE}; kubectl finetune describe {name} -n {NAMESPACE}")
-    say(f"  kubectl finetune logs {name} -n {NAMESPACE}        # rank 0's log")
-    say("  make demo-down                                    # stop everything the demo started")
+    say(f"  export KUBECONFIG={KUBECONFIG_LINK} PATH={toolchain_bin()}:{Path(sys.executable).parent}:$PATH")
+    say(f"  kubectl get ftj -n {NAMESPACE}")
+    say(f"  kubectl finetune describe {name} -n {NAMESPACE}")
+    say(f"  kubectl finetune logs {name} -n {NAMESPACE}     # rank 0's log")
+    say(f"  kubectl finetune plot {name} -n {NAMESPACE}     # the loss curves from the status")
+    say("  make demo-down     # stops the operator, the node agents and the local control plane")
     return 0
 
 
