@@ -166,6 +166,17 @@ class LocalCluster:
             raise RuntimeError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
+    def wait_established(self, crd: str, timeout: float = 60.0) -> None:
+        """Wait until a CustomResourceDefinition serves. Not `kubectl wait --for=condition=Established`: on a CRD
+        created a moment ago, whose status.conditions is still null, that fails at once."""
+        jsonpath = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.kubectl("get", "crd", crd, "-o", jsonpath, check=False).stdout.strip() == "True":
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"CRD {crd} not Established after {timeout}s")
+
     def token_kubeconfig(self, token: str, path: Path) -> Path:
         """Write a kubeconfig that authenticates with a bearer token only (e.g. a ServiceAccount's)."""
         config = json.loads(self.kubeconfig.read_text())

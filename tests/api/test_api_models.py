@@ -204,4 +204,3 @@ def test_gitops_folder_wires_kustomize_and_argo_cd() -> None:
     assert app["spec"]["destination"]["namespace"] == kustomization["namespace"]
     job = yaml.safe_load((gitops / "finetunejob.yaml").read_text())
     assert job["spec"]["dataset"]["source"] == "pvc://datasets/support/v3.jsonl"
-    assert "ttlSecondsAfterFinished" not in job["spec"].get("runPolicy", {})

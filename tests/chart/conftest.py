@@ -24,5 +24,5 @@ def monitoring_crds(cluster: LocalCluster) -> LocalCluster:
         args += ["-f", str(crd)]
     cluster.kubectl(*args)
     for name in ("servicemonitors", "podmonitors", "prometheusrules"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}.monitoring.coreos.com", "--timeout=60s")
+        cluster.wait_established(f"{name}.monitoring.coreos.com")
     return cluster

@@ -41,7 +41,7 @@ def release(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> 
     name, namespace = release_names("kch")
     adopt_crd_if_present(cluster, name, namespace)
     release = install(cluster, tmp_path_factory.mktemp("chart-cluster-mode"), name, namespace)
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.wait_established(CRD_NAME)
     return release
 
 

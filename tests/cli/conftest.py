@@ -17,7 +17,7 @@ def crd(cluster: LocalCluster) -> LocalCluster:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-cli-tests", "-f", str(crd_file)
     )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.wait_established(CRD_NAME)
     return cluster
 
 

@@ -73,7 +73,7 @@ def test_cel_rule_rejects_a_bad_object_with_its_message(cluster: LocalCluster, n
         },
     }
     cluster.kubectl("apply", "-f", "-", input=json.dumps(crd))
-    wait_for(cluster, "--for=condition=Established", "crd/widgets.smoke.kubetune.io")
+    cluster.wait_established("widgets.smoke.kubetune.io")
     good = {
         "apiVersion": "smoke.kubetune.io/v1",
         "kind": "Widget",
