@@ -21,7 +21,7 @@ from chart_e2e import (
     wait_phase,
 )
 from chart_support import REPO
-from e2e_support import Api, Operator, make_namespace, spec, wait_established
+from e2e_support import Api, Operator, make_namespace, spec
 from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.api import CRD_NAME
 
@@ -46,7 +46,7 @@ def release(
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-chart-tests", "-f", str(crd)
     )
-    wait_established(cluster, CRD_NAME)
+    cluster.wait_established(CRD_NAME)
     a, b, _ = namespaces
     name, namespace = release_names("kcn")
     tmp = tmp_path_factory.mktemp("chart-namespaced-mode")

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from e2e_support import CRD_FILE, Api, Operator, make_namespace, wait_established
+from e2e_support import CRD_FILE, Api, Operator, make_namespace
 from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.api import CRD_NAME
 
@@ -17,7 +17,7 @@ def crd_cluster(cluster: LocalCluster) -> LocalCluster:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-operator-tests", "-f", str(CRD_FILE)
     )
-    wait_established(cluster, CRD_NAME)
+    cluster.wait_established(CRD_NAME)
     return cluster
 
 

@@ -112,19 +112,6 @@ def wait_for(
     pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}\n{context() if context else ''}")
 
 
-def wait_established(cluster: LocalCluster, crd: str, timeout: float = 60) -> None:
-    """Until the CRD serves. Not `kubectl wait --for=condition=Established`: on a CRD created a moment ago, whose
-    status.conditions is still null, that fails at once ("accessor error: <nil> is of the type <nil>")."""
-
-    def established() -> bool:
-        out = cluster.kubectl(
-            "get", "crd", crd, "-o", 'jsonpath={.status.conditions[?(@.type=="Established")].status}', check=False
-        )
-        return out.stdout.strip() == "True"
-
-    wait_for(established, timeout, f"CRD {crd} Established")
-
-
 def wait_phase(api: Api, operator: Operator, ns: str, name: str, phase: str, timeout: float = TIMEOUT) -> dict:
     def reached() -> dict:
         status = api.status(ns, name)
