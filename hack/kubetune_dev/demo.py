@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubetune_operator.api import CRD_NAME
 
 from kubetune_dev.__main__ import DEFAULT_STATE, KUBECONFIG_LINK, REPO
 from kubetune_dev.cluster import LocalCluster, _alive, free_port, running_cluster, stop_processes
@@ -50,7 +51,7 @@ NAMESPACE = "kubetune-demo"
 EXAMPLE = REPO / "examples" / "demo-lora.yaml"
 TRAIN_DATA = REPO / "examples" / "data" / "support-instructions.jsonl"
 HELDOUT_DATA = REPO / "examples" / "data" / "support-heldout.jsonl"
-CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+CRD_FILE = REPO / "crds" / f"{CRD_NAME}.yaml"
 CHART = REPO / "charts" / "kubetune"
 NODES = ("demo-node-0", "demo-node-1")
 NODE_TAINT = "kubetune.io/local-node=true:NoSchedule"
@@ -397,7 +398,7 @@ def up() -> int:
         clean_previous(cluster)
     with step("FineTuneJob CRD"):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+        cluster.wait_established(CRD_NAME)
     procs: dict[str, int] = {}
     with step("two node agents (the 2 training nodes)"):
         start_node_agents(cluster, procs)

@@ -37,7 +37,7 @@ def crd_cluster(cluster: LocalCluster) -> LocalCluster:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-local-tests", "-f", str(CRD_FILE)
     )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.wait_established(CRD_NAME)
     return cluster
 
 
