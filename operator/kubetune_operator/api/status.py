@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from kubetune_operator.api.common import ApiModel, Time
+
+# Losses are kept to 4 decimals: the status is read by people (`kubectl get ftj` prints the number as stored),
+# and digits past the fourth are noise from run to run anyway.
+Loss = Annotated[float, AfterValidator(lambda value: round(value, 4))]
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -83,8 +87,8 @@ class HistoryPoint(ApiModel):
     """One point of the loss curve."""
 
     step: int = Field(ge=0, description="Optimizer step.")
-    loss: float | None = Field(None, description="Training loss at this step.")
-    eval_loss: float | None = Field(None, description="Evaluation loss, where the run evaluated at this step.")
+    loss: Loss | None = Field(None, description="Training loss at this step.")
+    eval_loss: Loss | None = Field(None, description="Evaluation loss, where the run evaluated at this step.")
 
 
 class Progress(ApiModel):
@@ -94,8 +98,8 @@ class Progress(ApiModel):
     total_steps: int | None = Field(None, ge=0, description="Optimizer steps the run will take.")
     percent: int | None = Field(None, ge=0, le=100, description="step / totalSteps, in percent (rounded down).")
     epoch: float | None = Field(None, ge=0, description="Passes over the training data done, fractional.")
-    loss: float | None = Field(None, description="Latest training loss.")
-    eval_loss: float | None = Field(None, description="Latest evaluation loss.")
+    loss: Loss | None = Field(None, description="Latest training loss.")
+    eval_loss: Loss | None = Field(None, description="Latest evaluation loss.")
     tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all workers.")
     mfu: float | None = Field(None, ge=0, le=1, description="Model FLOPs utilisation, 0 to 1.")
     eta: str | None = Field(None, max_length=32, description="Estimated time left, for humans (e.g. 1h12m).")
@@ -172,8 +176,8 @@ class RunRecord(ApiModel):
     start_time: Time | None = Field(None, description="When the run's first attempt started.")
     completion_time: Time | None = Field(None, description="When the run ended.")
     attempts: int | None = Field(None, ge=1, description="Attempts the run used.")
-    final_loss: float | None = Field(None, description="Training loss at the end of the run.")
-    final_eval_loss: float | None = Field(None, description="Evaluation loss at the end of the run.")
+    final_loss: Loss | None = Field(None, description="Training loss at the end of the run.")
+    final_eval_loss: Loss | None = Field(None, description="Evaluation loss at the end of the run.")
     output: str | None = Field(None, max_length=4096, description="Where the run's output is.")
     gpu_hours: float | None = Field(None, ge=0, description="GPU-hours the run used, once it ended.")
     cost_usd: float | None = Field(
