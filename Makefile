@@ -6,10 +6,10 @@ export PYTHONPATH := $(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator
+.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator demo demo-down
 
 help:
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 .cache/venv.stamp: pyproject.toml constraints.txt hack/venv.sh
 	@mkdir -p .cache
@@ -20,6 +20,12 @@ venv: .cache/venv.stamp ## create or reuse the Python environment (cached by dep
 
 toolchain: ## build kube-apiserver, etcd, kwok, kubectl, helm from Go modules (cached)
 	@hack/toolchain.sh >/dev/null
+
+demo: venv toolchain ## main job: LoRA fine-tune of SmolLM2-135M through the operator on 2 local nodes (CPU, minutes warm)
+	@$(PY) -m kubetune_dev.demo
+
+demo-down: venv ## stop what make demo started: its operator, the node agents and the local control plane
+	@$(PY) -m kubetune_dev.demo down
 
 cluster-up: venv toolchain ## start the local control plane with fake GPU nodes; kubeconfig at .cache/kubeconfig
 	@$(PY) -m kubetune_dev cluster up
