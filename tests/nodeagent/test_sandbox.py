@@ -1,16 +1,20 @@
 """The sandbox a container starts in (needs root, like the agent): volumes at the pod's paths, read-only
-where asked, the pod's hostname, and nothing created on the machine for mount points it lacks."""
+where asked, the pod's hostname, and nothing created on the machine for mount points it lacks; the main
+process is PID 1 of a PID namespace of its own, and no process of the container outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
-import sys
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from kubetune_dev.nodeagent.runtime import SANDBOX
+from kubetune_dev.nodeagent.runtime import sandbox_command
 
 
 def write_plan(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: str, started_fd: int) -> list[str]:
@@ -30,7 +34,7 @@ def write_plan(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: str
             }
         )
     )
-    return ["unshare", "--mount", "--uts", "--", sys.executable, str(SANDBOX), str(plan)]
+    return sandbox_command(plan)
 
 
 def run_sandbox(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: str = "/") -> subprocess.CompletedProcess:
@@ -41,6 +45,43 @@ def run_sandbox(tmp_path: Path, mounts: list[dict], argv: list[str], workdir: st
     finally:
         os.close(started_read)
         os.close(started_write)
+
+
+@contextlib.contextmanager
+def sandbox_running(tmp_path: Path, script: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """The sandbox running `sh -c script`, once the script runs, and the pid of its main process; killed at the end."""
+    started_read, started_write = os.pipe()
+    proc = subprocess.Popen(
+        write_plan(tmp_path, [], ["sh", "-c", script], "/", started_write), pass_fds=(started_write,)
+    )
+    os.close(started_write)
+    with os.fdopen(started_read, "rb") as started:
+        main_pid = int(started.read())  # the pid, then end-of-file once the command runs
+    try:
+        yield proc, main_pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(main_pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose command line holds `marker` (a zombie's is empty)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_volumes_land_at_the_pods_paths_without_touching_the_machine(tmp_path: Path) -> None:
@@ -95,15 +136,48 @@ def test_the_started_pipe_closes_once_the_command_runs(tmp_path: Path) -> None:
     """What the agent waits for before it reports a container running: before the exec, a SIGTERM would end the
     sandbox, not the container's command."""
     marker = f"kt-started-{uuid.uuid4().hex[:8]}"
-    started_read, started_write = os.pipe()
-    cmd = write_plan(tmp_path, [], ["sh", "-c", f"sleep 30 # {marker}"], "/", started_write)
-    proc = subprocess.Popen(cmd, pass_fds=(started_write,))
-    os.close(started_write)
-    try:
-        assert os.read(started_read, 1) == b""  # end-of-file: every writer closed it
-        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+    with sandbox_running(tmp_path, f"sleep 30 # {marker}") as (proc, main_pid):
+        assert main_pid != proc.pid
+        cmdline = Path(f"/proc/{main_pid}/cmdline").read_bytes().split(b"\0")
         assert cmdline[:2] == [b"sh", b"-c"] and marker.encode() in cmdline[2]
-    finally:
-        os.close(started_read)
+
+
+def test_the_main_process_is_pid_1_and_no_process_outlives_it(tmp_path: Path) -> None:
+    """A process in a session of its own (as torchrun starts its workers) ends with the main process."""
+    marker = f"kt-session-{uuid.uuid4().hex[:8]}"
+    script = f"setsid sh -c 'sleep 60; : {marker}' & echo $$; tr '\\0' ' ' < /proc/1/cmdline"
+    result = run_sandbox(tmp_path, [], ["sh", "-c", script])
+    assert result.returncode == 0, result.stderr
+    # PID 1, and the /proc of its own namespace: its PID 1 is the main process, not the machine's init.
+    assert result.stdout == f"1\nsh -c {script} "
+    assert not processes_with(marker)
+
+
+def test_the_sandbox_ends_as_the_main_process_does(tmp_path: Path) -> None:
+    assert run_sandbox(tmp_path, [], ["sh", "-c", "exit 3"]).returncode == 3
+
+    trapped = tmp_path / "trapped"
+    with sandbox_running(tmp_path, f"trap 'exit 7' TERM; touch {trapped}; while :; do sleep 0.1; done") as (proc, pid):
+        wait_until(trapped.exists, "the trap was never set")
+        os.kill(pid, signal.SIGTERM)
+        assert proc.wait(10) == 7
+
+    marker = f"kt-stubborn-{uuid.uuid4().hex[:8]}"
+    script = f"setsid sh -c 'sleep 60; : {marker}' & while :; do sleep 0.1; done"
+    with sandbox_running(tmp_path, script) as (proc, pid):
+        wait_until(lambda: processes_with(marker), "the session's process never started")
+        os.kill(pid, signal.SIGTERM)  # no handler: PID 1 ignores it, as in a container
+        time.sleep(0.5)
+        assert proc.poll() is None
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL  # the agent reports 137, and OOMKilled where the kernel killed it
+        assert not processes_with(marker)
+
+
+def test_the_container_dies_with_the_sandbox_process(tmp_path: Path) -> None:
+    marker = f"kt-orphan-{uuid.uuid4().hex[:8]}"
+    with sandbox_running(tmp_path, f"setsid sh -c 'sleep 60; : {marker}' & sleep 60") as (proc, _):
+        wait_until(lambda: processes_with(marker), "the session's process never started")
         proc.kill()
         proc.wait()
+        wait_until(lambda: not processes_with(marker), "the container outlived its sandbox process")

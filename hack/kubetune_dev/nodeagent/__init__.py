@@ -21,6 +21,10 @@ What it does
   subPathExpr and readOnly honoured. The machine's filesystem is not written for a mount point (or
   working directory) it lacks: the parent is covered, in the container's namespace only, by a tmpfs of
   bind mounts of what it held (for `/`, the container changes root into one), and the entry made there.
+- Each container runs in a PID namespace of its own, with its own /proc: its main process is PID 1 there, so
+  it ignores a signal it has no handler for (SIGKILL aside), as in a container, and when it ends, however it
+  ends, the kernel ends every other process of the container, those in sessions of their own (torchrun's
+  workers) or daemonised included: none outlives its container.
 - Each pod gets a loopback address 127.0.0.x (its podIP) and its own hostname (a UTS namespace). A hosts
   file shared by all agents with the same root, bind-mounted read-only over /etc/hosts, resolves
   `<hostname>.<subdomain>`, `<hostname>.<subdomain>.<ns>.svc.cluster.local` (and the forms between) and
@@ -29,12 +33,12 @@ What it does
   Error, OOMKilled when the kernel's OOM-kill count rose while a SIGKILLed container ran, StartError),
   restart counts and termination messages (terminationMessagePath, FallbackToLogsOnError); honours
   restartPolicy with a short backoff (1 s doubling to 30 s).
-- Deletion: SIGTERM to each container's main process (as a runtime signals PID 1; the launcher forwards
-  it to torchrun), SIGKILL to the container's whole process group after the grace period (and to whatever
-  is left in the group when the main process exits), final status, then the pod is removed (delete with
-  grace 0). On start, processes an earlier run left are killed and the pods it had started are marked
-  Failed (reason NodeAgentRestarted). On SIGTERM the agent stops its pods (grace at most 10 s), marks
-  them Failed (reason Terminated) and posts the Node NotReady.
+- Deletion: SIGTERM to each container's main process (the launcher forwards it to torchrun), SIGKILL to it
+  after the grace period (the rest of the container ends with it), final status, then the pod is removed
+  (delete with grace 0). On start, the main processes an earlier run left are killed (and with them their
+  containers) and the pods it had started are marked Failed (reason NodeAgentRestarted). On SIGTERM the
+  agent stops its pods (grace at most 10 s), marks them Failed (reason Terminated) and posts the Node
+  NotReady.
 - Logs: stdout+stderr per container run in <root>/pods/<ns>_<pod>_<uid>/logs/<container>/<n>.log, shown
   by `python -m kubetune_dev node logs NS/POD`, and served over HTTPS as the kubelet's
   /containerLogs/{ns}/{pod}/{container} (follow, tailLines, previous, limitBytes; not timestamps or
@@ -43,12 +47,10 @@ What it does
 
 What it does NOT do
 - Images: `image` is ignored, so a container needs `command`; nothing is pulled or unpacked.
-- Isolation and limits: no cgroups, no resource limits, no PID or network namespace, no seccomp,
+- Isolation and limits: no cgroups, no resource limits, no network namespace, no seccomp,
   capabilities or user switching (securityContext is ignored; everything runs as root). A container sees
   the machine's filesystem (plus its volumes) and writes outside its volumes land on the machine. Pods
   share the machine's network: two pods listening on the same port collide.
-- PID 1 semantics: the main process is an ordinary process, so a SIGTERM without a handler ends it
-  (in a container, PID 1 would ignore it).
 - Probes (a running container counts as ready), lifecycle hooks, native sidecars, ephemeral containers,
   exec/attach/port-forward, hostAliases, activeDeadlineSeconds, live updates of configMap/secret volumes,
   token rotation, DNS for Services (only the pod names above resolve), image pull secrets.

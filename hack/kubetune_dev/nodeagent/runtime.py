@@ -57,12 +57,24 @@ class NodeContext:
     base_env: dict[str, str]  # PATH and HOME of the agent: what an image would otherwise provide
 
 
-async def _until_closed(fd: int, timeout: float) -> None:
-    """Wait (at most `timeout` seconds) until every writer of pipe `fd` has closed it, then close it. Nothing is
-    ever written to it: readable means end-of-file."""
+def sandbox_command(plan_file: Path) -> list[str]:
+    """The command line that starts a container: the sandbox, in a private mount and hostname namespace."""
+    return ["unshare", "--mount", "--uts", "--", sys.executable, str(SANDBOX), str(plan_file)]
+
+
+async def _read_until_closed(fd: int, timeout: float) -> bytes:
+    """What is written to pipe `fd` until every writer has closed it (or `timeout` seconds pass); then close it."""
     loop = asyncio.get_running_loop()
     closed = loop.create_future()
-    loop.add_reader(fd, lambda: closed.done() or closed.set_result(None))
+    data = bytearray()
+
+    def read() -> None:
+        chunk = os.read(fd, 64)
+        data.extend(chunk)
+        if not chunk and not closed.done():
+            closed.set_result(None)
+
+    loop.add_reader(fd, read)
     try:
         await asyncio.wait_for(closed, timeout)
     except TimeoutError:
@@ -70,6 +82,7 @@ async def _until_closed(fd: int, timeout: float) -> None:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+    return bytes(data)
 
 
 def read_oom_kills() -> int:
@@ -88,19 +101,22 @@ def process_start_time(pid: int) -> str | None:
         return None
 
 
-def signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+def signal_process(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
 
 
 def kill_recorded_processes(directory: Path) -> None:
-    """SIGKILL the process groups an earlier agent recorded for a pod, where they still run."""
+    """SIGKILL the processes an agent recorded for a pod, where they still run: each container's main process (the
+    kernel kills the rest of the container with it) and the sandbox process that waits for it (the main process
+    dies with it: that covers a main process not recorded yet)."""
     state = directory / "state.json"
     if not state.exists():
         return
-    for pid, started in json.loads(state.read_text()).get("pids", {}).values():
-        if process_start_time(pid) == started:
-            signal_group(pid, signal.SIGKILL)
+    for processes in json.loads(state.read_text()).get("processes", {}).values():
+        for pid, started in processes:
+            if process_start_time(pid) == started:
+                signal_process(pid, signal.SIGKILL)
 
 
 class PodWorker:
@@ -126,7 +142,7 @@ class PodWorker:
         self.delete_when_stopped = False
         self.reason = ""
         self.message = ""
-        self._pids: dict[str, list] = {}
+        self._processes: dict[str, list[list]] = {}  # container -> [pid, start time] of its processes to kill
         self._report_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------------------------------
@@ -235,7 +251,7 @@ class PodWorker:
     # ------------------------------------------------------------------------------------------
     # One run of one container
 
-    async def _start(self, spec: dict, run: ContainerRun) -> tuple[asyncio.subprocess.Process, Path, int] | None:
+    async def _start(self, spec: dict, run: ContainerRun) -> tuple[asyncio.subprocess.Process, int, Path, int] | None:
         name = spec["name"]
         try:
             objects = await self._fetch_objects(with_tokens=False)
@@ -284,55 +300,61 @@ class PodWorker:
         try:
             with open(log_file, "ab") as out:
                 proc = await asyncio.create_subprocess_exec(
-                    "unshare",
-                    "--mount",
-                    "--uts",
-                    "--",
-                    sys.executable,
-                    str(SANDBOX),
-                    str(plan_file),
+                    *sandbox_command(plan_file),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,  # its own process group: what SIGKILL takes down as the container
+                    start_new_session=True,  # out of the agent's process group: a Ctrl-C to the agent stops it alone
                     pass_fds=(started_write,),
                 )
         finally:
             os.close(started_write)
         run.container_id = f"local://{self.uid}/{name}/{run.restart_count}"
-        self._pids[name] = [proc.pid, process_start_time(proc.pid)]
+        self._processes[name] = [[proc.pid, process_start_time(proc.pid)]]
         self._write_state()
-        # Running once the command runs, as a container runtime reports it: before that the main process is still
-        # the sandbox, which a SIGTERM would end without the command ever seeing it.
-        await _until_closed(started_read, EXEC_WAIT_SECONDS)
+        # The sandbox reports the pid of the container's main process (PID 1 of its PID namespace) as it forks it,
+        # and the pipe closes once that process runs the command: only then is the container running, as a runtime
+        # reports it (a SIGTERM before would reach the sandbox's code, not the command). With no pid reported (the
+        # sandbox failed, or is starved of CPU), signals go to the sandbox process: the main process dies with it.
+        reported = await _read_until_closed(started_read, EXEC_WAIT_SECONDS)
+        main_pid = int(reported) if reported else proc.pid
+        if reported:
+            self._processes[name].append([main_pid, process_start_time(main_pid)])
+            self._write_state()
         run.state = {"running": {"startedAt": now()}}
-        log.info("pod %s/%s: started container %s (pid %d)", self.namespace, self.name, name, proc.pid)
+        log.info("pod %s/%s: started container %s (pid %d)", self.namespace, self.name, name, main_pid)
         await self._report()
-        return proc, log_file, oom_before
+        return proc, main_pid, log_file, oom_before
 
     async def _wait(
-        self, spec: dict, run: ContainerRun, proc: asyncio.subprocess.Process, log_file: Path, oom_before: int
+        self,
+        spec: dict,
+        run: ContainerRun,
+        proc: asyncio.subprocess.Process,
+        main_pid: int,
+        log_file: Path,
+        oom_before: int,
     ) -> None:
+        """Wait for the sandbox process, which ends as the main process did once every process of the container has
+        ended (the kernel kills them when the main process, their PID namespace's init, ends)."""
         exited = asyncio.ensure_future(proc.wait())
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not exited.done():
-            # Like a container runtime, SIGTERM goes to the main process only (it may forward it, as the
-            # launcher does to torchrun); SIGKILL at the deadline takes the whole process group.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
+            # Like a container runtime, SIGTERM goes to the main process only (it may forward it, as the launcher
+            # does to torchrun; as PID 1 it ignores it without a handler); SIGKILL to it at the deadline ends them all.
+            signal_process(main_pid, signal.SIGTERM)
             loop = asyncio.get_running_loop()
             while not exited.done():
                 # Re-read the deadline each round: a second deletion may have shortened it.
                 remaining = (self.deadline or loop.time()) - loop.time()
                 if remaining <= 0:
-                    signal_group(proc.pid, signal.SIGKILL)
+                    signal_process(main_pid, signal.SIGKILL)
                     await exited
                     break
                 await asyncio.wait({exited}, timeout=min(remaining, 0.25))
         returncode = exited.result()
-        signal_group(proc.pid, signal.SIGKILL)  # whatever the container left running in its group
         error_file = self.dir / "errors" / spec["name"]
         start_error = (error_file.read_text() if error_file.exists() else "") or None
         exit_code = returncode if returncode >= 0 else 128 - returncode
@@ -376,7 +398,7 @@ class PodWorker:
         return pod
 
     def _write_state(self) -> None:
-        state = {"node": self.ctx.node, "pids": self._pids}
+        state = {"node": self.ctx.node, "processes": self._processes}
         (self.dir / "state.json").write_text(json.dumps(state))
 
     async def _fetch_objects(self, *, with_tokens: bool) -> Objects:

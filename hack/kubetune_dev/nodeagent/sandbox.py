@@ -1,10 +1,20 @@
 """Runs inside `unshare --mount --uts` (a private mount and hostname namespace) as the first step of every
-container: bind-mounts the container's volumes at the paths the pod asked for, sets the pod's hostname,
+container: forks the container's main process into a PID namespace of its own, where it bind-mounts the
+container's volumes at the paths the pod asked for, mounts the namespace's /proc, sets the pod's hostname,
 changes to the working directory and execs the command. Stdlib only, run as a script by path, so the
 container's environment never needs this package on its path.
 
 Usage: python sandbox.py PLAN.json   (PLAN: mounts, hostname, workdir, argv, env, error_file, scratch,
                                      started_fd)
+
+The main process is PID 1 of its namespace, as in a container: it ignores a signal it has no handler for
+(SIGKILL aside), and when it ends, however it ends, the kernel kills every other process of the namespace,
+those in a session of their own included (torchrun starts its workers so). This process stays outside the
+namespace, the main process's parent: it waits for it and ends as it did (same exit code, or killed by the
+same signal), so that the agent, which waits for this process, sees the container's exit. If this process
+dies first, the main process is SIGKILLed with it (parent-death signal). `unshare --pid --fork` would do the
+same but reports a child killed by SIGKILL as exit 1 (util-linux 2.38), and the agent needs the main
+process's pid to signal it.
 
 The machine's filesystem is never written to. A mount point (or working directory) missing on the machine
 is created in the namespace only: its parent directory is "shadowed" by a tmpfs holding bind mounts of
@@ -12,11 +22,13 @@ everything the parent had, and the new entry is made in that tmpfs. For a parent
 process changes root into such a tmpfs. Inside one of the container's own volumes, entries are created
 in the volume, as a container runtime does.
 
-A failure before the exec is written to error_file (which stays empty otherwise) and the process exits
+A failure before the exec is written to error_file (which stays empty otherwise) and the container exits
 128, which the agent reports as a StartError like a container runtime does.
 
-started_fd is the write end of a pipe from the agent, inherited open: it is closed by the exec (or by the
-exit), so the agent reads end-of-file once the container's command runs, and only then reports it running.
+started_fd is the write end of a pipe from the agent, inherited open: this process writes the main
+process's pid (as this machine numbers it) to it and closes it; the main process's copy is closed by the
+exec (or by the exit), so the agent reads end-of-file once the container's command runs, and only then
+reports it running.
 """
 
 from __future__ import annotations
@@ -24,18 +36,25 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
+import signal
 import socket
 import sys
 import tempfile
 from typing import NoReturn, TextIO
 
 MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_UNBINDABLE = 0x20000
 MNT_DETACH = 0x2
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -129,10 +148,29 @@ def main(plan_path: str) -> None:
     with open(plan_path) as f:
         plan = json.load(f)
     os.unlink(plan_path)  # it holds the container's secrets
-    os.set_inheritable(plan["started_fd"], False)  # closed by the exec: the agent's sign that the command runs
     # Opened before any mount can hide its path; left empty when the command starts.
     errors = open(plan["error_file"], "w")  # noqa: SIM115 - closed on exec (not inheritable) or on exit
     try:
+        _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")  # for the children of this process
+    except OSError as e:
+        fail(errors, f"failed to create the container: {e}")
+    main_pid = os.fork()
+    if main_pid == 0:
+        run_container(plan, errors)
+    errors.close()
+    os.write(plan["started_fd"], str(main_pid).encode())
+    os.close(plan["started_fd"])
+    end_as(main_pid)
+
+
+def run_container(plan: dict, errors: TextIO) -> NoReturn:
+    """The container's main process, PID 1 of the new PID namespace: set up, then exec the command."""
+    try:
+        # Should this process's parent die, the container goes with it: the agent counts it ended.
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL), "prctl(PR_SET_PDEATHSIG)")
+        os.set_inheritable(plan["started_fd"], False)  # closed by the exec: the agent's sign that the command runs
+        # The namespace's own /proc: the container sees its own processes, and itself as PID 1.
+        _mount("proc", "/proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "proc")
         # Every source is opened before anything is mounted: a volume at /tmp must not hide the others.
         sources = [_fd_path(m["source"]) for m in plan["mounts"]]
         sandbox = Sandbox(plan["scratch"])
@@ -149,6 +187,18 @@ def main(plan_path: str) -> None:
         fail(errors, f'exec: "{plan["argv"][0]}": executable file not found in $PATH')
     except OSError as e:
         fail(errors, f'exec: "{plan["argv"][0]}": {e.strerror}')
+
+
+def end_as(pid: int) -> NoReturn:
+    """Wait for child `pid`, then end the same way: its exit code, or death by its signal."""
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the container dumped its core if it could; not this
+        if code != -signal.SIGKILL:  # SIGKILL's action cannot be set, and is the default already
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
 def fail(errors: TextIO, message: str) -> NoReturn:
