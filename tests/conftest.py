@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from kubetune_dev.cluster import LocalCluster, running_cluster, stop_processes
+from kubetune_operator.api import CRD_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +69,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     finally:
         c.stop()
         shutil.rmtree(c.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def crd_cluster(cluster: LocalCluster) -> LocalCluster:
+    """The cluster with the committed FineTuneJob CRD installed and served."""
+    crd_file = REPO / "crds" / f"{CRD_NAME}.yaml"
+    cluster.kubectl(
+        "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-tests", "-f", str(crd_file)
+    )
+    cluster.wait_established(CRD_NAME)
+    return cluster
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.api import CRD_NAME
 from kubetune_operator.api.status import (
     AttemptRecord,
@@ -22,16 +21,6 @@ from kubetune_operator.api.status import (
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / f"{CRD_NAME}.yaml"
-
-
-@pytest.fixture(scope="session")
-def ftj_cluster(cluster: LocalCluster) -> LocalCluster:
-    """The cluster with the committed FineTuneJob CRD installed and served."""
-    cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-api-tests", "-f", str(CRD_FILE)
-    )
-    cluster.wait_established(CRD_NAME)
-    return cluster
 
 
 @pytest.fixture

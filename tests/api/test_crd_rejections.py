@@ -560,19 +560,19 @@ def _apply(cluster: LocalCluster, namespace: str, case: Case) -> subprocess.Comp
 
 
 @pytest.fixture(scope="module")
-def results(ftj_cluster: LocalCluster) -> dict[str, subprocess.CompletedProcess[str]]:
+def results(crd_cluster: LocalCluster) -> dict[str, subprocess.CompletedProcess[str]]:
     namespace = f"api-rejections-{uuid.uuid4().hex[:8]}"
-    ftj_cluster.kubectl("create", "namespace", namespace)
+    crd_cluster.kubectl("create", "namespace", namespace)
     try:
         # The valid base must be accepted, or every rejection below would prove nothing.
-        ftj_cluster.kubectl(
+        crd_cluster.kubectl(
             "apply", "--server-side", "-f", "-", input=json.dumps(merge(VALID, {"metadata": {"namespace": namespace}}))
         )
         with ThreadPoolExecutor(max_workers=16) as pool:
-            done = pool.map(lambda case: (case.id, _apply(ftj_cluster, namespace, case)), CASES)
+            done = pool.map(lambda case: (case.id, _apply(crd_cluster, namespace, case)), CASES)
             return dict(done)
     finally:
-        ftj_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+        crd_cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def test_catalogue_is_large_and_unique() -> None:

@@ -62,20 +62,20 @@ def table(cluster: LocalCluster, *args: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
-def test_example_is_accepted_and_round_trips(ftj_cluster: LocalCluster, namespace: str, path: Path) -> None:
+def test_example_is_accepted_and_round_trips(crd_cluster: LocalCluster, namespace: str, path: Path) -> None:
     # kubectl parses the file itself, as it would for a user.
-    ftj_cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(path))
+    crd_cluster.kubectl("apply", "--server-side", "-n", namespace, "-f", str(path))
     written = yaml.safe_load(path.read_text())
-    stored = get(ftj_cluster, written["metadata"]["name"], namespace)
-    check_round_trip(ftj_cluster, written, stored, namespace)
+    stored = get(crd_cluster, written["metadata"]["name"], namespace)
+    check_round_trip(crd_cluster, written, stored, namespace)
 
 
-def test_gitops_example_is_accepted_and_round_trips(ftj_cluster: LocalCluster, namespace: str) -> None:
-    rendered = yaml.safe_load(ftj_cluster.kubectl("kustomize", str(REPO / "examples" / "gitops")).stdout)
+def test_gitops_example_is_accepted_and_round_trips(crd_cluster: LocalCluster, namespace: str) -> None:
+    rendered = yaml.safe_load(crd_cluster.kubectl("kustomize", str(REPO / "examples" / "gitops")).stdout)
     assert rendered["metadata"]["namespace"] == "ml-training"
     rendered["metadata"]["namespace"] = namespace
-    stored = apply(ftj_cluster, rendered, namespace)
-    check_round_trip(ftj_cluster, rendered, stored, namespace)
+    stored = apply(crd_cluster, rendered, namespace)
+    check_round_trip(crd_cluster, rendered, stored, namespace)
 
 
 def check_round_trip(cluster: LocalCluster, written: dict[str, Any], stored: dict[str, Any], namespace: str) -> None:
@@ -89,8 +89,8 @@ def check_round_trip(cluster: LocalCluster, written: dict[str, Any], stored: dic
     assert again["metadata"]["generation"] == 1
 
 
-def test_defaults_appear_on_the_stored_object(ftj_cluster: LocalCluster, namespace: str) -> None:
-    spec = apply(ftj_cluster, MINIMAL, namespace)["spec"]
+def test_defaults_appear_on_the_stored_object(crd_cluster: LocalCluster, namespace: str) -> None:
+    spec = apply(crd_cluster, MINIMAL, namespace)["spec"]
     assert spec["method"] == {"type": "lora", "lora": wire(LoraSettings())}
     assert spec["method"]["lora"]["targetModules"] == ["all-linear"]
     assert spec["runPolicy"] == wire(RunPolicy())
@@ -113,10 +113,10 @@ def test_defaults_appear_on_the_stored_object(ftj_cluster: LocalCluster, namespa
 
 
 def test_status_subresource_stores_the_full_status_model(
-    ftj_cluster: LocalCluster, namespace: str, full_status: FineTuneJobStatus
+    crd_cluster: LocalCluster, namespace: str, full_status: FineTuneJobStatus
 ) -> None:
-    apply(ftj_cluster, MINIMAL, namespace)
-    ftj_cluster.kubectl(
+    apply(crd_cluster, MINIMAL, namespace)
+    crd_cluster.kubectl(
         "patch",
         "ftj",
         "minimal",
@@ -127,52 +127,52 @@ def test_status_subresource_stores_the_full_status_model(
         "-p",
         json.dumps({"status": wire(full_status)}),
     )
-    stored = get(ftj_cluster, "minimal", namespace)
+    stored = get(crd_cluster, "minimal", namespace)
     assert FineTuneJobStatus.model_validate(stored["status"]) == full_status
     assert stored["metadata"]["generation"] == 1  # status writes never bump the generation
 
-    columns = table(ftj_cluster, "minimal", "-n", namespace)
+    columns = table(crd_cluster, "minimal", "-n", namespace)
     assert columns[0] == ["NAME", "PHASE", "PROGRESS%", "LOSS", "ETA", "COST", "AGE"]
     assert columns[1][:6] == ["minimal", "Running", "30", "1.2345", "1h12m", "102.5"]
-    wide = table(ftj_cluster, "minimal", "-n", namespace, "-o", "wide")
+    wide = table(crd_cluster, "minimal", "-n", namespace, "-o", "wide")
     assert wide[0][7:] == ["RUN", "ATTEMPT", "METHOD", "MODEL", "REASON"]
     assert wide[1][7:] == ["2", "2", "lora", "hf://Qwen/Qwen2.5-0.5B-Instruct", "Training"]
 
     # The status endpoint ignores spec changes, and the main endpoint ignores status changes.
-    ftj_cluster.kubectl(
+    crd_cluster.kubectl(
         "patch", "ftj", "minimal", "-n", namespace, "--type=merge", "-p", json.dumps({"status": {"phase": "Failed"}})
     )
-    assert get(ftj_cluster, "minimal", namespace)["status"]["phase"] == "Running"
+    assert get(crd_cluster, "minimal", namespace)["status"]["phase"] == "Running"
 
 
-def test_field_selectors_on_method_and_phase(ftj_cluster: LocalCluster, namespace: str) -> None:
-    apply(ftj_cluster, MINIMAL, namespace)
+def test_field_selectors_on_method_and_phase(crd_cluster: LocalCluster, namespace: str) -> None:
+    apply(crd_cluster, MINIMAL, namespace)
     prompt = {**MINIMAL, "metadata": {"name": "prompt"}, "spec": {**MINIMAL["spec"], "method": {"type": "prompt"}}}
-    apply(ftj_cluster, prompt, namespace)
+    apply(crd_cluster, prompt, namespace)
     status = json.dumps({"status": {"phase": "Running"}})
-    ftj_cluster.kubectl(
+    crd_cluster.kubectl(
         "patch", "ftj", "minimal", "-n", namespace, "--subresource=status", "--type=merge", "-p", status
     )
 
     def names(selector: str) -> list[str]:
-        return [row[0] for row in table(ftj_cluster, "-n", namespace, "--field-selector", selector, "--no-headers")]
+        return [row[0] for row in table(crd_cluster, "-n", namespace, "--field-selector", selector, "--no-headers")]
 
     assert names("spec.method.type=prompt") == ["prompt"]
     assert names("status.phase=Running") == ["minimal"]
 
 
-def test_kubectl_explain_teaches_the_fields(ftj_cluster: LocalCluster) -> None:
+def test_kubectl_explain_teaches_the_fields(crd_cluster: LocalCluster) -> None:
     # The OpenAPI document that explain reads is published a moment after the CRD is established.
     deadline = time.monotonic() + 30
-    while (result := ftj_cluster.kubectl("explain", "ftj.spec.method.lora.r", check=False)).returncode != 0:
+    while (result := crd_cluster.kubectl("explain", "ftj.spec.method.lora.r", check=False)).returncode != 0:
         assert time.monotonic() < deadline, result.stderr
         time.sleep(0.5)
     text = " ".join(result.stdout.split())
     assert "LoRA rank: the inner dimension of the low-rank update." in text
     assert "<integer>" in text
-    source = " ".join(ftj_cluster.kubectl("explain", "ftj.spec.model.source").stdout.split())
+    source = " ".join(crd_cluster.kubectl("explain", "ftj.spec.model.source").stdout.split())
     assert "hf://<org>/<name> (Hugging Face Hub), pvc://<claim>/<path>" in source
-    eta = " ".join(ftj_cluster.kubectl("explain", "ftj.status.progress.eta").stdout.split())
+    eta = " ".join(crd_cluster.kubectl("explain", "ftj.status.progress.eta").stdout.split())
     assert "Estimated time left, for humans (e.g. 1h12m)." in eta
-    kind = " ".join(ftj_cluster.kubectl("explain", "finetunejobs").stdout.split())
+    kind = " ".join(crd_cluster.kubectl("explain", "finetunejobs").stdout.split())
     assert "FineTuneJob fine-tunes a large language model" in kind

@@ -55,7 +55,9 @@ def other_namespace(cluster: LocalCluster) -> Iterator[str]:
 # create
 
 
-def test_create_dry_run_yaml_is_a_manifest_the_api_server_accepts(cli: Cli, crd: LocalCluster, namespace: str) -> None:
+def test_create_dry_run_yaml_is_a_manifest_the_api_server_accepts(
+    cli: Cli, crd_cluster: LocalCluster, namespace: str
+) -> None:
     out = ok(cli("create", "support-bot", *CREATE, "--max-cost", "50", "--dry-run", "-o", "yaml"))
     assert yaml.safe_load(out) == {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -71,9 +73,9 @@ def test_create_dry_run_yaml_is_a_manifest_the_api_server_accepts(cli: Cli, crd:
         },
     }
     assert "  maxCostUSD: 50\n" in out  # whole numbers stay whole in the manifest
-    applied = crd.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=out)
+    applied = crd_cluster.kubectl("apply", "-n", namespace, "--dry-run=server", "-f", "-", input=out)
     assert applied.stdout == "finetunejob.kubetune.io/support-bot created (server dry run)\n"
-    assert crd.kubectl("get", "ftj", "-n", namespace, "-o", "name").stdout == ""  # nothing was created
+    assert crd_cluster.kubectl("get", "ftj", "-n", namespace, "-o", "name").stdout == ""  # nothing was created
 
     # --dry-run=server runs the CEL rules the client cannot: a GPU model for a CPU-only job is refused.
     cpu = ("--checkpoint-claim", "c", "--gpus", "0", "--gpu-product", "NVIDIA-H100-80GB-HBM3", "--dry-run=server")
@@ -87,20 +89,20 @@ def test_create_dry_run_yaml_is_a_manifest_the_api_server_accepts(cli: Cli, crd:
     )
 
 
-def test_create_list_describe_and_output_formats(cli: Cli, crd: LocalCluster, namespace: str) -> None:
+def test_create_list_describe_and_output_formats(cli: Cli, crd_cluster: LocalCluster, namespace: str) -> None:
     assert ok(cli("create", "support-bot", "-n", namespace, *CREATE)) == "finetunejob.kubetune.io/support-bot created\n"
     assert error(cli("create", "support-bot", "-n", namespace, *CREATE)) == (
         f'FineTuneJob "support-bot" already exists in namespace "{namespace}": edit it, or start a new run of it '
         "with `kubectl finetune rerun support-bot`"
     )
-    crd.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "lora-single-gpu.yaml"))
+    crd_cluster.kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "lora-single-gpu.yaml"))
     h.set_status(
-        crd,
+        crd_cluster,
         namespace,
         "support-bot",
         h.training(120, loss=1.23456, eval_loss=1.31, tokens_per_second=48210.5, eta_seconds=4320, usd=10.25),
     )
-    h.set_status(crd, namespace, "support-bot-lora", h.succeeded())
+    h.set_status(crd_cluster, namespace, "support-bot-lora", h.succeeded())
 
     table = ok(cli("list", "-n", namespace)).splitlines()
     assert table[0] == "NAME               PHASE       PROGRESS         LOSS     ETA     COST      AGE"
@@ -134,14 +136,16 @@ def test_create_list_describe_and_output_formats(cli: Cli, crd: LocalCluster, na
     )
 
 
-def test_list_all_namespaces_and_cost_totals(cli: Cli, crd: LocalCluster, namespace: str, other_namespace: str) -> None:
+def test_list_all_namespaces_and_cost_totals(
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, other_namespace: str
+) -> None:
     for ns, name, status in (
         (namespace, "a", h.training(100, usd=40.0)),
         (namespace, "b", h.succeeded(usd=60.5)),
         (other_namespace, "c", h.training(200, usd=12.0)),
     ):
-        h.apply(crd, ns, h.manifest(name))
-        h.set_status(crd, ns, name, status)
+        h.apply(crd_cluster, ns, h.manifest(name))
+        h.set_status(crd_cluster, ns, name, status)
 
     listed = ok(cli("list", "-A")).splitlines()
     assert listed[0].split()[:3] == ["NAMESPACE", "NAME", "PHASE"]
@@ -164,15 +168,15 @@ def test_list_all_namespaces_and_cost_totals(cli: Cli, crd: LocalCluster, namesp
     assert totals[-1].startswith("TOTAL")
 
 
-def test_describe_shows_spec_status_and_this_jobs_events(cli: Cli, crd: LocalCluster, namespace: str) -> None:
-    h.apply(crd, namespace, h.manifest("support-bot"))
+def test_describe_shows_spec_status_and_this_jobs_events(cli: Cli, crd_cluster: LocalCluster, namespace: str) -> None:
+    h.apply(crd_cluster, namespace, h.manifest("support-bot"))
     status = h.training(300, loss=0.95, eval_loss=1.02, tokens_per_second=51000, eta_seconds=900, usd=150, attempt=2)
     status.attempts[0] = AttemptRecord(
         attempt=1, start_time=h.T0, reason="OOMKilled", message="worker 1 was OOMKilled", exit_code=137
     )
     status.checkpoint = CheckpointStatus(latest="default/support-bot/runs/1/step-200", step=200, saved_at=h.T0)
-    h.set_status(crd, namespace, "support-bot", status)
-    uid = h.get(crd, namespace, "ftj", "support-bot")["metadata"]["uid"]
+    h.set_status(crd_cluster, namespace, "support-bot", status)
+    uid = h.get(crd_cluster, namespace, "ftj", "support-bot")["metadata"]["uid"]
 
     def event(name: str, reason: str, message: str, uid: str, kind: str = "Normal") -> dict[str, Any]:
         return {
@@ -195,9 +199,11 @@ def test_describe_shows_spec_status_and_this_jobs_events(cli: Cli, crd: LocalClu
             "count": 1,
         }
 
-    h.apply(crd, namespace, event("e1", "RunStarted", "run 1 started for generation 1", uid))
-    h.apply(crd, namespace, event("e2", "AttemptFailed", "attempt 1 failed: worker 1 was OOMKilled", uid, "Warning"))
-    h.apply(crd, namespace, event("e3", "RunStarted", "an earlier job of the same name", "another-uid"))
+    h.apply(crd_cluster, namespace, event("e1", "RunStarted", "run 1 started for generation 1", uid))
+    h.apply(
+        crd_cluster, namespace, event("e2", "AttemptFailed", "attempt 1 failed: worker 1 was OOMKilled", uid, "Warning")
+    )
+    h.apply(crd_cluster, namespace, event("e3", "RunStarted", "an earlier job of the same name", "another-uid"))
 
     lines = ok(cli("describe", "support-bot", "-n", namespace)).splitlines()
     assert lines[:4] == [
@@ -232,11 +238,11 @@ def test_describe_shows_spec_status_and_this_jobs_events(cli: Cli, crd: LocalClu
     )
 
 
-def test_suspend_resume_and_rerun_change_the_object(cli: Cli, crd: LocalCluster, namespace: str) -> None:
-    h.apply(crd, namespace, h.manifest("support-bot"))
+def test_suspend_resume_and_rerun_change_the_object(cli: Cli, crd_cluster: LocalCluster, namespace: str) -> None:
+    h.apply(crd_cluster, namespace, h.manifest("support-bot"))
 
     def suspended() -> bool | None:
-        return h.get(crd, namespace, "ftj", "support-bot")["spec"]["runPolicy"].get("suspend")
+        return h.get(crd_cluster, namespace, "ftj", "support-bot")["spec"]["runPolicy"].get("suspend")
 
     assert ok(cli("suspend", "support-bot", "-n", namespace)) == "finetunejob.kubetune.io/support-bot suspended\n"
     assert suspended() is True
@@ -251,16 +257,18 @@ def test_suspend_resume_and_rerun_change_the_object(cli: Cli, crd: LocalCluster,
     )
 
     first = ok(cli("rerun", "support-bot", "-n", namespace))
-    token = h.get(crd, namespace, "ftj", "support-bot")["metadata"]["annotations"][RERUN_ANNOTATION]
+    token = h.get(crd_cluster, namespace, "ftj", "support-bot")["metadata"]["annotations"][RERUN_ANNOTATION]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", token)
     assert first == f"finetunejob.kubetune.io/support-bot rerun requested ({RERUN_ANNOTATION}={token})\n"
     ok(cli("rerun", "support-bot", "-n", namespace, "--token", "dataset-v4"))
-    assert h.get(crd, namespace, "ftj", "support-bot")["metadata"]["annotations"][RERUN_ANNOTATION] == "dataset-v4"
+    assert (
+        h.get(crd_cluster, namespace, "ftj", "support-bot")["metadata"]["annotations"][RERUN_ANNOTATION] == "dataset-v4"
+    )
     assert error(cli("suspend", "nope", "-n", namespace)).startswith('FineTuneJob "nope" not found')
 
 
 def test_plot_from_an_output_directory_or_the_status(
-    cli: Cli, crd: LocalCluster, namespace: str, tmp_path: Path
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "ft-checkpoints" / namespace / "support-bot" / "runs" / "1"
     run_dir.mkdir(parents=True)
@@ -273,8 +281,8 @@ def test_plot_from_an_output_directory_or_the_status(
     )
     assert png_size(out) == (800, 450)
 
-    h.apply(crd, namespace, h.manifest("support-bot"))
-    h.set_status(crd, namespace, "support-bot", h.training(100, loss=1.5))
+    h.apply(crd_cluster, namespace, h.manifest("support-bot"))
+    h.set_status(crd_cluster, namespace, "support-bot", h.training(100, loss=1.5))
     assert error(cli("plot", "support-bot", "-n", namespace)) == (
         'FineTuneJob "support-bot" has no loss history in its status yet: plot a run\'s output with --from-dir DIR '
         "(the directory holding its metrics.jsonl)"
@@ -285,7 +293,7 @@ def test_plot_from_an_output_directory_or_the_status(
 
 
 def test_plot_from_the_loss_history_the_operator_keeps_in_the_status(
-    cli: Cli, crd: LocalCluster, namespace: str, tmp_path: Path
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, tmp_path: Path
 ) -> None:
     status = h.training(100, loss=1.5)
     assert status.progress is not None
@@ -293,8 +301,8 @@ def test_plot_from_the_loss_history_the_operator_keeps_in_the_status(
         HistoryPoint(step=s, loss=2.5 - s / 100, eval_loss=2.6 - s / 100 if s % 50 == 0 else None)
         for s in range(10, 110, 10)
     ]
-    h.apply(crd, namespace, h.manifest("support-bot"))
-    h.set_status(crd, namespace, "support-bot", status)  # through the CRD schema, as the operator writes it
+    h.apply(crd_cluster, namespace, h.manifest("support-bot"))
+    h.set_status(crd_cluster, namespace, "support-bot", status)  # through the CRD schema, as the operator writes it
     out = tmp_path / "support-bot.png"
     assert ok(cli("plot", "support-bot", "-n", namespace, "-o", str(out))) == (
         f"wrote {out}: 10 train loss and 2 eval loss points\n"
@@ -307,20 +315,20 @@ def test_plot_from_the_loss_history_the_operator_keeps_in_the_status(
 
 
 def test_runs_as_a_kubectl_plugin_with_the_contexts_namespace(
-    cli: Cli, crd: LocalCluster, namespace: str, tmp_path: Path
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, tmp_path: Path
 ) -> None:
-    h.apply(crd, namespace, h.manifest("support-bot"))
+    h.apply(crd_cluster, namespace, h.manifest("support-bot"))
     path = f"{EXECUTABLE.parent}{os.pathsep}{os.environ['PATH']}"
     found = subprocess.run(
         [str(toolchain_bin() / "kubectl"), "finetune", "list", "-n", namespace],
-        env={**crd.env(), "PATH": path},
+        env={**crd_cluster.env(), "PATH": path},
         capture_output=True,
         text=True,
     )
     assert found.returncode == 0 and found.stdout.splitlines()[1].startswith("support-bot   -"), found
 
     # A second context with this namespace as its default; the current context points at a dead server.
-    config = json.loads(crd.kubeconfig.read_text())
+    config = json.loads(crd_cluster.kubeconfig.read_text())
     config["clusters"].append(
         {"name": "dead", "cluster": {**config["clusters"][0]["cluster"], "server": f"https://127.0.0.1:{free_port()}"}}
     )
@@ -354,11 +362,11 @@ def test_runs_as_a_kubectl_plugin_with_the_contexts_namespace(
 
 
 def test_no_permission_is_one_line_with_what_to_ask_for(
-    cli: Cli, crd: LocalCluster, namespace: str, tmp_path: Path
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, tmp_path: Path
 ) -> None:
-    crd.kubectl("create", "serviceaccount", "viewer", "-n", namespace)
-    token = crd.kubectl("create", "token", "viewer", "-n", namespace).stdout.strip()
-    kubeconfig = crd.token_kubeconfig(token, tmp_path / "viewer.kubeconfig")
+    crd_cluster.kubectl("create", "serviceaccount", "viewer", "-n", namespace)
+    token = crd_cluster.kubectl("create", "token", "viewer", "-n", namespace).stdout.strip()
+    kubeconfig = crd_cluster.token_kubeconfig(token, tmp_path / "viewer.kubeconfig")
     assert error(cli("list", "-n", namespace, "--kubeconfig", str(kubeconfig))) == (
         f'no permission: finetunejobs.kubetune.io is forbidden: User "system:serviceaccount:{namespace}:viewer" '
         f'cannot list resource "finetunejobs" in API group "kubetune.io" in the namespace "{namespace}". Ask a '
@@ -371,10 +379,10 @@ def test_no_permission_is_one_line_with_what_to_ask_for(
     )
 
 
-def test_a_resource_the_server_does_not_serve_reads_as_a_missing_crd(crd: LocalCluster, namespace: str) -> None:
+def test_a_resource_the_server_does_not_serve_reads_as_a_missing_crd(crd_cluster: LocalCluster, namespace: str) -> None:
     """The CRD cannot be removed from the shared cluster, so ask the same server for a kind it does not serve:
     its answer is exactly what a cluster without the CRD sends, and the CLI's explanation is built from it."""
-    api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(crd.kubeconfig)))
+    api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(crd_cluster.kubeconfig)))
     with pytest.raises(client.ApiException) as unserved:
         api.list_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobz")
     e = unserved.value

@@ -82,9 +82,9 @@ def wait_for_phase(cluster: LocalCluster, namespace: str, rank: int, phase: str,
 
 
 def test_logs_of_each_rank_followed_live_and_by_attempt(
-    cli: Cli, crd: LocalCluster, namespace: str, node: LocalNode
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, node: LocalNode
 ) -> None:
-    h.apply(crd, namespace, h.manifest("support-bot"))
+    h.apply(crd_cluster, namespace, h.manifest("support-bot"))
     assert error(cli("logs", "support-bot", "-n", namespace)) == (
         'FineTuneJob "support-bot" has not started any workers yet: `kubectl finetune watch support-bot` follows it'
     )
@@ -94,14 +94,14 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
         "metadata": {"name": "signal"},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
     }
-    h.apply(crd, namespace, claim)
-    h.set_status(crd, namespace, "support-bot", h.training(10))
-    h.apply(crd, namespace, attempt_job("support-bot", 1, workers=2, placement=node.placement))
-    wait_for_phase(crd, namespace, 0, "Running")
+    h.apply(crd_cluster, namespace, claim)
+    h.set_status(crd_cluster, namespace, "support-bot", h.training(10))
+    h.apply(crd_cluster, namespace, attempt_job("support-bot", 1, workers=2, placement=node.placement))
+    wait_for_phase(crd_cluster, namespace, 0, "Running")
 
     follow = subprocess.Popen(
         [str(EXECUTABLE), "logs", "support-bot", "-n", namespace, "--follow"],
-        env=crd.env(),
+        env=crd_cluster.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -115,7 +115,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
         follow.kill()
         follow.wait()
 
-    wait_for_phase(crd, namespace, 1, "Succeeded")
+    wait_for_phase(crd_cluster, namespace, 1, "Succeeded")
     assert ok(cli("logs", "support-bot", "-n", namespace, "--rank", "1")) == (
         "rank 1: loaded 2 shards\nrank 1: step 10 loss 1.5000\n"
     )
@@ -132,16 +132,16 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     )
 
     # Attempt 2's worker cannot be scheduled until the node gets a label: it has no log yet, and `logs -f` waits.
-    h.set_status(crd, namespace, "support-bot", h.training(10, attempt=2))
+    h.set_status(crd_cluster, namespace, "support-bot", h.training(10, attempt=2))
     gate = "kubetune.io/cli-test-gate"
     gated = {**node.placement, "nodeSelector": {**node.node_selector, gate: namespace}}  # unique to this test
-    h.apply(crd, namespace, attempt_job("support-bot", 2, workers=1, placement=gated))
+    h.apply(crd_cluster, namespace, attempt_job("support-bot", 2, workers=1, placement=gated))
     pending = error(cli("logs", "support-bot", "-n", namespace))
     assert pending.startswith("worker support-bot-r1-a2-0-")
     assert pending.endswith(" has not started yet: add --follow to wait for its log")
     waiting = subprocess.Popen(
         [str(EXECUTABLE), "logs", "support-bot", "-n", namespace, "-f"],
-        env=crd.env(),
+        env=crd_cluster.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -149,7 +149,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     try:
         time.sleep(1)
         assert waiting.poll() is None
-        crd.kubectl("label", "node", node.name, f"{gate}={namespace}", "--overwrite")
+        crd_cluster.kubectl("label", "node", node.name, f"{gate}={namespace}", "--overwrite")
         out, err = waiting.communicate(timeout=30)
     finally:
         waiting.kill()

@@ -25,20 +25,10 @@ for helpers in ("operator", "trainer"):
         sys.path.insert(0, str(TESTS / helpers))
 
 import trainer_assets  # noqa: E402
-from e2e_support import CRD_FILE, Api, Operator  # noqa: E402
-from kubetune_operator.api import CRD_NAME  # noqa: E402
+from e2e_support import Api, Operator  # noqa: E402
 
 CLAIMS = ("models", "datasets", "ft-checkpoints", "ft-models")
 MODEL = "tiny-llama"  # the test jobs' pvc://models/tiny-llama
-
-
-@pytest.fixture(scope="session")
-def crd_cluster(cluster: LocalCluster) -> LocalCluster:
-    cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-local-tests", "-f", str(CRD_FILE)
-    )
-    cluster.wait_established(CRD_NAME)
-    return cluster
 
 
 @pytest.fixture(scope="session")

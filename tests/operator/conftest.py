@@ -7,18 +7,8 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from e2e_support import CRD_FILE, Api, Operator, make_namespace
+from e2e_support import Api, Operator, make_namespace
 from kubetune_dev.cluster import LocalCluster
-from kubetune_operator.api import CRD_NAME
-
-
-@pytest.fixture(scope="session")
-def crd_cluster(cluster: LocalCluster) -> LocalCluster:
-    cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-operator-tests", "-f", str(CRD_FILE)
-    )
-    cluster.wait_established(CRD_NAME)
-    return cluster
 
 
 @pytest.fixture(scope="session")
