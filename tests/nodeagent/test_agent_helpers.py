@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from kubetune_dev.__main__ import main
-from kubetune_dev.nodeagent.agent import machine_capacity, parse_taint
+from kubetune_dev.nodeagent.agent import hidden_from_containers, machine_capacity, parse_taint
 from kubetune_dev.nodeagent.logs import pod_dir
 
 
@@ -43,3 +43,12 @@ def test_node_logs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main(["node", "logs", "ns/trainer", "--root", str(tmp_path), "-c", "main", "--previous"]) == 1
     assert main(["node", "logs", "ns/absent", "--root", str(tmp_path)]) == 1
     assert "no pod ns/absent" in capsys.readouterr().err
+
+
+def test_an_environment_under_tmp_is_refused() -> None:
+    """Trainer pods mount an emptyDir at /tmp: an agent whose Python environment lies there could not run them."""
+    venv = Path("/tmp/checkout/.cache/venv")
+    message = hidden_from_containers([Path("/root/.cache/kubetune/venv/0123"), venv])
+    assert message is not None and message.startswith(f"{venv} lies under /tmp,")
+    assert hidden_from_containers([Path("/var/tmp/venv"), Path("/root/x")]) is None
+    assert hidden_from_containers([Path("/dev/shm/venv")]) is not None

@@ -12,7 +12,8 @@ What it does
 - Runs init containers in order, then the containers: command + args with $(VAR) expansion; env with
   value, fieldRef, resourceFieldRef, secretKeyRef, configMapKeyRef and envFrom; workingDir (default /).
   Processes get the agent's PATH (its own Python environment's bin directory first) and HOME plus the
-  pod's env, and KUBERNETES_SERVICE_HOST/PORT pointing at the API server.
+  pod's env, and KUBERNETES_SERVICE_HOST/PORT pointing at the API server. The agent refuses to start from a
+  Python environment or checkout under /tmp or /dev/shm: pods mount emptyDirs there, which would hide it.
 - Volumes, bind-mounted at the pod's own paths inside a private mount namespace per container:
   persistentVolumeClaim -> <root>/volumes/<namespace>/<claim> (kept across pods and agent restarts, shared
   by every agent with the same root, like a ReadWriteMany volume); emptyDir -> a per-pod directory

@@ -73,6 +73,24 @@ def machine_capacity(root: Path, gpus: int) -> dict[str, str]:
     return capacity
 
 
+# Where pods commonly mount emptyDirs (the trainer's pods do both): a container sees its volume there, not the
+# machine's directory, so the agent's own environment must not lie beneath.
+POD_SCRATCH_MOUNTS = (Path("/tmp"), Path("/dev/shm"))
+
+
+def hidden_from_containers(paths: list[Path]) -> str | None:
+    """Why containers could not reach one of `paths` (the agent's Python environment and code), or None."""
+    for path in paths:
+        for mount in POD_SCRATCH_MOUNTS:
+            if path.resolve().is_relative_to(mount):
+                return (
+                    f"{path} lies under {mount}, where pods mount an emptyDir that hides it from their containers "
+                    "(their commands run from the agent's Python environment): keep the checkout and "
+                    "$KUBETUNE_CACHE outside /tmp and /dev/shm"
+                )
+    return None
+
+
 def _os_image() -> str:
     with contextlib.suppress(OSError):
         if m := re.search(r'^PRETTY_NAME="?([^"\n]*)', Path("/etc/os-release").read_text(), re.MULTILINE):
@@ -119,6 +137,8 @@ class NodeAgent:
             raise SystemExit("the local node agent needs root: it bind-mounts volumes in private mount namespaces")
         if shutil.which("unshare") is None:
             raise SystemExit("the local node agent needs `unshare` (util-linux)")
+        if hidden := hidden_from_containers([Path(sys.prefix), Path(__file__).parents[2]]):
+            raise SystemExit(f"the local node agent cannot run pods here: {hidden}")
         self.root.mkdir(parents=True, exist_ok=True)
         self.kube = Kube(self.kubeconfig)
         self.capacity = machine_capacity(self.root, self.gpus)
