@@ -209,8 +209,9 @@ def parse_report(doc: dict[str, Any]) -> TrainerReport | None:
         return None
 
 
-def _finite(value: float | None, low: float = -math.inf, high: float = math.inf) -> float | None:
-    # NaN/inf cannot be written into a Kubernetes object (JSON has no such numbers); out-of-range means broken.
+def finite(value: float | None, low: float = -math.inf, high: float = math.inf) -> float | None:
+    """The figure as status can hold it: NaN/inf cannot be written into a Kubernetes object (JSON has no such
+    numbers), and one outside [low, high] is broken; either is no figure."""
     return value if value is not None and math.isfinite(value) and low <= value <= high else None
 
 
@@ -230,16 +231,16 @@ def to_status(
     step = max(0, report.step)
     total = report.total_steps if report.total_steps is not None and report.total_steps > 0 else None
     done = report.state == "done"
-    eta = 0.0 if done else _finite(report.eta_seconds, low=0)
+    eta = 0.0 if done else finite(report.eta_seconds, low=0)
     progress = Progress(
         step=step,
         total_steps=total,
         percent=progress_percent(step, total) if total is not None else None,
-        epoch=_finite(report.epoch, low=0),
-        loss=_finite(report.loss),
-        eval_loss=_finite(report.eval_loss),
-        tokens_per_second=_finite(report.tokens_per_second, low=0),
-        mfu=_finite(report.mfu, low=0, high=1),
+        epoch=finite(report.epoch, low=0),
+        loss=finite(report.loss),
+        eval_loss=finite(report.eval_loss),
+        tokens_per_second=finite(report.tokens_per_second, low=0),
+        mfu=finite(report.mfu, low=0, high=1),
         eta=format_eta(eta) if eta is not None else None,
         eta_seconds=round(eta) if eta is not None else None,
         updated_at=report.updated_at,
@@ -263,7 +264,7 @@ def _points(raw: list[Any]) -> list[HistoryPoint]:
             point = HistoryPoint.model_validate(item)
         except ValidationError:
             continue
-        loss, eval_loss = _finite(point.loss), _finite(point.eval_loss)
+        loss, eval_loss = finite(point.loss), finite(point.eval_loss)
         if loss is not None or eval_loss is not None:
             points.append(HistoryPoint(step=point.step, loss=loss, eval_loss=eval_loss))
     return points

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -56,7 +55,7 @@ from kubetune_operator.failures import WorkerFailure, attempt_failure
 from kubetune_operator.names import attempt_name, claim_name, run_config_name
 from kubetune_operator.observed import FinalReport, JobState, Observed, PodState
 from kubetune_operator.policies import RunContext, eval_gate, judge, open_attempt
-from kubetune_operator.progress import thin_history, to_status
+from kubetune_operator.progress import finite, thin_history, to_status
 from kubetune_operator.render import (
     Manifest,
     Owner,
@@ -662,17 +661,12 @@ def _rank0_not_seen_ending(job: JobState, pods: list[PodState], now: datetime) -
     )
 
 
-def _finite(value: float | None, low: float = -math.inf) -> float | None:
-    # NaN/inf cannot be written into a Kubernetes object (JSON has no such numbers).
-    return value if value is not None and math.isfinite(value) and value >= low else None
-
-
 def final_progress(final: FinalReport, previous: Progress | None, at: datetime | None) -> Progress:
     """status.progress of a run that finished, from rank 0's final report. Its figures are the final ones (a
     figure it leaves out, or could not compute, is no figure: the evaluation gate must not pass on an older
     evaluation); the curve so far ends with the final point; MFU stays the last one polled."""
     m = final.final_metrics
-    loss, eval_loss = _finite(m.train_loss), _finite(m.eval_loss)
+    loss, eval_loss = finite(m.train_loss), finite(m.eval_loss)
     history = [h for h in previous.history if h.step < m.steps] if previous else []
     if loss is not None or eval_loss is not None:
         history.append(HistoryPoint(step=m.steps, loss=loss, eval_loss=eval_loss))
@@ -680,10 +674,10 @@ def final_progress(final: FinalReport, previous: Progress | None, at: datetime |
         step=m.steps,
         total_steps=m.steps,
         percent=100,
-        epoch=_finite(m.epochs, low=0),
+        epoch=finite(m.epochs, low=0),
         loss=loss,
         eval_loss=eval_loss,
-        tokens_per_second=_finite(m.tokens_per_second, low=0),
+        tokens_per_second=finite(m.tokens_per_second, low=0),
         mfu=previous.mfu if previous else None,
         eta="0s",
         eta_seconds=0,
