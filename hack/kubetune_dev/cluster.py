@@ -21,6 +21,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,25 @@ class LocalCluster:
                 return
             time.sleep(0.2)
         raise TimeoutError(f"CRD {crd} not Established after {timeout}s")
+
+    def create_namespace_with_claims(self, namespace: str, claims: Iterable[str], size: str = "1Gi") -> None:
+        """A namespace and ReadWriteMany claims in it (the default StorageClass binds them)."""
+        items = [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": claim, "namespace": namespace},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": size}}},
+            }
+            for claim in claims
+        ]
+        self.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
+        )
+        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
     def token_kubeconfig(self, token: str, path: Path) -> Path:
         """Write a kubeconfig that authenticates with a bearer token only (e.g. a ServiceAccount's)."""

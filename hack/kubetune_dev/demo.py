@@ -217,17 +217,7 @@ def start_operator(cluster: LocalCluster, procs: dict[str, int]) -> None:
 
 
 def create_claims(cluster: LocalCluster) -> None:
-    items: list[dict[str, Any]] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}]
-    for claim in CLAIMS:
-        items.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": NAMESPACE},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "10Gi"}}},
-            }
-        )
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    cluster.create_namespace_with_claims(NAMESPACE, CLAIMS, size="10Gi")
     claims = [f"pvc/{c}" for c in CLAIMS]
     cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Bound", *claims, "-n", NAMESPACE, "--timeout=60s")
 

@@ -7,7 +7,6 @@ datasets. The helpers of the operator and trainer tiers are reused.
 
 from __future__ import annotations
 
-import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -40,17 +39,7 @@ def api(crd_cluster: LocalCluster) -> Api:
 def ns(crd_cluster: LocalCluster, local_nodes: list[LocalNode]) -> Iterator[str]:
     """A namespace with the four claims; the model claim holds the tiny model, the dataset claim good rows."""
     name = f"ktl-{uuid.uuid4().hex[:8]}"
-    items: list[dict] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}]
-    for claim in CLAIMS:
-        items.append(
-            {
-                "apiVersion": "v1",
-                "kind": "PersistentVolumeClaim",
-                "metadata": {"name": claim, "namespace": name},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-            }
-        )
-    crd_cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    crd_cluster.create_namespace_with_claims(name, CLAIMS)
     node = local_nodes[0]
     trainer_assets.make_model_dir(node.claim_dir(name, "models") / MODEL, "llama")
     rows = trainer_assets.rows(160, "prompt_completion")

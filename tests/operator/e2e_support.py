@@ -284,18 +284,7 @@ class FakeTrainer:
 def make_namespace(cluster: LocalCluster, prefix: str) -> str:
     """A namespace with the claims the test jobs refer to (kwok binds them at once)."""
     name = f"{prefix}{uuid.uuid4().hex[:8]}"
-    claims = [
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": name},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-        }
-        for claim in ("ft-checkpoints", "datasets", "ft-models")
-    ]
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [namespace]}))
-    cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": claims}))
+    cluster.create_namespace_with_claims(name, ("ft-checkpoints", "datasets", "ft-models"))
     return name
 
 

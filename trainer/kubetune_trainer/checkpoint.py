@@ -21,7 +21,6 @@ The data position needs no state of its own: it is a pure function of the global
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,6 +40,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from .files import fsync_dir, sha256_file
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -62,22 +62,6 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
     return sorted(found)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_file(obj: Any, path: Path) -> None:
@@ -140,7 +124,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def _hash_share(root: Path, files: list[str], rt: Runtime) -> dict[str, dict[str, Any]]:
     """Every rank hashes every world_size-th file; the union is returned to all."""
     mine = {
-        f: {"sha256": _sha256(root / f), "bytes": (root / f).stat().st_size} for f in files[rt.rank :: rt.world_size]
+        f: {"sha256": sha256_file(root / f), "bytes": (root / f).stat().st_size}
+        for f in files[rt.rank :: rt.world_size]
     }
     merged: dict[str, dict[str, Any]] = {}
     for part in rt.gather_objects(mine):
@@ -178,12 +163,12 @@ def save(
     if rt.is_main:
         manifest = {"step": step, "worldSize": rt.world_size, "createdAt": time.time(), "files": checksums}
         _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        _fsync_dir(tmp / STATE)
-        _fsync_dir(tmp)
+        fsync_dir(tmp / STATE)
+        fsync_dir(tmp)
         if final.exists():  # an invalid leftover at this step (valid ones are never re-saved)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         rotate(root, keep_last)
     rt.barrier()
     return final
@@ -208,7 +193,7 @@ def problems(path: Path, files: list[str] | None = None) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != entry["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if _sha256(f) != entry["sha256"]:
+        if sha256_file(f) != entry["sha256"]:
             return f"{name} does not match its sha256"
     if TRAINER_STATE not in listed or SCHEDULER not in listed:
         return "incomplete manifest"

@@ -34,6 +34,7 @@ import numpy as np
 
 from .config import DatasetConfig, DatasetFormat
 from .errors import PermanentError
+from .files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ class Row:
     source: str
     number: int  # 1-based: the line number in JSONL, the index + 1 elsewhere
     value: Any  # the decoded row, or a RowError when it could not be decoded
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_saved_dataset(path: Path) -> bool:

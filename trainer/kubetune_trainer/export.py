@@ -13,7 +13,6 @@ manifest.json                                      written last: base model, dat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -27,6 +26,7 @@ from torch import nn
 
 from .config import TrainerConfig
 from .data import SourceFile
+from .files import sha256_file
 from .modeling import DTYPES, compute_dtype, source_kwargs
 from .progress import rfc3339
 
@@ -131,14 +131,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(
     out_dir: Path,
     cfg: TrainerConfig,
@@ -153,7 +145,7 @@ def write_manifest(
     replica_digests: list[str] | None,
 ) -> dict[str, Any]:
     outputs = {
-        str(p.relative_to(out_dir)): _sha256(p)
+        str(p.relative_to(out_dir)): sha256_file(p)
         for p in sorted(out_dir.rglob("*"))
         if p.is_file() and p.name not in (MANIFEST, METRICS_FILE)
     }

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import S3Config, TrainerConfig
 from .errors import PermanentError
+from .files import fsync_dir
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -450,14 +451,6 @@ def ensure(plan: Plan, cache: Path, cfg: TrainerConfig) -> Path:
     partial.rename(final)
     fsync_dir(cache)
     return final
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def wait_for(plan: Plan, cache: Path) -> Path:
