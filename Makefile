@@ -2,7 +2,8 @@
 # repository under $(KUBETUNE_CACHE), keyed by version, so a warm machine starts in seconds.
 SHELL := /bin/bash
 export KUBETUNE_CACHE ?= $(HOME)/.cache/kubetune
-export PYTHONPATH := $(CURDIR)/hack
+# This checkout's packages come first, whichever checkout the shared environment's editable install points at.
+export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 

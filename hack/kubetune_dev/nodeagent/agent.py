@@ -156,6 +156,8 @@ class NodeAgent:
                 # The agent's own interpreter's directory first: console scripts of its environment resolve.
                 "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]),
                 "HOME": os.environ.get("HOME", "/root"),
+                # The packages of the checkout that started the agent, not the environment's editable install.
+                "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
             },
         )
         runner = await self._serve_logs()
