@@ -17,11 +17,8 @@ help:
 	@ln -sfn "$$(hack/venv.sh)" .cache/venv
 	@touch $@
 
-# The environment is shared by every checkout with the same pins: re-point it when another checkout's
-# editable install is in it.
+# The environment is shared by every checkout with the same pins; PYTHONPATH above makes each run use its own code.
 venv: .cache/venv.stamp ## create or reuse the Python environment (cached by dependency hash)
-	@$(PY) -c 'import sys, kubetune_operator as k; sys.exit(not k.__file__.startswith("$(CURDIR)/"))' 2>/dev/null \
-		|| { ln -sfn "$$(hack/venv.sh)" .cache/venv && touch .cache/venv.stamp; }
 
 toolchain: ## build kube-apiserver, etcd, kwok, kubectl, helm from Go modules (cached)
 	@hack/toolchain.sh >/dev/null
