@@ -275,12 +275,18 @@ class MetricsConfig(Model):
 
 
 class RunIdentity(Model):
-    """Who this training is, for the manifest and the logs."""
+    """Who this training is: recorded in every checkpoint and output, so that no training resumes from, rotates
+    or overwrites another's files (another object of the same name, another run, an older attempt)."""
 
     namespace: str = ""
     name: str = ""
+    uid: str = Field("", description="metadata.uid of the FineTuneJob: tells apart objects of the same name.")
     run: int = 1
+    attempt: int = Field(1, ge=1, description="Execution of the run; a later attempt fences out older ones.")
     generation: int | None = None
+    spec_fingerprint: str = Field(
+        "", description="Digest of the spec that defines what is trained (model, data, method, training)."
+    )
 
 
 class TrainerConfig(Model):
