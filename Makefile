@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator demo demo-down
+.PHONY: help setup system-packages venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator demo demo-down
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -23,7 +23,14 @@ venv: .cache/venv.stamp ## create or reuse the Python environment (cached by dep
 toolchain: ## build kube-apiserver, etcd, kwok, kubectl, helm from Go modules (cached)
 	@hack/toolchain.sh >/dev/null
 
-demo: venv toolchain ## main job: LoRA fine-tune of SmolLM2-135M through the operator on 2 local nodes (CPU, minutes warm)
+system-packages: ## install the Debian packages the tests and the demo use (hack/system-packages.txt) when missing
+	@hack/system-packages.sh
+
+# Everything the two commands need, prepared side by side (apt and pip wait on the network, Go on the CPU).
+setup: ## Debian packages, the Go-built toolchain and the Python environment (each cached; seconds when warm)
+	@$(MAKE) --no-print-directory -j3 system-packages toolchain venv
+
+demo: setup ## main job: LoRA fine-tune of SmolLM2-135M through the operator on 2 local nodes (CPU, minutes warm)
 	@$(PY) -m kubetune_dev.demo
 
 demo-down: venv ## stop what make demo started: its operator, the node agents and the local control plane
@@ -40,13 +47,14 @@ lint: venv ## ruff (lint + format) and mypy
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint toolchain ## everything CI runs: lint, types, and every test tier against a real control plane
+test: setup ## everything CI runs: lint, types, and every test tier against a real control plane
+	@$(MAKE) --no-print-directory lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: venv ## only the fast tier
+test-unit: setup ## only the fast tier
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-test-e2e: venv toolchain ## only the tests that need the control plane
+test-e2e: setup ## only the tests that need the control plane
 	$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
 crds: venv ## regenerate crds/ and the chart's copies (CRD, dashboard, alerts, Argo CD snippet); tests fail when stale

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
+from kubetune_dev.system import tool
 from kubetune_dev.toolchain import toolchain_bin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,7 +21,6 @@ FULL_VALUES = CHART / "ci" / "full-values.yaml"
 GITOPS = REPO / "docs" / "gitops"
 HEALTH_LUA = GITOPS / "finetunejob-health.lua"
 TESTDATA = Path(__file__).resolve().parent / "testdata"
-LUA = shutil.which("lua5.4") or "/usr/bin/lua5.4"
 
 # The Prometheus Operator release whose CRDs (ServiceMonitor, PodMonitor, PrometheusRule) validate the chart's
 # monitoring objects on the API server. Fetched through the Go module proxy into the Go module cache.
@@ -141,7 +140,7 @@ def argocd_health(obj: Manifest, script: Path = HEALTH_LUA) -> tuple[str, str]:
         + "local hs = chunk()\n"
         + "io.write(hs.status, '\\n', hs.message or '')\n"
     )
-    result = subprocess.run([LUA, "-"], input=program, capture_output=True, text=True, timeout=30)
+    result = subprocess.run([tool("lua5.4"), "-"], input=program, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, f"lua failed:\n{result.stderr}"
     status, _, message = result.stdout.partition("\n")
     return status, message

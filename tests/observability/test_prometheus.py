@@ -19,7 +19,6 @@ import json
 import math
 import random
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -36,6 +35,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from kubetune_dev.system import tool
 from kubetune_operator.api import FineTuneJob, FineTuneJobStatus
 from kubetune_operator.api.spec import Budget
 from kubetune_operator.api.status import CheckpointStatus, Progress
@@ -46,8 +46,6 @@ from kubetune_operator.progress import fetch_progress, parse_report, to_status
 from kubetune_trainer import progress as trainer_progress
 from observability_helpers import condition, example_job, pod, rfc3339
 
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 RATE_INTERVAL = "10s"  # what Grafana's $__rate_interval becomes for a 1 s scrape interval, with margin
 DEADLINE = 45.0  # seconds for data to arrive; normally it takes about five
 
@@ -393,6 +391,7 @@ def prometheus_config(operator_port: int, trainer_port: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    prometheus = tool("prometheus")  # before anything starts: a missing package is named, nothing is left running
     tmp = tmp_path_factory.mktemp("prometheus")
     stop_training = threading.Event()
     progress = trainer_progress.Progress(world_size=8)
@@ -408,7 +407,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     log = (tmp / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [
-            PROMETHEUS,
+            prometheus,
             f"--config.file={tmp / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
@@ -544,7 +543,7 @@ def alert_rules() -> dict[str, dict[str, Any]]:
 
 
 def test_promtool_accepts_the_rules() -> None:
-    result = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True)
+    result = subprocess.run([tool("promtool"), "check", "rules", str(ALERTS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
