@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import trainer_assets as assets
+from kubetune_trainer import attention
 from kubetune_trainer.bench import measure_mfu, synthetic_rows
 
 pytestmark = pytest.mark.trainer
@@ -29,7 +30,7 @@ def test_mfu_measurement_runs_on_a_tiny_model() -> None:
         num_key_value_heads=2,
     )
     result = measure_mfu(config, "cpu", seq=64, batch=2, steps=2, warmup=1)
-    assert result["attention"] == "kubetune_packed"
+    assert result["attention"] == attention.REFERENCE
     assert result["tokens_per_second"] > 0 and result["mfu"] == 0.0  # no peak for a CPU
     assert 0 < result["trainable"] < result["parameters"] and 0 < result["mean_attention_span"] <= 64
 

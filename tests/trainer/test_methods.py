@@ -98,7 +98,7 @@ def test_bf16_gradient_checkpointing_accumulation_on_qwen2(
 
 
 def test_prompt_tuning_starts_from_the_init_text(llama_dir: Path, tokenizer: Any) -> None:
-    from kubetune_trainer.modeling import apply_method, load_model
+    from kubetune_trainer.modeling import apply_method, load_config, load_model
 
     cfg = TrainerConfig.model_validate(
         assets.trainer_config(
@@ -108,7 +108,7 @@ def test_prompt_tuning_starts_from_the_init_text(llama_dir: Path, tokenizer: Any
             method={"type": "prompt", "prompt": {"numVirtualTokens": 5, "initText": "apple river"}},
         )
     )
-    model = apply_method(load_model(cfg, torch.device("cpu"), packed=False), cfg, tokenizer)
+    model = apply_method(load_model(cfg, load_config(cfg.model), torch.device("cpu"), None), cfg, tokenizer)
     ids = tokenizer("apple river", add_special_tokens=False)["input_ids"]
     expected = model.get_input_embeddings().weight[(ids * 5)[:5]]
     assert torch.equal(model.prompt_encoder["default"].embedding.weight, expected)

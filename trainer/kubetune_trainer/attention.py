@@ -1,53 +1,174 @@
 """Exact attention for packed rows: every sample attends only to itself.
 
 `position_ids` alone do not stop sdpa or eager attention from looking across sample boundaries. The trainer
-registers its own transformers attention function, `kubetune_packed`, which receives the boundaries
-(`cu_seq_lens_q/k`, `max_length_q/k`, passed by the forward call) and computes causal attention per sample:
+registers its own transformers attention functions, which receive the boundaries (`cu_seq_lens_q`,
+`max_length_q`, passed by the forward call) and compute causal attention per sample, honouring what the
+architecture asks of each layer: a sliding window (Mistral, Qwen2/3 and Phi-3 configs with `sliding_window`, the
+local layers of Gemma 2/3) and soft-capped attention logits (Gemma 2).
 
-- CUDA with bf16/fp16: `torch.nn.attention.varlen.varlen_attn`, PyTorch's own variable-length flash
-  attention (no flash-attn wheel needed), causal via window (-1, 0), grouped-query heads natively.
-- otherwise (CPU, fp32, attention dropout): scaled_dot_product_attention with is_causal on each sample's
-  slice, which costs sum(l^2) like varlen and never materialises a block-diagonal mask.
+The backend is chosen once, when the model is built, from the device, the compute dtype and the architecture
+(`choose`), never per call:
 
-No mask function is registered for the name, so transformers builds no mask and passes None.
+- varlen: CUDA with a bf16/fp16 compute dtype, no logit soft-capping, no attention dropout.
+  `torch.nn.attention.varlen.varlen_attn`, PyTorch's variable-length flash attention (no flash-attn wheel
+  needed); causal with an optional sliding window through `window_size`, grouped-query heads natively. q, k and v
+  are cast to the compute dtype (under autocast RoPE leaves q and k in fp32). The boundaries stay on the GPU: no
+  host sync.
+- reference: everything else (CPU, fp32, soft-capping, attention dropout). One attention call per sample:
+  scaled_dot_product_attention (is_causal, or a banded mask for a sliding window), or the explicit softmax for
+  soft-capped logits. Cost is sum(l^2) like varlen, and no block-diagonal mask over the whole row is ever built.
+  It slices by the boundaries on the host, so the trainer keeps `cu_seq_lens` on the CPU for this backend
+  (`Backend.bounds_on_device`): a GPU run never waits on a device-to-host copy in every layer.
+
+Architectures whose attention cannot be packed this way (linear or chunked attention layers, attention sinks)
+are refused with a PermanentError naming the model family and the `dataset.packing: false` alternative, at
+build time where the config tells, else at the first forward.
+
+No mask function is registered for these names, so transformers builds no mask and passes None.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-PACKED_ATTENTION = "kubetune_packed"
+from .errors import PermanentError
+
+VARLEN = "kubetune_varlen"
+REFERENCE = "kubetune_reference"
+HALF = (torch.bfloat16, torch.float16)
+PACKABLE_LAYERS = {"full_attention", "sliding_attention"}
+PACKING_OFF = "set dataset.packing: false to train it unpacked (padded batches)"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The packed attention a model was built with."""
+
+    name: str  # the registered attn_implementation
+    bounds_on_device: bool  # where the trainer puts cu_seq_lens: the varlen kernel reads them on the GPU
+    why: str  # for the log
+
+
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def family(config: Any) -> str:
+    return str(getattr(config, "model_type", None) or type(config).__name__)
+
+
+def refusal(config: Any, what: str) -> PermanentError:
+    return PermanentError(f"packed attention: model family {family(config)} {what}; {PACKING_OFF}")
+
+
+def check_packable(config: Any) -> None:
+    """Refuse architectures whose attention layers are not (sliding-window) softmax attention."""
+    text = _text_config(config)
+    kinds = set(getattr(text, "layer_types", None) or []) - PACKABLE_LAYERS
+    if kinds:
+        raise refusal(config, f"has {', '.join(sorted(kinds))} layers, which packed rows cannot keep apart")
+
+
+def choose(config: Any, device: torch.device, dtype: torch.dtype | None) -> Backend:
+    """The packed attention for this model on this device, decided once (see the module docstring)."""
+    check_packable(config)
+    text = _text_config(config)
+    softcap = getattr(text, "attn_logit_softcapping", None)
+    dropout = float(getattr(text, "attention_dropout", 0.0) or 0.0)
+    if device.type != "cuda":
+        return Backend(REFERENCE, False, "per-sample attention on the CPU")
+    if dtype not in HALF:
+        return Backend(REFERENCE, False, "per-sample attention: the varlen kernel needs a bf16/fp16 compute dtype")
+    if softcap:
+        why = f"per-sample attention: {family(config)} soft-caps attention logits, which the varlen kernel cannot"
+        return Backend(REFERENCE, False, why)
+    if dropout:
+        return Backend(
+            REFERENCE, False, f"per-sample attention: attention dropout {dropout} (the varlen kernel has none)"
+        )
+    name = f"{VARLEN}_{'bf16' if dtype == torch.bfloat16 else 'fp16'}"
+    return Backend(name, True, "varlen flash attention on the GPU")
+
+
+def _banded(n: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Causal mask of one sample, limited to the last `window` keys (the query's own included) when given."""
+    i = torch.arange(n, device=device)
+    allowed = i[None, :] <= i[:, None]
+    if window is not None:
+        allowed &= i[None, :] > i[:, None] - window
+    return allowed
+
+
+def _softcapped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float, dropout: float
+) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.tanh(q @ k.transpose(-1, -2) * (scale / softcap)) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, p=dropout)
+    return probs @ v
 
 
 @torch.compiler.disable  # a Python loop over samples: tracing it would recompile for every sample count
-def _segments(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int], **kw: Any
+def per_sample_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bounds: list[int],
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    outs = [
-        F.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, enable_gqa=True, **kw
-        )
-        for s, e in pairwise(bounds)
-    ]
+    """(1, H, T, D) in and out; sample i spans [bounds[i], bounds[i+1]) of T."""
+    outs = []
+    for s, e in pairwise(bounds):
+        q, k, v = query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]
+        n = e - s
+        banded = window is not None and window < n
+        if softcap:
+            out = _softcapped(q, k, v, _banded(n, window, q.device), scale, softcap, dropout)
+        elif banded:
+            mask = _banded(n, window, q.device)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, enable_gqa=True
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=True
+            )
+        outs.append(out)
     return torch.cat(outs, dim=2)
 
 
-def _varlen(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, max_len: int, scale: float | None
-) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
+def _boundaries(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:
+        raise PermanentError(
+            f"packed attention: {type(module).__name__} did not pass the sample boundaries (cu_seq_lens) to its "
+            f"attention, so packed samples would see each other; {PACKING_OFF}"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise PermanentError(
+            f"packed attention: {type(module).__name__} uses attention sinks, which the packed attention does not "
+            f"implement; {PACKING_OFF}"
+        )
+    return cu
 
-    # (1, H, T, D) -> (T, H, D)
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
-    return out.transpose(0, 1)[None]
+
+def _scale(query: torch.Tensor, scaling: float | None) -> float:
+    return scaling if scaling is not None else query.shape[-1] ** -0.5
 
 
-def packed_attention_forward(
+def reference_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
@@ -55,25 +176,66 @@ def packed_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The transformers attention interface: (B, H, T, D) in, (B, T, H, D) out; B is 1 for packed rows."""
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1:
-        raise ValueError(
-            f"{PACKED_ATTENTION} attention needs one packed row and its cu_seq_lens; this model's attention did not "
-            "receive them (set dataset.packing to false for this architecture)"
-        )
-    use_varlen = query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
-    if use_varlen:
-        out = _varlen(query, key, value, cu.to(torch.int32), int(kwargs["max_length_q"]), scaling)
-    else:
-        out = _segments(query, key, value, cu.tolist(), scale=scaling, dropout_p=dropout)
+    """The transformers attention interface: (1, H, T, D) in, (1, T, H, D) out."""
+    cu = _boundaries(module, query, kwargs)
+    out = per_sample_attention(
+        query,
+        key,
+        value,
+        cu.tolist(),  # a host tensor for this backend: no device sync
+        _scale(query, scaling),
+        window=sliding_window,
+        softcap=softcap,
+        dropout=dropout,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> str:
+def varlen_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    *,
+    compute_dtype: torch.dtype,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = _boundaries(module, query, kwargs)
+    if softcap or dropout:  # `choose` rules both out for this backend; a model that still sends them is refused
+        raise PermanentError(
+            f"packed attention: {type(module).__name__} asks for soft-capping or dropout, which the varlen kernel "
+            f"cannot do; {PACKING_OFF}"
+        )
+    # (1, H, T, D) -> (T, H, D), in the compute dtype whatever autocast and RoPE left them in.
+    q, k, v = (t[0].transpose(0, 1).to(compute_dtype).contiguous() for t in (query, key, value))
+    window = (sliding_window - 1, 0) if sliding_window else (-1, 0)
+    max_len = int(kwargs["max_length_q"])
+    out = varlen_attn(
+        q, k, v, cu, cu, max_len, max_len, scale=_scale(query, scaling), window_size=window, enable_gqa=True
+    )
+    return out[None], None
+
+
+def register(backend: Backend) -> str:
+    """Make the backend's attention function known to transformers; returns its attn_implementation name."""
+    from functools import partial
+
     from transformers import AttentionInterface
 
-    AttentionInterface.register(PACKED_ATTENTION, packed_attention_forward)
-    return PACKED_ATTENTION
+    if backend.name == REFERENCE:
+        AttentionInterface.register(REFERENCE, reference_forward)
+    else:
+        dtype = torch.bfloat16 if backend.name.endswith("bf16") else torch.float16
+        AttentionInterface.register(backend.name, partial(varlen_forward, compute_dtype=dtype))
+    return backend.name

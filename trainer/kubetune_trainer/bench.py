@@ -225,9 +225,10 @@ def measure_mfu(config: Any, device: str, *, seq: int, batch: int, steps: int, w
     from .train import token_loss_sum
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    backend = attention.choose(config, torch.device(device), dtype if device == "cuda" else None)
     torch.manual_seed(0)
     with torch.device(device):
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.register())
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention.register(backend))
     cfg = TrainerConfig.model_validate(
         {
             "model": {"source": "."},
@@ -257,7 +258,7 @@ def measure_mfu(config: Any, device: str, *, seq: int, batch: int, steps: int, w
                 torch.cuda.synchronize()
             started = time.perf_counter()
         chosen = [bins[(step * batch + k) % len(bins)] for k in range(batch)]
-        b = collate_packed(samples, chosen).to(torch.device(device))
+        b = collate_packed(samples, chosen).to(torch.device(device), bounds_on_device=backend.bounds_on_device)
         with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
             logits = model(**b.model_inputs()).logits
         (token_loss_sum(logits, b.labels) / b.num_targets).backward()

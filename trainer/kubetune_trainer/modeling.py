@@ -138,7 +138,24 @@ def count_params(model: nn.Module, base: Any, is_peft: bool) -> ParamCounts:
     )
 
 
-def load_model(cfg: TrainerConfig, device: torch.device, packed: bool) -> Any:
+def load_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    where, kwargs = source_kwargs(cfg)
+    with _local_errors_are_permanent(cfg, "model config"):
+        return AutoConfig.from_pretrained(where, **kwargs)
+
+
+def attention_backend(cfg: TrainerConfig, config: Any, device: torch.device, packed: bool) -> attention.Backend | None:
+    """The packed attention, chosen once for the model's life (None: padded batches, plain sdpa)."""
+    if not packed:
+        return None
+    backend = attention.choose(config, device, compute_dtype(cfg.training.precision))
+    log.info("packed attention: %s (%s)", backend.name, backend.why)
+    return backend
+
+
+def load_model(cfg: TrainerConfig, config: Any, device: torch.device, backend: attention.Backend | None) -> Any:
     from transformers import AutoModelForCausalLM
 
     where, kwargs = source_kwargs(cfg.model)
@@ -161,9 +178,10 @@ def load_model(cfg: TrainerConfig, device: torch.device, packed: bool) -> Any:
     else:
         # A frozen base needs no fp32 master copy; trained weights do.
         load_dtype = dtype if (cfg.method.is_peft and dtype is not None) else torch.float32
+    implementation = attention.register(backend) if backend else "sdpa"
     with _local_errors_are_permanent(cfg.model, "model"):
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=load_dtype, attn_implementation=attention.register() if packed else "sdpa", **kwargs
+            where, config=config, dtype=load_dtype, attn_implementation=implementation, **kwargs
         )
     model.config.use_cache = False
     return model if method == "qlora" else model.to(device)
@@ -269,6 +287,7 @@ class Prepared:
     train_module: nn.Module  # what the loop calls: DDP-wrapped, FSDP-sharded or the model itself
     sharded: bool
     counts: ParamCounts
+    packed_attention: attention.Backend | None  # None: padded batches
 
 
 def uses_fsdp(cfg: TrainerConfig, world_size: int) -> bool:
@@ -276,7 +295,9 @@ def uses_fsdp(cfg: TrainerConfig, world_size: int) -> bool:
 
 
 def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prepared:
-    base = load_model(cfg, rt.device, packed)
+    config = load_config(cfg.model)
+    backend = attention_backend(cfg, config, rt.device, packed)
+    base = load_model(cfg, config, rt.device, backend)
     model = apply_method(base, cfg, tokenizer)
     counts = count_params(model, base, cfg.method.is_peft)
     log.info(
@@ -292,11 +313,11 @@ def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prep
             layer.compile(dynamic=True)
     sharded = uses_fsdp(cfg, rt.world_size)
     if sharded:
-        return Prepared(shard_with_fsdp(model, compute_dtype(cfg.training.precision)), model, True, counts)
+        return Prepared(shard_with_fsdp(model, compute_dtype(cfg.training.precision)), model, True, counts, backend)
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [rt.device.index] if rt.device.type == "cuda" else None
         ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        return Prepared(model, ddp, False, counts)
-    return Prepared(model, model, False, counts)
+        return Prepared(model, ddp, False, counts, backend)
+    return Prepared(model, model, False, counts, backend)

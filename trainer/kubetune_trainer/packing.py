@@ -3,7 +3,8 @@
 Packing: samples are placed into bins of at most maxSeqLength tokens by best-fit decreasing (deterministic,
 close to optimal, O(n log n)). A micro-batch of `batchSizePerDevice` bins is flattened into ONE row with no
 padding at all; `position_ids` restart at 0 for every sample and `cu_seq_lens` marks where each sample
-begins, which the packed attention (attention.py) uses to keep samples from attending to each other.
+begins, which the packed attention (attention.py) uses to keep samples from attending to each other (on the
+device for the varlen kernel, on the host for the per-sample backend).
 Without packing every bin holds one sample and a micro-batch is padded to its longest sample.
 
 Order: epoch e visits the bins in a permutation seeded by (seed, e). Optimizer step i of an epoch takes
@@ -126,7 +127,9 @@ class Batch:
     num_targets: int  # tokens that carry the loss
     sum_squared_lengths: int  # for the attention FLOPs of varlen batches
 
-    def to(self, device: torch.device) -> Batch:
+    def to(self, device: torch.device, bounds_on_device: bool = True) -> Batch:
+        """On `device`; the sample boundaries stay on the host when the attention slices by them there."""
+
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
@@ -135,7 +138,7 @@ class Batch:
             self.labels.to(device, non_blocking=True),
             move(self.position_ids),
             move(self.attention_mask),
-            move(self.cu_seq_lens),
+            move(self.cu_seq_lens) if bounds_on_device else self.cu_seq_lens,
             self.max_length,
             self.num_tokens,
             self.num_targets,

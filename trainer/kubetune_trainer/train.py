@@ -173,7 +173,8 @@ class Run:
             batch = collate_packed(samples, bins)
         else:
             batch = collate_padded(samples, bins, self.tokenizer.pad_token_id)
-        return batch.to(self.rt.device)
+        backend = self.prepared.packed_attention
+        return batch.to(self.rt.device, bounds_on_device=backend is None or backend.bounds_on_device)
 
     # -- state -------------------------------------------------------------------------------------
 
