@@ -59,14 +59,15 @@ Policy = Callable[[RunContext], Ruling]
 
 def deadline_anchor(status: FineTuneJobStatus) -> datetime | None:
     """Where runPolicy.activeDeadlineSeconds counts from: the run's first attempt, or the first attempt after
-    the latest suspension (a suspended run's clock restarts on resume, as a Kubernetes Job's does)."""
+    the latest suspension (a suspended run's clock restarts on resume, as a Kubernetes Job's does). None before
+    that attempt opens."""
     anchor = None
     resumed = True
     for record in status.attempts:
         if resumed:
             anchor = record.start_time
         resumed = record.reason == "Suspended"
-    return anchor
+    return None if resumed else anchor
 
 
 def deadline(ctx: RunContext) -> Ruling:

@@ -6,21 +6,36 @@ looks at what happened in between, so a restarted operator, a second replica or 
 converge to the same answer. The retry budget lives in status.attempts, never in children, so deleting
 children cannot reset it.
 
-Runs and attempts:
-- a run trains one spec fingerprint (status.runs[].specHash: every field but runPolicy, budget and
-  evaluation) and one kubetune.io/rerun token; a different one starts a new run, at once with
-  onSpecChange=Restart, after the current run with Queue;
-- an attempt is one Indexed Job of the run; when a worker fails, the attempt ends, its Job is deleted (the other
-  workers checkpoint on SIGTERM) and, after a backoff, the next attempt resumes from the run's checkpoint dir,
-  until maxRestarts failures; the trainer's exit code 78 fails the run at once;
-- suspending deletes the attempt's Job (reason Suspended, not counted); resuming starts the next attempt.
+A pass, in order:
+1. `account`: what this pass observed goes into the status first: rank 0's latest report (status.progress,
+   status.checkpoint) and what the run's pods used (attempt records, status.cost; measured once per pass).
+2. `advance`: the run/attempt state machine below, one transition or a few, each a small pure function that
+   returns the new status and its effects (a `Step`: events, when to look again), and where the run now
+   stands (a `Situation`).
+3. `summarize`: the conditions, phase and workers follow from the Situation; `children`: what should exist
+   follows from the status.
 
-Observability: rank 0's latest report becomes status.progress and status.checkpoint; when the attempt completes,
-the final figures rank 0 left in its termination message replace it (they are there even when the run ended
-between two polls). The run's cost is measured from its pods on every reconcile (ended attempts keep theirs in
-status.attempts, attempts dropped from that bounded list in status.droppedAttempts); the policies (deadline,
-budget, stall) judge the run with both; a run whose workers completed still fails its evaluation gate
-(EvalGateFailed) when the final eval loss is too high, and its output is kept but not promoted.
+The state machine:
+
+    run      (none) --start_run--> active --end_run--> Succeeded | Failed | Cancelled
+    attempt  active run:  between attempts --start_attempt--> open --close_attempt--> between attempts
+
+- a run trains one spec fingerprint (status.runs[].specHash: every field but runPolicy, budget and
+  evaluation) and one kubetune.io/rerun token; a different one ends it (Cancelled) and starts a new run, at
+  once with onSpecChange=Restart, after the current run with Queue (`settle_run`);
+- the policies (deadline, budget, stall) judge an active run before anything else happens to it: a stop ends
+  the run (no new attempt is opened for it), a restart closes the open attempt;
+- between attempts, the next one opens when it is due: the first one, one after a suspension, or one whose
+  backoff has passed; it resumes from the run's checkpoint dir, until maxRestarts failures;
+- an open attempt is one Indexed Job of the run; when a worker fails, the attempt closes, its Job is deleted
+  (the other workers checkpoint on SIGTERM); the trainer's exit code 78 fails the run at once; when the Job
+  completes, rank 0's final report (its termination message, there even when the run ended between two
+  polls) replaces the last polled one, and the run succeeds, or fails its evaluation gate (EvalGateFailed:
+  the output is kept but not promoted);
+- suspending closes the open attempt (reason Suspended, not counted); resuming opens the next one.
+
+Ended attempts keep their cost in status.attempts, attempts dropped from that bounded list in
+status.droppedAttempts.
 """
 
 from __future__ import annotations
@@ -38,6 +53,7 @@ from kubetune_operator.api.status import (
     AttemptReason,
     AttemptRecord,
     ConditionType,
+    CostStatus,
     DroppedAttempts,
     FineTuneJobStatus,
     HistoryPoint,
@@ -78,6 +94,8 @@ CREATION_ORDER = ("PersistentVolumeClaim", "ConfigMap", "Service", "Job")
 FINAL_REPORT_WAIT = timedelta(seconds=10)
 FINAL_REPORT_POLL = 1.0
 
+RunResult = Literal["Succeeded", "Failed", "Cancelled"]
+
 
 @dataclass(frozen=True)
 class Event:
@@ -112,6 +130,82 @@ class Situation:
     in_progress: bool
 
 
+@dataclass(frozen=True)
+class Step:
+    """What a transition leads to: the new status, the events that announce it, and in how many seconds to look
+    again (a backoff ending, a deadline, a TTL)."""
+
+    status: FineTuneJobStatus
+    events: tuple[Event, ...] = ()
+    recheck: tuple[float, ...] = ()
+
+    def then(self, later: Step) -> Step:
+        """This step followed by `later` (which started from this step's status)."""
+        return Step(later.status, self.events + later.events, self.recheck + later.recheck)
+
+
+# Where a transition leaves the run: its step, and the situation the conditions are written from.
+Outcome = tuple[Step, Situation]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What one reconcile knows and no transition changes: the job, its children, the settings, the time."""
+
+    spec: FineTuneJobSpec
+    owner: Owner
+    observed: Observed
+    settings: OperatorSettings
+    now: datetime
+    generation: int
+    fingerprint: str
+    rerun_token: str | None
+    # The phase the status had before this pass (the Running event is emitted on entering it).
+    phase_before: Phase | None
+
+    @classmethod
+    def of(cls, ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, now: datetime) -> Pass:
+        meta = ftj.metadata
+        owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+        return cls(
+            spec=ftj.spec,
+            owner=owner,
+            observed=observed.owned_by(owner.uid),
+            settings=settings,
+            now=now,
+            generation=int(meta.get("generation") or 1),
+            fingerprint=run_fingerprint(ftj.spec),
+            rerun_token=(meta.get("annotations") or {}).get(RERUN_ANNOTATION),
+            phase_before=ftj.status.phase if ftj.status else None,
+        )
+
+    def run_spec(self, run: RunRecord) -> FineTuneJobSpec | None:
+        """The spec the run trains: the live spec, or the run's stored copy while a change waits in the queue."""
+        if run.spec_hash == self.fingerprint:
+            return self.spec
+        stored = self.observed.run_config(run_config_name(self.owner.name, run.run))
+        return stored.spec() if stored else None
+
+    def trained(self, run: RunRecord) -> FineTuneJobSpec:
+        """What the run's workers look like: its own spec (governance fields always come from the live one)."""
+        return self.run_spec(run) or self.spec
+
+    def queued_note(self, run: RunRecord) -> str:
+        """A change of spec or rerun token that waits for the run (onSpecChange: Queue), as a note for messages."""
+        if run.spec_hash != self.fingerprint:
+            return f"; generation {self.generation} is queued and starts when run {run.run} finishes"
+        if run.rerun_token != self.rerun_token:
+            return f"; rerun {self.rerun_token!r} is queued and starts when run {run.run} finishes"
+        return ""
+
+    def event(self, status: FineTuneJobStatus, type_: Literal["Normal", "Warning"], reason: str, msg: str) -> Step:
+        return Step(status, (Event(type_, reason, msg),))
+
+    def recheck_at(self, status: FineTuneJobStatus, at: datetime | None) -> Step:
+        """Look again at `at`, if it is still to come."""
+        return Step(status, recheck=((at - self.now).total_seconds(),)) if at and at > self.now else Step(status)
+
+
 def run_fingerprint(spec: FineTuneJobSpec) -> str:
     """A short hash of what the run trains. Defaults are left out, so a new optional API field (stored with
     its default by the API server) does not look like a spec change."""
@@ -131,508 +225,547 @@ def counted_failures(attempts: list[AttemptRecord]) -> int:
     return sum(1 for a in attempts if a.reason is not None and a.reason not in NOT_COUNTED)
 
 
+def current_run(status: FineTuneJobStatus) -> RunRecord | None:
+    return next((r for r in status.runs if r.run == status.run), None)
+
+
 def reconcile(ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, now: datetime) -> Plan:
     if ftj.metadata.get("deletionTimestamp"):
         # Children go with the job (ownerReferences); there is nothing left to decide.
         return Plan(status=ftj.status or FineTuneJobStatus())
-    return _Reconciliation(ftj, observed, settings, now).plan()
+    p = Pass.of(ftj, observed, settings, now)
+    step, situation = advance(p, account(p, ftj.status or FineTuneJobStatus()))
+    step = step.then(summarize(p, step.status, situation))
+    create, delete, cleanup = children(p, step.status)
+    step = step.then(cleanup)
+    s = settings
+    poll = s.progress_poll_interval_seconds if situation.in_progress else s.resync_seconds
+    return Plan(
+        status=step.status,
+        create=tuple(create),
+        delete=tuple(delete),
+        events=step.events,
+        requeue_after=min((*step.recheck, poll)),
+    )
 
 
-class _Reconciliation:
-    """One reconcile: works on a copy of the status and collects events, children and wake-up times."""
+# ----------------------------------------------------------------------------------------------
+# 1. what the pass observed
+# ----------------------------------------------------------------------------------------------
 
-    def __init__(self, ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, now: datetime) -> None:
-        meta = ftj.metadata
-        self.ftj = ftj
-        self.settings = settings
-        self.now = now
-        self.owner = Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
-        self.observed = observed.owned_by(self.owner.uid)
-        self.status = (ftj.status or FineTuneJobStatus()).model_copy(deep=True)
-        self.generation = int(meta.get("generation") or 1)
-        self.spec = ftj.spec
-        self.fingerprint = run_fingerprint(self.spec)
-        self.rerun_token: str | None = (meta.get("annotations") or {}).get(RERUN_ANNOTATION)
-        self.events: list[Event] = []
-        self.recheck: list[float] = []
-        self.queued_note = ""
 
-    # ------------------------------------------------------------------------------------------
-    # the decision
-    # ------------------------------------------------------------------------------------------
+def account(p: Pass, status: FineTuneJobStatus) -> FineTuneJobStatus:
+    """The current run's latest report from rank 0 and its cost so far, into the status: what every decision of
+    the pass sees. A finished run's pods may still be checkpointing: its record follows their cost until they go."""
+    run = current_run(status)
+    if run is None:
+        return status
+    if run.result is None:
+        status = take_report(p, status, run)
+    status = measure_cost(p, status, run)
+    if run.result is not None and status.cost is not None:
+        cost = {"gpu_hours": status.cost.gpu_hours, "cost_usd": status.cost.usd}
+        status = status.model_copy(update={"runs": record_run(status.runs, run.model_copy(update=cost))})
+    return status
 
-    def plan(self) -> Plan:
-        situation = self._decide()
-        self._write_summary(situation)
-        create, delete = self._children()
-        s = self.settings
-        self.recheck.append(s.progress_poll_interval_seconds if situation.in_progress else s.resync_seconds)
-        return Plan(
-            status=self.status,
-            create=tuple(create),
-            delete=tuple(delete),
-            events=tuple(self.events),
-            requeue_after=min(self.recheck) if self.recheck else None,
+
+def take_report(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> FineTuneJobStatus:
+    """The current attempt's latest report from rank 0 into status.progress and status.checkpoint."""
+    trainer = p.observed.trainer
+    if trainer is None or trainer.report is None or (trainer.run, trainer.attempt) != (run.run, status.attempt):
+        return status
+    claim = checkpoint_claim(p.owner.name, p.trained(run))
+    progress, checkpoint = to_status(
+        trainer.report,
+        previous_checkpoint=status.checkpoint,
+        checkpoint_root=JOB_DIR,
+        checkpoint_uri=f"{PVC_SCHEME}{claim}/{p.owner.namespace}/{p.owner.name}",
+    )
+    return status.model_copy(update={"progress": progress, "checkpoint": checkpoint})
+
+
+def measure_cost(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> FineTuneJobStatus:
+    """status.cost of the run, from its attempts' records, each first brought up to what its pods used so far
+    (pods that are gone, or not seen yet after a restart, never lower a record)."""
+    if not status.attempts:
+        return status
+    resources = p.trained(run).resources
+    pricing, nodes = p.settings.pricing, p.observed.nodes
+    dropped = status.dropped_attempts
+    spent = Spend((dropped.gpu_hours or 0.0) * 3600, dropped.cost_usd or 0.0) if dropped else Spend()
+    attempts = []
+    for a in status.attempts:
+        usage = [pod.usage for pod in p.observed.pods_of(run.run, a.attempt)]
+        if usage:
+            measured = pods_spend(usage, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product, now=p.now)
+            a = _with_spend(a, measured)
+        spent += Spend((a.gpu_hours or 0.0) * 3600, a.cost_usd or 0.0)
+        attempts.append(a)
+    current = open_attempt(status)
+    progress = status.progress
+    cost = run_cost(
+        spent=spent,
+        pods=[pod.usage for pod in p.observed.pods_of(run.run, current.attempt)] if current else [],
+        resources=resources,
+        pricing=pricing,
+        nodes=nodes,
+        eta_seconds=0.0 if run.result is not None else (progress.eta_seconds if progress else None),
+    )
+    return status.model_copy(update={"attempts": attempts, "cost": cost})
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. the state machine
+# ----------------------------------------------------------------------------------------------
+
+
+def advance(p: Pass, status: FineTuneJobStatus) -> Outcome:
+    """Move the run and its attempts on from where the status left them."""
+    step = settle_run(p, status)
+    status = step.status
+    run = current_run(status)
+    assert run is not None
+    if run.result is not None:
+        return _after(step, finished(p, status, run))
+    if p.observed.rejection and p.observed.rejection.run == run.run:
+        return _after(step, fail_run(p, status, run, "InvalidSpec", p.observed.rejection.message))
+    if p.spec.run_policy.suspend:
+        return _after(step, suspended(p, status, run))
+
+    ruling = judge(RunContext(p.spec, status, p.observed, p.now))
+    step = step.then(p.recheck_at(status, ruling.recheck_at))
+    verdict = ruling.verdict
+    if verdict and verdict.action == "stop":
+        closed = close_attempt(p, status, verdict.reason, verdict.message)
+        return _after(step, fail_run(p, closed, run, verdict.reason, verdict.message))
+    if open_attempt(status) is None:
+        if not next_attempt_due(p, status):
+            return _after(step, backing_off(p, status, run))
+        step = step.then(start_attempt(p, status, run))
+        return _after(step, observe_attempt(p, step.status, run))
+    if verdict:
+        return _after(step, attempt_failed(p, status, run, WorkerFailure(verdict.reason, verdict.message)))
+    return _after(step, observe_attempt(p, status, run))
+
+
+def _after(step: Step, outcome: Outcome) -> Outcome:
+    later, situation = outcome
+    return step.then(later), situation
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+
+def settle_run(p: Pass, status: FineTuneJobStatus) -> Step:
+    """The run this pass works on: the first one; the current one; or, when the spec or the rerun token
+    changed, a new one (the current one cancelled if it was active), unless the change waits in the queue."""
+    run = current_run(status)
+    if run is None:
+        return start_run(p, status, 1, why="RunStarted")
+    if run.spec_hash == p.fingerprint and run.rerun_token == p.rerun_token:
+        return Step(status)
+    why = "SpecChanged" if run.spec_hash != p.fingerprint else "RerunRequested"
+    queue = p.spec.run_policy.on_spec_change == "Queue"
+    # Queued changes wait for the run, which keeps training its own stored spec; if that copy is gone the run
+    # cannot be rendered again, and the newer spec replaces it.
+    if run.result is None and queue and p.run_spec(run) is not None:
+        if status.observed_generation == p.generation:
+            return Step(status)
+        what = f"generation {p.generation}" if why == "SpecChanged" else f"rerun {p.rerun_token!r}"
+        return p.event(
+            status, "Normal", "RunQueued", f"{what} starts when run {run.run} finishes (onSpecChange: Queue)"
         )
+    step = Step(status)
+    if run.result is None:
+        cause = "the spec changed" if why == "SpecChanged" else "a rerun was requested"
+        closed = close_attempt(p, status, "SpecChanged", f"run {run.run} was replaced: {cause}")
+        step = end_run(p, closed, run, "Cancelled", why, f"{cause}; run {run.run + 1} replaces it")
+    return step.then(start_run(p, step.status, run.run + 1, why=why))
 
-    def _decide(self) -> Situation:
-        run = self._current_run()
-        if run is None:
-            run = self._start_run(1, why="RunStarted")
-        elif run.spec_hash != self.fingerprint or run.rerun_token != self.rerun_token:
-            run = self._on_run_change(run)
 
-        if run.result is not None:
-            return self._finished(run)
-        self._take_report(run)
-        if self.observed.rejection and self.observed.rejection.run == run.run:
-            return self._fail_run(run, "InvalidSpec", self.observed.rejection.message)
-        if self.spec.run_policy.suspend:
-            return self._suspended(run)
+def start_run(p: Pass, status: FineTuneJobStatus, number: int, why: str) -> Step:
+    record = RunRecord(run=number, generation=p.generation, rerun_token=p.rerun_token, spec_hash=p.fingerprint)
+    started = status.model_copy(
+        update={
+            "runs": record_run(status.runs, record),
+            "run": number,
+            "attempt": None,
+            "attempts": [],
+            "dropped_attempts": None,
+            "start_time": None,
+            "completion_time": None,
+            "workers": None,
+            "progress": None,
+            "checkpoint": None,
+            "cost": None,
+        }
+    )
+    detail = {"SpecChanged": " (the spec changed)", "RerunRequested": " (a rerun was requested)"}.get(why, "")
+    return p.event(started, "Normal", why, f"run {number} started for generation {p.generation}{detail}")
 
-        running = self._open_attempt() is not None or self._start_next_attempt(run)
-        self._measure_cost(run)
-        ruling = judge(RunContext(self.spec, self.status, self.observed, self.now))
-        if ruling.recheck_at:
-            self.recheck.append((ruling.recheck_at - self.now).total_seconds())
-        verdict = ruling.verdict
-        if verdict and verdict.action == "stop":
-            self._close_attempt(verdict.reason, verdict.message)
-            return self._fail_run(run, verdict.reason, verdict.message)
-        if not running:
-            return self._backing_off(run)
-        if verdict:
-            return self._attempt_failed(run, WorkerFailure(verdict.reason, verdict.message))
-        return self._observe_attempt(run)
 
-    # ------------------------------------------------------------------------------------------
-    # runs
-    # ------------------------------------------------------------------------------------------
+def end_run(
+    p: Pass,
+    status: FineTuneJobStatus,
+    run: RunRecord,
+    result: RunResult,
+    reason: str,
+    msg: str,
+    at: datetime | None = None,
+    output: str | None = None,
+) -> Step:
+    """The run's record closed with its result and final figures. Nothing is left to spend: the projected cost is
+    what it cost."""
+    at = at or p.now
+    progress, cost = status.progress, status.cost
+    ended = run.model_copy(
+        update={
+            "result": result,
+            "reason": reason,
+            "completion_time": at,
+            "attempts": status.attempt,
+            "final_loss": progress.loss if progress else None,
+            "final_eval_loss": progress.eval_loss if progress else None,
+            "output": output,
+            "gpu_hours": cost.gpu_hours if cost else None,
+            "cost_usd": cost.usd if cost else None,
+        }
+    )
+    status = status.model_copy(
+        update={
+            "runs": record_run(status.runs, ended),
+            "completion_time": at,
+            "cost": cost.model_copy(update={"projected_usd": cost.usd}) if cost else None,
+        }
+    )
+    if result == "Cancelled":
+        return p.event(status, "Normal", reason, f"run {run.run} cancelled: {msg}")
+    return Step(status)
 
-    def _current_run(self) -> RunRecord | None:
-        return next((r for r in self.status.runs if r.run == self.status.run), None)
 
-    def _run_spec(self, run: RunRecord) -> FineTuneJobSpec | None:
-        """The spec the run trains: the live spec, or the run's stored copy while a change waits in the queue."""
-        if run.spec_hash == self.fingerprint:
-            return self.spec
-        stored = self.observed.run_config(run_config_name(self.owner.name, run.run))
-        return stored.spec() if stored else None
+def fail_run(
+    p: Pass,
+    status: FineTuneJobStatus,
+    run: RunRecord,
+    reason: str,
+    message: str,
+    at: datetime | None = None,
+    output: str | None = None,
+) -> Outcome:
+    step = end_run(p, status, run, "Failed", reason, message, at=at, output=output)
+    step = step.then(p.event(step.status, "Warning", reason, f"run {run.run} failed: {message}"))
+    ended = current_run(step.status)
+    assert ended is not None
+    return step.then(ttl_recheck(p, step.status, ended)), Situation("Failed", reason, message, in_progress=False)
 
-    def _trained(self, run: RunRecord) -> FineTuneJobSpec:
-        """What the run's workers look like: its own spec (governance fields always come from the live one)."""
-        return self._run_spec(run) or self.spec
 
-    def _on_run_change(self, run: RunRecord) -> RunRecord:
-        why = "SpecChanged" if run.spec_hash != self.fingerprint else "RerunRequested"
-        queue = self.spec.run_policy.on_spec_change == "Queue"
-        # Queued changes wait for the run, which keeps training its own stored spec; if that copy is gone the
-        # run cannot be rendered again, and the newer spec replaces it.
-        if run.result is None and queue and self._run_spec(run) is not None:
-            what = f"generation {self.generation}" if why == "SpecChanged" else f"rerun {self.rerun_token!r}"
-            self.queued_note = f"; {what} is queued and starts when run {run.run} finishes"
-            if self.status.observed_generation != self.generation:
-                self._event("Normal", "RunQueued", f"{what} starts when run {run.run} finishes (onSpecChange: Queue)")
-            return run
-        if run.result is None:
-            cause = "the spec changed" if why == "SpecChanged" else "a rerun was requested"
-            self._close_attempt("SpecChanged", f"run {run.run} was replaced: {cause}")
-            self._end_run(run, "Cancelled", why, f"{cause}; run {run.run + 1} replaces it")
-        return self._start_run(run.run + 1, why=why)
+def succeed_run(p: Pass, status: FineTuneJobStatus, run: RunRecord, completed_at: datetime | None) -> Outcome:
+    """The run's workers all finished: it succeeds, or fails its evaluation gate with its output kept, not
+    promoted. Times are the Job's own completion time, so every replica writes the same status."""
+    uri = output_uri(p.owner.namespace, p.owner.name, p.trained(run), run.run)
+    progress = status.progress
+    gate = eval_gate(p.spec.evaluation, progress.eval_loss if progress else None)
+    if gate is not None:
+        kept = status.model_copy(update={"output": OutputStatus(path=uri, promoted=False)})
+        message = f"{gate}; the output at {uri} is kept, not promoted"
+        return fail_run(p, kept, run, "EvalGateFailed", message, at=completed_at, output=uri)
+    step = end_run(p, status, run, "Succeeded", "Succeeded", "", at=completed_at, output=uri)
+    promoted = step.status.model_copy(update={"output": OutputStatus(path=uri, promoted=True)})
+    step = step.then(p.event(promoted, "Normal", "Succeeded", f"run {run.run} succeeded; output at {uri}"))
+    ended = current_run(step.status)
+    assert ended is not None
+    return _after(step, finished(p, step.status, ended))
 
-    def _start_run(self, number: int, why: str) -> RunRecord:
-        record = RunRecord(
-            run=number, generation=self.generation, rerun_token=self.rerun_token, spec_hash=self.fingerprint
+
+def ttl_recheck(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Step:
+    """Look again when the finished run's workers are due for deletion (runPolicy.ttlSecondsAfterFinished)."""
+    ttl = p.spec.run_policy.ttl_seconds_after_finished
+    if ttl is None or run.completion_time is None:
+        return Step(status)
+    return p.recheck_at(status, run.completion_time + timedelta(seconds=ttl))
+
+
+def finished(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outcome:
+    step = ttl_recheck(p, status, run)
+    if run.result == "Succeeded":
+        return step, Situation("Succeeded", "Succeeded", f"run {run.run} succeeded", in_progress=False)
+    failed = next((c for c in status.conditions if c.type == "Failed" and c.status == "True"), None)
+    reason = run.reason or "Failed"
+    message = failed.message if failed and failed.reason == reason else _last_attempt_message(status, run)
+    return step, Situation("Failed", reason, message, in_progress=False)
+
+
+def _last_attempt_message(status: FineTuneJobStatus, run: RunRecord) -> str:
+    last = status.attempts[-1] if status.attempts else None
+    return (last.message if last and last.message else "") or f"run {run.run} failed ({run.reason})"
+
+
+def suspended(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outcome:
+    step = Step(status)
+    if open_attempt(status) is not None:
+        closed = close_attempt(p, status, "Suspended", "suspended by spec.runPolicy.suspend")
+        step = p.event(closed, "Normal", "Suspended", f"run {run.run} suspended: its workers checkpoint and stop")
+    stopping = [pod for pod in p.observed.pods if pod.run == run.run and pod.phase in ("Pending", "Running")]
+    if stopping:
+        return step, Situation(
+            "Suspended", "Suspending", f"waiting for {len(stopping)} workers to checkpoint and stop", True
         )
-        self.status.runs = record_run(self.status.runs, record)
-        self.status.run = number
-        self.status.attempt = None
-        self.status.attempts = []
-        self.status.dropped_attempts = None
-        self.status.start_time = None
-        self.status.completion_time = None
-        self.status.workers = None
-        self.status.progress = None
-        self.status.checkpoint = None
-        self.status.cost = None
-        detail = {"SpecChanged": " (the spec changed)", "RerunRequested": " (a rerun was requested)"}.get(why, "")
-        self._event("Normal", why, f"run {number} started for generation {self.generation}{detail}")
-        return record
+    return step, Situation("Suspended", "Suspended", f"run {run.run} is suspended (spec.runPolicy.suspend)", False)
 
-    def _end_run(
-        self,
-        run: RunRecord,
-        result: Literal["Succeeded", "Failed", "Cancelled"],
-        reason: str,
-        msg: str,
-        at: datetime | None = None,
-        output: str | None = None,
-    ) -> RunRecord:
-        at = at or self.now
-        progress = self.status.progress
-        self._measure_cost(run)
-        cost = self.status.cost
-        ended = run.model_copy(
-            update={
-                "result": result,
-                "reason": reason,
-                "completion_time": at,
-                "attempts": self.status.attempt,
-                "final_loss": progress.loss if progress else None,
-                "final_eval_loss": progress.eval_loss if progress else None,
-                "output": output,
-                "gpu_hours": cost.gpu_hours if cost else None,
-                "cost_usd": cost.usd if cost else None,
-            }
-        )
-        self.status.runs = record_run(self.status.runs, ended)
-        self.status.completion_time = at
-        if result == "Cancelled":
-            self._event("Normal", reason, f"run {run.run} cancelled: {msg}")
-        return ended
 
-    def _fail_run(
-        self, run: RunRecord, reason: str, message: str, at: datetime | None = None, output: str | None = None
-    ) -> Situation:
-        ended = self._end_run(run, "Failed", reason, message, at=at, output=output)
-        self._event("Warning", reason, f"run {run.run} failed: {message}")
-        self._recheck_at_ttl(ended)
-        return Situation("Failed", reason, message, in_progress=False)
+# -- attempts -----------------------------------------------------------------------------------
 
-    def _succeed_run(self, run: RunRecord, completed_at: datetime | None) -> Situation:
-        uri = output_uri(self.owner.namespace, self.owner.name, self._trained(run), run.run)
-        progress = self.status.progress
-        # The Job's own completion time, so every replica writes the same status.
-        gate = eval_gate(self.spec.evaluation, progress.eval_loss if progress else None)
-        if gate is not None:
-            self.status.output = OutputStatus(path=uri, promoted=False)
-            message = f"{gate}; the output at {uri} is kept, not promoted"
-            return self._fail_run(run, "EvalGateFailed", message, at=completed_at, output=uri)
-        ended = self._end_run(run, "Succeeded", "Succeeded", "", at=completed_at, output=uri)
-        self.status.output = OutputStatus(path=uri, promoted=True)
-        self._event("Normal", "Succeeded", f"run {run.run} succeeded; output at {uri}")
-        return self._finished(ended)
 
-    def _recheck_at_ttl(self, run: RunRecord) -> None:
-        ttl = self.spec.run_policy.ttl_seconds_after_finished
-        if ttl is not None and run.completion_time is not None:
-            expiry = run.completion_time + timedelta(seconds=ttl)
-            if self.now < expiry:
-                self.recheck.append((expiry - self.now).total_seconds())
-
-    def _finished(self, run: RunRecord) -> Situation:
-        self._recheck_at_ttl(run)
-        if run.result == "Succeeded":
-            return Situation("Succeeded", "Succeeded", f"run {run.run} succeeded", in_progress=False)
-        failed = next((c for c in self.status.conditions if c.type == "Failed" and c.status == "True"), None)
-        reason = run.reason or "Failed"
-        message = failed.message if failed and failed.reason == reason else self._last_attempt_message(run)
-        return Situation("Failed", reason, message, in_progress=False)
-
-    def _last_attempt_message(self, run: RunRecord) -> str:
-        last = self.status.attempts[-1] if self.status.attempts else None
-        return (last.message if last and last.message else "") or f"run {run.run} failed ({run.reason})"
-
-    # ------------------------------------------------------------------------------------------
-    # progress and cost
-    # ------------------------------------------------------------------------------------------
-
-    def _take_report(self, run: RunRecord) -> None:
-        """The current attempt's latest report from rank 0 into status.progress and status.checkpoint."""
-        trainer = self.observed.trainer
-        if (
-            trainer is None
-            or trainer.report is None
-            or (trainer.run, trainer.attempt) != (run.run, self.status.attempt)
-        ):
-            return
-        claim = checkpoint_claim(self.owner.name, self._trained(run))
-        self.status.progress, self.status.checkpoint = to_status(
-            trainer.report,
-            previous_checkpoint=self.status.checkpoint,
-            checkpoint_root=JOB_DIR,
-            checkpoint_uri=f"{PVC_SCHEME}{claim}/{self.owner.namespace}/{self.owner.name}",
-        )
-
-    def _take_final_report(self, pods: list[PodState]) -> None:
-        """Rank 0's final figures (its termination message) into status.progress, which the evaluation gate and the
-        run's record read."""
-        ended = next((p.termination for p in pods if p.index == 0 and p.termination and p.termination.final), None)
-        if ended is not None and ended.final is not None:
-            self.status.progress = final_progress(ended.final, self.status.progress, ended.finished_at)
-
-    def _measure_cost(self, run: RunRecord) -> None:
-        """status.cost of the run, from its attempts' records, each first brought up to what its pods used so far
-        (pods that are gone, or not seen yet after a restart, never lower a record)."""
-        if not self.status.attempts:
-            return
-        resources = self._trained(run).resources
-        pricing, nodes = self.settings.pricing, self.observed.nodes
-        dropped = self.status.dropped_attempts
-        spent = Spend((dropped.gpu_hours or 0.0) * 3600, dropped.cost_usd or 0.0) if dropped else Spend()
-        attempts = []
-        for a in self.status.attempts:
-            usage = [p.usage for p in self.observed.pods_of(run.run, a.attempt)]
-            if usage:
-                measured = pods_spend(
-                    usage, pricing=pricing, nodes=nodes, gpu_product=resources.gpu_product, now=self.now
-                )
-                a = _with_spend(a, measured)
-            spent += Spend((a.gpu_hours or 0.0) * 3600, a.cost_usd or 0.0)
-            attempts.append(a)
-        self.status.attempts = attempts
-        current = self._open_attempt()
-        progress = self.status.progress
-        self.status.cost = run_cost(
-            spent=spent,
-            pods=[p.usage for p in self.observed.pods_of(run.run, current.attempt)] if current else [],
-            resources=resources,
-            pricing=pricing,
-            nodes=nodes,
-            eta_seconds=0.0 if run.result is not None else (progress.eta_seconds if progress else None),
-        )
-
-    # ------------------------------------------------------------------------------------------
-    # attempts
-    # ------------------------------------------------------------------------------------------
-
-    def _open_attempt(self) -> AttemptRecord | None:
-        return open_attempt(self.status)
-
-    def _start_next_attempt(self, run: RunRecord) -> bool:
-        """Open the next attempt if it is due: the first one, one after a suspension, or one whose backoff
-        has passed. False while backing off."""
-        last = self.status.attempts[-1] if self.status.attempts else None
-        if last is not None and last.reason not in NOT_COUNTED:
-            wait = backoff_seconds(self.spec, counted_failures(self.status.attempts))
-            if self.now < (last.completion_time or self.now) + timedelta(seconds=wait):
-                return False
-        number = (self.status.attempt or 0) + 1
-        kept, dropped = _trimmed([*self.status.attempts, AttemptRecord(attempt=number, start_time=self.now)])
-        self.status.attempts = kept
-        if dropped:
-            self.status.dropped_attempts = _dropped(self.status.dropped_attempts, dropped)
-        self.status.attempt = number
-        if self.status.start_time is None:
-            self.status.start_time = self.now
-            self.status.runs = record_run(self.status.runs, run.model_copy(update={"start_time": self.now}))
-        workers = self._trained(run).resources.num_nodes
-        if last is not None and last.reason == "Suspended":
-            self._event("Normal", "Resumed", f"attempt {number} of run {run.run} resumes from the latest checkpoint")
-        else:
-            self._event("Normal", "AttemptStarted", f"attempt {number} of run {run.run}: creating {workers} workers")
+def next_attempt_due(p: Pass, status: FineTuneJobStatus) -> bool:
+    """Between attempts: the next one may open (the first one, one after a suspension, or one whose backoff has
+    passed)."""
+    last = status.attempts[-1] if status.attempts else None
+    if last is None or last.reason in NOT_COUNTED:
         return True
+    wait = backoff_seconds(p.spec, counted_failures(status.attempts))
+    return p.now >= (last.completion_time or p.now) + timedelta(seconds=wait)
 
-    def _close_attempt(
-        self, reason: AttemptReason, message: str, exit_code: int | None = None, at: datetime | None = None
-    ) -> None:
-        current = self._open_attempt()
-        if current is None:
-            return
-        closed = current.model_copy(
-            update={"reason": reason, "message": message, "completion_time": at or self.now, "exit_code": exit_code}
+
+def start_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Step:
+    """Open the run's next attempt: its record, the run's start time on its first, and a cost from then on."""
+    last = status.attempts[-1] if status.attempts else None
+    number = (status.attempt or 0) + 1
+    kept, dropped = _trimmed([*status.attempts, AttemptRecord(attempt=number, start_time=p.now)])
+    update: dict[str, Any] = {"attempts": kept, "attempt": number}
+    if dropped:
+        update["dropped_attempts"] = _dropped(status.dropped_attempts, dropped)
+    if status.start_time is None:
+        update["start_time"] = p.now
+        update["runs"] = record_run(status.runs, run.model_copy(update={"start_time": p.now}))
+    if status.cost is None:
+        update["cost"] = CostStatus(gpu_hours=0.0, usd=0.0)
+    opened = status.model_copy(update=update)
+    if last is not None and last.reason == "Suspended":
+        return p.event(
+            opened, "Normal", "Resumed", f"attempt {number} of run {run.run} resumes from the latest checkpoint"
         )
-        self.status.attempts = [*self.status.attempts[:-1], closed]
+    workers = p.trained(run).resources.num_nodes
+    return p.event(opened, "Normal", "AttemptStarted", f"attempt {number} of run {run.run}: creating {workers} workers")
 
-    def _attempt_failed(self, run: RunRecord, failure: WorkerFailure) -> Situation:
-        self._close_attempt(failure.reason, failure.message, failure.exit_code)
-        if failure.permanent:
-            return self._fail_run(run, "PermanentError", failure.message)
-        failures = counted_failures(self.status.attempts)
-        allowed = self.spec.run_policy.max_restarts
-        attempt = self.status.attempt
-        if failures > allowed:
-            return self._fail_run(
-                run,
-                failure.reason,
-                f"attempt {attempt}: {failure.message}; no restarts left (runPolicy.maxRestarts={allowed})",
+
+def close_attempt(
+    p: Pass,
+    status: FineTuneJobStatus,
+    reason: AttemptReason,
+    message: str,
+    exit_code: int | None = None,
+    at: datetime | None = None,
+) -> FineTuneJobStatus:
+    """The open attempt's record ended with `reason` (no change when none is open)."""
+    current = open_attempt(status)
+    if current is None:
+        return status
+    closed = current.model_copy(
+        update={"reason": reason, "message": message, "completion_time": at or p.now, "exit_code": exit_code}
+    )
+    return status.model_copy(update={"attempts": [*status.attempts[:-1], closed]})
+
+
+def attempt_failed(p: Pass, status: FineTuneJobStatus, run: RunRecord, failure: WorkerFailure) -> Outcome:
+    status = close_attempt(p, status, failure.reason, failure.message, failure.exit_code)
+    if failure.permanent:
+        return fail_run(p, status, run, "PermanentError", failure.message)
+    failures = counted_failures(status.attempts)
+    allowed = p.spec.run_policy.max_restarts
+    attempt = status.attempt
+    if failures > allowed:
+        why = f"attempt {attempt}: {failure.message}; no restarts left (runPolicy.maxRestarts={allowed})"
+        return fail_run(p, status, run, failure.reason, why)
+    wait = backoff_seconds(p.spec, failures)
+    step = p.event(
+        status,
+        "Warning",
+        failure.reason,
+        f"attempt {attempt} of run {run.run} failed: {failure.message}; restart {failures} of {allowed} "
+        f"in {wait}s from the latest checkpoint",
+    )
+    return _after(step, backing_off(p, status, run))
+
+
+def backing_off(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outcome:
+    last = status.attempts[-1]
+    wait = backoff_seconds(p.spec, counted_failures(status.attempts))
+    left = max(0.0, wait - (p.now - (last.completion_time or p.now)).total_seconds())
+    return Step(status, recheck=(left,)), Situation(
+        "Pending",
+        "BackingOff",
+        f"attempt {last.attempt} of run {run.run} ended ({last.reason}); attempt {last.attempt + 1} starts "
+        f"after a {wait}s backoff{p.queued_note(run)}",
+        in_progress=True,
+    )
+
+
+def observe_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outcome:
+    """The open attempt as its Job and pods show it: starting, training, finishing, failed or complete."""
+    attempt = open_attempt(status)
+    assert attempt is not None
+    job = p.observed.job(attempt_name(p.owner.name, run.run, attempt.attempt))
+    pods = p.observed.pods_of(run.run, attempt.attempt)
+    workers = p.trained(run).resources.num_nodes
+    queued = p.queued_note(run)
+    if job is None or job.deleting:
+        return Step(status), Situation(
+            "Pending", "CreatingWorkers", f"creating the Job of attempt {attempt.attempt}", True
+        )
+    if job.suspended:
+        # Kueue holds the Job until it admits all workers; pods it removes on preemption are not failures.
+        queue = p.trained(run).resources.queue_name
+        return Step(status), Situation(
+            "Pending", "Queued", f"waiting for Kueue to admit the workers (queue {queue})", True
+        )
+    failure = attempt_failure(job, pods)
+    if failure:
+        return attempt_failed(p, status, run, failure)
+    if job.complete:
+        if _rank0_not_seen_ending(job, pods, p.now):
+            return Step(status, recheck=(FINAL_REPORT_POLL,)), Situation(
+                "Running", "Finishing", f"all {workers} workers finished{queued}", True
             )
-        wait = backoff_seconds(self.spec, failures)
-        self._event(
-            "Warning",
-            failure.reason,
-            f"attempt {attempt} of run {run.run} failed: {failure.message}; restart {failures} of {allowed} "
-            f"in {wait}s from the latest checkpoint",
+        status = take_final_report(status, pods)
+        status = close_attempt(p, status, "Completed", "all workers finished", exit_code=0, at=job.completion_time)
+        return succeed_run(p, status, run, job.completion_time)
+    ready = sum(1 for pod in pods if pod.ready and not pod.deleting)
+    finished_pods = sum(1 for pod in pods if pod.phase == "Succeeded")
+    if ready == workers:
+        return Step(status), Situation("Running", "Training", f"all {workers} workers running{queued}", True)
+    if finished_pods and ready + finished_pods == workers:
+        # Workers exit one by one at the end; the Job is Complete a moment after the last.
+        return Step(status), Situation(
+            "Running", "Finishing", f"{finished_pods} of {workers} workers finished{queued}", True
         )
-        return self._backing_off(run)
+    return Step(status), Situation(
+        "Pending", "WorkersStarting", f"{ready} of {workers} workers running{_first_wait(pods)}{queued}", True
+    )
 
-    def _backing_off(self, run: RunRecord) -> Situation:
-        last = self.status.attempts[-1]
-        wait = backoff_seconds(self.spec, counted_failures(self.status.attempts))
-        self.recheck.append(max(0.0, wait - ((self.now - (last.completion_time or self.now)).total_seconds())))
-        return Situation(
-            "Pending",
-            "BackingOff",
-            f"attempt {last.attempt} of run {run.run} ended ({last.reason}); attempt {last.attempt + 1} starts "
-            f"after a {wait}s backoff{self.queued_note}",
-            in_progress=True,
-        )
 
-    def _suspended(self, run: RunRecord) -> Situation:
-        if self._open_attempt() is not None:
-            self._close_attempt("Suspended", "suspended by spec.runPolicy.suspend")
-            self._event("Normal", "Suspended", f"run {run.run} suspended: its workers checkpoint and stop")
-        stopping = [p for p in self.observed.pods if p.run == run.run and p.phase in ("Pending", "Running")]
-        if stopping:
-            return Situation(
-                "Suspended", "Suspending", f"waiting for {len(stopping)} workers to checkpoint and stop", True
-            )
-        return Situation("Suspended", "Suspended", f"run {run.run} is suspended (spec.runPolicy.suspend)", False)
+def take_final_report(status: FineTuneJobStatus, pods: list[PodState]) -> FineTuneJobStatus:
+    """Rank 0's final figures (its termination message) into status.progress, which the evaluation gate and the
+    run's record read."""
+    ended = next((p.termination for p in pods if p.index == 0 and p.termination and p.termination.final), None)
+    if ended is None or ended.final is None:
+        return status
+    return status.model_copy(update={"progress": final_progress(ended.final, status.progress, ended.finished_at)})
 
-    def _observe_attempt(self, run: RunRecord) -> Situation:
-        attempt = self._open_attempt()
-        assert attempt is not None
-        job = self.observed.job(attempt_name(self.owner.name, run.run, attempt.attempt))
-        pods = self.observed.pods_of(run.run, attempt.attempt)
-        workers = self._trained(run).resources.num_nodes
-        if job is None or job.deleting:
-            return Situation("Pending", "CreatingWorkers", f"creating the Job of attempt {attempt.attempt}", True)
-        if job.suspended:
-            # Kueue holds the Job until it admits all workers; pods it removes on preemption are not failures.
-            queue = self._trained(run).resources.queue_name
-            return Situation("Pending", "Queued", f"waiting for Kueue to admit the workers (queue {queue})", True)
-        failure = attempt_failure(job, pods)
-        if failure:
-            return self._attempt_failed(run, failure)
-        if job.complete:
-            if _rank0_not_seen_ending(job, pods, self.now):
-                self.recheck.append(FINAL_REPORT_POLL)
-                return Situation("Running", "Finishing", f"all {workers} workers finished{self.queued_note}", True)
-            self._take_final_report(pods)
-            self._close_attempt("Completed", "all workers finished", exit_code=0, at=job.completion_time)
-            return self._succeed_run(run, job.completion_time)
-        ready = sum(1 for p in pods if p.ready and not p.deleting)
-        finished = sum(1 for p in pods if p.phase == "Succeeded")
-        if ready == workers:
-            return Situation("Running", "Training", f"all {workers} workers running{self.queued_note}", True)
-        if finished and ready + finished == workers:
-            # Workers exit one by one at the end; the Job is Complete a moment after the last.
-            return Situation(
-                "Running", "Finishing", f"{finished} of {workers} workers finished{self.queued_note}", True
-            )
-        return Situation(
-            "Pending",
-            "WorkersStarting",
-            f"{ready} of {workers} workers running{_first_wait(pods)}{self.queued_note}",
-            True,
+
+# ----------------------------------------------------------------------------------------------
+# 3. status summary and children
+# ----------------------------------------------------------------------------------------------
+
+
+def summarize(p: Pass, status: FineTuneJobStatus, situation: Situation) -> Step:
+    """The conditions and phase from where the run stands, and the current attempt's workers."""
+    conditions = status.conditions
+
+    def put(type_: ConditionType, true: bool, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions,
+            type_,
+            "True" if true else "False",
+            reason,
+            message,
+            observed_generation=p.generation,
+            now=p.now,
         )
 
-    # ------------------------------------------------------------------------------------------
-    # status summary and children
-    # ------------------------------------------------------------------------------------------
+    s = situation
+    put("Ready", s.phase == "Succeeded", s.reason, s.message)
+    put("Reconciling", s.in_progress, s.reason, s.message if s.in_progress else "")
+    put("Stalled", s.phase == "Failed", s.reason, s.message if s.phase == "Failed" else "")
+    for type_ in ("Running", "Succeeded", "Failed", "Suspended"):
+        put(type_, s.phase == type_, s.reason, s.message if s.phase == type_ else "")
+    update: dict[str, Any] = {
+        "conditions": conditions,
+        "phase": compute_phase(conditions),
+        "observed_generation": p.generation,
+    }
+    if status.attempt is not None and status.run is not None:
+        update["workers"] = _workers(p.observed.pods_of(status.run, status.attempt))
+    summarized = status.model_copy(update=update)
+    if summarized.phase == "Running" and p.phase_before != "Running":
+        return p.event(summarized, "Normal", "Running", s.message)
+    return Step(summarized)
 
-    def _write_summary(self, situation: Situation) -> None:
-        status, gen, now = self.status, self.generation, self.now
-        previous_phase = self.ftj.status.phase if self.ftj.status else None
-        conditions = status.conditions
 
-        def put(type_: ConditionType, true: bool, reason: str, message: str) -> None:
-            nonlocal conditions
-            conditions = set_condition(
-                conditions, type_, "True" if true else "False", reason, message, observed_generation=gen, now=now
-            )
+def children(p: Pass, status: FineTuneJobStatus) -> tuple[list[Manifest], list[Deletion], Step]:
+    """What should exist now, created if missing; everything else labelled as ours is deleted."""
+    name, run = p.owner.name, current_run(status)
+    assert run is not None
+    attempt = open_attempt(status)
+    active: dict[tuple[str, str], None] = {}
+    kept: set[tuple[str, str]] = set()
+    if p.spec.checkpoint.volume_claim_template:
+        active[("PersistentVolumeClaim", claim_name(name))] = None
 
-        s = situation
-        put("Ready", s.phase == "Succeeded", s.reason, s.message)
-        put("Reconciling", s.in_progress, s.reason, s.message if s.in_progress else "")
-        put("Stalled", s.phase == "Failed", s.reason, s.message if s.phase == "Failed" else "")
-        for type_ in ("Running", "Succeeded", "Failed", "Suspended"):
-            put(type_, s.phase == type_, s.reason, s.message if s.phase == type_ else "")
-        status.conditions = conditions
-        status.phase = compute_phase(conditions)
-        status.observed_generation = gen
-        run = self._current_run()
-        if run is not None:
-            self._measure_cost(run)
-            if run.result is not None and status.cost is not None:
-                # A finished run's pods may still be checkpointing: its record follows their cost until they go.
-                cost = {"gpu_hours": status.cost.gpu_hours, "cost_usd": status.cost.usd}
-                status.runs = record_run(status.runs, run.model_copy(update=cost))
-        if status.attempt is not None and status.run is not None:
-            status.workers = _workers(self.observed.pods_of(status.run, status.attempt))
-        if status.phase == "Running" and previous_phase != "Running":
-            self._event("Normal", "Running", s.message)
+    config = ("ConfigMap", run_config_name(name, run.run))
+    if attempt is not None:
+        attempt_children = attempt_name(name, run.run, attempt.attempt)
+        active[config] = None
+        active[("Service", attempt_children)] = None
+        active[("Job", attempt_children)] = None
+    elif run.result is None:
+        kept.add(config)
+    elif not _ttl_expired(p, run):
+        kept.add(config)
+        last = status.attempts[-1] if status.attempts else None
+        if last is not None and last.reason == "Completed":
+            # A Job whose workers finished (run Succeeded, or failed its evaluation gate) and its pods keep
+            # the logs until ttlSecondsAfterFinished.
+            kept.add(("Job", attempt_name(name, run.run, last.attempt)))
 
-    def _children(self) -> tuple[list[Manifest], list[Deletion]]:
-        """What should exist now, created if missing; everything else labelled as ours is deleted."""
-        name, run = self.owner.name, self._current_run()
-        assert run is not None
-        attempt = self._open_attempt()
-        active: dict[tuple[str, str], Manifest | None] = {}
-        kept: set[tuple[str, str]] = set()
-        template = self.spec.checkpoint.volume_claim_template
-        if template:
-            active[("PersistentVolumeClaim", claim_name(name))] = None
+    existing = _existing(p.observed)
+    create = [
+        _render(p, kind, run, attempt)
+        for kind, child in sorted(active, key=lambda k: CREATION_ORDER.index(k[0]))
+        if (kind, child) not in existing and (kind, child) not in p.observed.just_created
+    ]
+    delete = [
+        Deletion(*key)
+        for key, deleting in existing.items()
+        if not deleting
+        and key not in active
+        and key not in kept
+        and key not in p.observed.just_deleted
+        # A claim holds checkpoints and perhaps outputs: it goes only with the FineTuneJob itself.
+        and key[0] != "PersistentVolumeClaim"
+    ]
+    if delete and run.result is not None and _ttl_expired(p, run):
+        cleaned = f"deleted the workers of run {run.run} (ttlSecondsAfterFinished)"
+        return create, delete, p.event(status, "Normal", "CleanedUp", cleaned)
+    return create, delete, Step(status)
 
-        run_spec = self._trained(run)
-        config = ("ConfigMap", run_config_name(name, run.run))
-        if attempt is not None:
-            attempt_children = attempt_name(name, run.run, attempt.attempt)
-            active[config] = None
-            active[("Service", attempt_children)] = None
-            active[("Job", attempt_children)] = None
-        elif run.result is None:
-            kept.add(config)
-        elif not self._ttl_expired(run):
-            kept.add(config)
-            last = self.status.attempts[-1] if self.status.attempts else None
-            if last is not None and last.reason == "Completed":
-                # A Job whose workers finished (run Succeeded, or failed its evaluation gate) and its pods keep
-                # the logs until ttlSecondsAfterFinished.
-                kept.add(("Job", attempt_name(name, run.run, last.attempt)))
 
-        existing = self._existing()
-        create = [
-            self._render(key[0], run, run_spec, attempt)
-            for key in sorted(active, key=lambda k: CREATION_ORDER.index(k[0]))
-            if key not in existing and key not in self.observed.just_created
-        ]
-        delete = [
-            Deletion(*key)
-            for key, deleting in existing.items()
-            if not deleting
-            and key not in active
-            and key not in kept
-            and key not in self.observed.just_deleted
-            # A claim holds checkpoints and perhaps outputs: it goes only with the FineTuneJob itself.
-            and key[0] != "PersistentVolumeClaim"
-        ]
-        if delete and run.result is not None and self._ttl_expired(run):
-            self._event("Normal", "CleanedUp", f"deleted the workers of run {run.run} (ttlSecondsAfterFinished)")
-        return create, delete
+def _existing(o: Observed) -> dict[tuple[str, str], bool]:
+    """Every child that exists, with whether it is already being deleted."""
+    existing = {("Job", j.name): j.deleting for j in o.jobs}
+    existing.update({("Service", s.name): s.deleting for s in o.services})
+    existing.update({("ConfigMap", c.name): c.deleting for c in o.config_maps})
+    existing.update({("PersistentVolumeClaim", c.name): c.deleting for c in o.claims})
+    return existing
 
-    def _existing(self) -> dict[tuple[str, str], bool]:
-        """Every child that exists, with whether it is already being deleted."""
-        o = self.observed
-        existing = {("Job", j.name): j.deleting for j in o.jobs}
-        existing.update({("Service", s.name): s.deleting for s in o.services})
-        existing.update({("ConfigMap", c.name): c.deleting for c in o.config_maps})
-        existing.update({("PersistentVolumeClaim", c.name): c.deleting for c in o.claims})
-        return existing
 
-    def _render(self, kind: str, run: RunRecord, spec: FineTuneJobSpec, attempt: AttemptRecord | None) -> Manifest:
-        s, o = self.settings, self.owner
-        if kind == "PersistentVolumeClaim":
-            template = self.spec.checkpoint.volume_claim_template
-            assert template is not None
-            return render_claim(o, template)
-        if kind == "ConfigMap":
-            return render_config_map(o, spec, run.run, run.generation, s)
-        assert attempt is not None
-        if kind == "Service":
-            return render_service(o, run.run, attempt.attempt, s)
-        return render_job(o, spec, run.run, attempt.attempt, s)
+def _render(p: Pass, kind: str, run: RunRecord, attempt: AttemptRecord | None) -> Manifest:
+    s, o, spec = p.settings, p.owner, p.trained(run)
+    if kind == "PersistentVolumeClaim":
+        template = p.spec.checkpoint.volume_claim_template
+        assert template is not None
+        return render_claim(o, template)
+    if kind == "ConfigMap":
+        return render_config_map(o, spec, run.run, run.generation, s)
+    assert attempt is not None
+    if kind == "Service":
+        return render_service(o, run.run, attempt.attempt, s)
+    return render_job(o, spec, run.run, attempt.attempt, s)
 
-    def _ttl_expired(self, run: RunRecord) -> bool:
-        ttl = self.spec.run_policy.ttl_seconds_after_finished
-        return (
-            ttl is not None
-            and run.completion_time is not None
-            and self.now >= run.completion_time + timedelta(seconds=ttl)
-        )
 
-    def _event(self, type_: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        self.events.append(Event(type_, reason, message))
+def _ttl_expired(p: Pass, run: RunRecord) -> bool:
+    ttl = p.spec.run_policy.ttl_seconds_after_finished
+    return ttl is not None and run.completion_time is not None and p.now >= run.completion_time + timedelta(seconds=ttl)
 
 
 def _workers(pods: list[PodState]) -> Workers:
