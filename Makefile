@@ -64,5 +64,5 @@ crds: venv ## regenerate crds/ and the chart's copies (CRD, dashboard, alerts, A
 bench-trainer: venv ## trainer vs HF Trainer+peft: tokens/s, ratio, peak memory (BENCH_ARGS=--gpu-mfu: MFU of an 8B-shaped model on a GPU)
 	$(PY) -m kubetune_trainer.bench $(BENCH_ARGS)
 
-bench-operator: venv toolchain ## operator scale benchmark: 200 and 500 FineTuneJobs x 4 workers on fake GPU nodes
+bench-operator: venv toolchain ## kubetune vs Kubeflow Trainer+JobSet, 200 and 500 jobs x 4 workers on fake GPU nodes: requests/job, latency, RSS
 	$(PY) bench/operator_scale.py --jobs 200 500

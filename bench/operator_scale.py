@@ -1,19 +1,27 @@
-"""Operator scale benchmark: N FineTuneJobs of W workers each on fake GPU nodes of a local control plane.
+"""Operator scale benchmark: kubetune and Kubeflow Trainer side by side, N jobs of W workers on fake GPU nodes.
 
     python bench/operator_scale.py --jobs 200 500           # what `make bench-operator` runs
 
-For each N: a fresh local cluster (kube-apiserver, controller-manager, scheduler, kwok) with enough fake
-8-GPU nodes for every worker (one GPU each), the operator as a subprocess, N FineTuneJobs created at once
-whose workers run until deleted. Times come from the objects themselves (creation timestamps, the run's
-startTime the operator writes, pod start times, condition transition times; one-second resolution), so a
-busy benchmark process does not distort them. It reports, from the moment the first job was created:
-- when the last Indexed Job was created, the last worker pod was Running, the last FineTuneJob said Running;
-- per job, creation to the operator's first status write (the run's startTime), as percentiles;
-- the operator's own reconcile durations (p50/p90/p99/max, API calls included), its API requests per job
-  (client-side count; kopf's list/watch streams excluded) over the whole run plus an idle period, its peak RSS.
+For each N, one local control plane (kube-apiserver, controller-manager, scheduler, kwok) with enough fake 8-GPU
+nodes for every worker (one GPU each), and on it, back to back, one phase per tool (the order alternates with N):
+- kubetune: the operator as a subprocess, N FineTuneJobs created at once;
+- Kubeflow Trainer v2.3.0 + JobSet v0.12.0 (built from their Go modules, hack/kubetune_dev/kubeflow.py), N
+  TrainJobs of the shipped torch-distributed runtime created at once;
+whose workers run until deleted. A phase starts the tool's controllers, creates the jobs, waits until every worker
+pod is Running (and, for kubetune, every FineTuneJob says so), keeps watching for --idle seconds of steady state,
+then stops the controllers and deletes the namespace before the next phase.
 
-The controller-manager and scheduler get higher client QPS than their defaults (20 and 50), as a cluster of
-this size would: otherwise the Job controller's pod creation, not the operator, is what gets measured.
+Per phase, counted from the first second of the burst of creations (server timestamps, one-second resolution, so a
+busy benchmark process does not distort them):
+- when the last Job was created and the last worker pod was Running;
+- API requests per job by verb and resource, from the API server's audit log: every request of the controllers'
+  own users (each controller has its own client certificate) received during the phase, watches included;
+- reconcile latency: kubetune's own (every reconcile, API calls included); Trainer's TrainJob reconciles from its
+  controller-runtime histogram (bucket-interpolated);
+- the controllers' peak RSS (VmHWM) and CPU time; the machine's load average.
+
+The controller-manager and scheduler get higher client QPS than their defaults (20 and 50), as a cluster of this
+size would: otherwise the Job controller's pod creation, not the operators, is what gets measured.
 """
 
 from __future__ import annotations
@@ -21,13 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,18 +48,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "hack"))
 
 import yaml  # noqa: E402
-from kubernetes import client, config  # noqa: E402
-from kubetune_dev.cluster import GpuNodePool, LocalCluster  # noqa: E402
+from kubernetes import config  # noqa: E402
+from kubetune_dev.cluster import GpuNodePool, LocalCluster, audit_requests  # noqa: E402
+from kubetune_dev.kubeflow import USERS as KUBEFLOW_USERS  # noqa: E402
+from kubetune_dev.kubeflow import KubeflowTrainer  # noqa: E402
 
-GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
-NAMESPACE = "bench"
+OPERATOR_USER = "kubetune-operator"
 GPUS_PER_NODE = 8
+GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+HANG = {"kwok.kubetune.io/outcome": "hang"}  # kwok keeps these pods Running until they are deleted
+# The Done line of the benchmark: what kubetune must show at every N.
+MAX_P99_MS, MAX_RSS_MIB = 250.0, 150.0
 
 Obj = dict[str, Any]
 
 
-class FastCluster(LocalCluster):
+class BenchCluster(LocalCluster):
     """The local cluster with controller-manager and scheduler client limits fit for thousands of pods."""
 
     def _kcm_args(self, certs: dict[str, Path]) -> list[str]:
@@ -57,186 +74,381 @@ class FastCluster(LocalCluster):
         return [*super()._scheduler_args(), "--kube-api-qps=300", "--kube-api-burst=500"]
 
 
-def finetunejob(name: str, workers: int) -> Obj:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
-            "dataset": {"source": "pvc://datasets/support/v3.jsonl"},
-            "resources": {
-                "numNodes": workers,
-                "gpusPerNode": 1,
-                "gpuProduct": "NVIDIA-H100-80GB-HBM3",
-                "podAnnotations": {"kwok.kubetune.io/outcome": "hang"},
-            },
-            "checkpoint": {"claimName": "ft-checkpoints", "everySteps": 100},
-        },
-    }
+# ----------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------
 
 
 def ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    if len(values) < 2:
-        return {"max": round(max(values), 1)} if values else {}
-    q = statistics.quantiles(values, n=100, method="inclusive")
-    return {"p50": round(q[49], 1), "p90": round(q[89], 1), "p99": round(q[98], 1), "max": round(max(values), 1)}
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+def histogram_quantile(text: str, metric: str, labels: str, q: float) -> float:
+    """Prometheus' histogram_quantile over the `metric`_bucket series whose labels contain `labels`."""
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(f"{metric}_bucket{{") and labels in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    lower_bound, lower_count = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower_bound
+            return lower_bound + (bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-9)
+        lower_bound, lower_count = bound, count
+    return math.nan
 
 
-class Cluster:
-    """What the benchmark reads, as raw JSON (no client models: thousands of pods are listed repeatedly)."""
+def process_figures(pid: int) -> tuple[float, float]:
+    """(peak RSS in MiB, CPU seconds) of a running process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return hwm / 1024, cpu
 
+
+@dataclass
+class Load:
+    """The machine's 1-minute load average, sampled while a phase runs."""
+
+    samples: list[float] = field(default_factory=list)
+
+    def sample(self) -> None:
+        self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> Obj:
+        return {"mean": round(statistics.fmean(self.samples), 2), "max": round(max(self.samples), 2)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the cluster, as the benchmark reads it (raw JSON: thousands of pods)
+# ----------------------------------------------------------------------------------------------
+
+
+class Api:
     def __init__(self, local: LocalCluster) -> None:
-        api_client = config.new_client_from_config(config_file=str(local.kubeconfig))
-        self.custom = client.CustomObjectsApi(api_client)
-        self.batch = client.BatchV1Api(api_client)
-        self.core = client.CoreV1Api(api_client)
+        self.client = config.new_client_from_config(config_file=str(local.kubeconfig))
 
-    def create(self, name: str, workers: int) -> None:
-        self.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, finetunejob(name, workers))
-
-    def finetunejobs(self) -> list[Obj]:
-        raw = self.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, _preload_content=False)
-        return list(json.loads(raw.data)["items"])
-
-    def jobs(self) -> list[Obj]:
-        return list(json.loads(self.batch.list_namespaced_job(NAMESPACE, _preload_content=False).data)["items"])
-
-    def pods(self) -> list[Obj]:
-        return list(json.loads(self.core.list_namespaced_pod(NAMESPACE, _preload_content=False).data)["items"])
-
-
-def prepare(cluster: LocalCluster) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-    established = "jsonpath={.status.conditions[?(@.type=='Established')].status}=True"
-    cluster.kubectl("wait", f"--for={established}", "crd/finetunejobs.kubetune.io", "--timeout=60s")
-    cluster.kubectl("create", "namespace", NAMESPACE)
-    for claim in ("ft-checkpoints", "datasets"):
-        pvc = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim, "namespace": NAMESPACE},
-            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-        }
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(pvc))
-
-
-def start_operator(cluster: LocalCluster, state: Path) -> subprocess.Popen[bytes]:
-    settings = state / "operator-settings.yaml"
-    settings.write_text(yaml.safe_dump({"healthPort": 0, "metricsPort": 0}))
-    with open(state / "operator.log", "wb") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kubetune_operator", "-n", NAMESPACE, "--settings", str(settings)],
-            env={**cluster.env(), "PYTHONUNBUFFERED": "1"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
+    def call(self, method: str, path: str, body: Obj | None = None, query: list[tuple[str, str]] | None = None) -> Obj:
+        method, url, headers, data, _ = self.client.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
         )
+        response = self.client.call_api(method, url, header_params=headers, body=data, _request_timeout=60)
+        raw = response.read()
+        if not 200 <= response.status < 300:
+            raise RuntimeError(f"{method} {path}: {response.status} {raw[:300]!r}")
+        return dict(json.loads(raw))
+
+    def items(self, path: str) -> list[Obj]:
+        return list(self.call("GET", path)["items"])
+
+    def all_running(self, path: str, expected: int) -> bool:
+        """Whether exactly `expected` pods are at `path`, all Running, without reading them all (a field selector
+        leaves out remainingItemCount, so the total is counted without one)."""
+        total = self.call("GET", path, query=[("limit", "1")])
+        count = len(total["items"]) + int(total["metadata"].get("remainingItemCount") or 0)
+        waiting = self.call("GET", path, query=[("fieldSelector", "status.phase!=Running"), ("limit", "1")])
+        return count == expected and not waiting["items"]
 
 
-def operator_summary(state: Path) -> Obj:
-    """The reconcile summary the operator logs when it stops."""
-    lines = (state / "operator.log").read_text().splitlines()
-    last = next(line for line in reversed(lines) if "reconcile summary" in line)
-    summary: Obj = json.loads(last.split("reconcile summary ", 1)[1])
-    return summary
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str, load: Load) -> None:
     deadline = time.monotonic() + timeout
     while not check():
+        load.sample()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} after {timeout}s")
         time.sleep(2)
 
 
-def is_running(ftj: Obj) -> bool:
-    return bool((ftj.get("status") or {}).get("phase") == "Running")
+def create_namespace(local: LocalCluster, namespace: str, claims: tuple[str, ...] = ()) -> None:
+    local.create_namespace_with_claims(namespace, claims)
+    deadline = time.monotonic() + 60
+    while local.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no default ServiceAccount in {namespace}")
+        time.sleep(0.3)
 
 
-def running_since(ftj: Obj) -> float:
-    conditions = ftj["status"]["conditions"]
-    return ts(next(c["lastTransitionTime"] for c in conditions if c["type"] == "Running"))
+def delete_namespace(local: LocalCluster, api: Api, namespace: str, timeout: float) -> None:
+    local.kubectl("delete", "namespace", namespace, "--wait=false")
+    deadline = time.monotonic() + timeout
+    while local.kubectl("get", "namespace", namespace, check=False).returncode == 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"namespace {namespace} not gone after {timeout}s")
+        time.sleep(2)
 
 
-def run_once(jobs: int, workers: int, idle: float, timeout: float) -> Obj:
-    nodes = math.ceil(jobs * workers / GPUS_PER_NODE)
-    state = REPO / ".cache" / f"bench-operator-{jobs}"
-    print(f"\n== {jobs} FineTuneJobs x {workers} workers on {nodes} fake GPU nodes ==", flush=True)
-    local = FastCluster(state_dir=state, gpu_nodes=GpuNodePool(count=nodes), cpu_nodes=0).start(timeout=600)
-    operator: subprocess.Popen[bytes] | None = None
+def burst(create: Callable[[int], None], jobs: int) -> float:
+    """Create the jobs from 16 threads; returns the start of the second the first was sent in."""
+    t0 = math.floor(time.time())
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(create, range(jobs)))
+    print(f"  created {jobs} jobs in {time.time() - t0:.1f}s", flush=True)
+    return t0
+
+
+def workload_figures(api: Api, namespace: str, t0: float) -> Obj:
+    jobs = api.items(f"/apis/batch/v1/namespaces/{namespace}/jobs")
+    pods = api.items(f"/api/v1/namespaces/{namespace}/pods")
+    started = [ts(p["status"]["startTime"]) - t0 for p in pods if p["status"].get("startTime")]
+    return {
+        "all_jobs_created_s": max(ts(j["metadata"]["creationTimestamp"]) for j in jobs) - t0,
+        "pods_running_p50_s": percentile(started, 0.5),
+        "all_pods_running_s": max(started),
+        "pods_running": sum(1 for p in pods if p["status"].get("phase") == "Running"),
+    }
+
+
+def request_figures(local: LocalCluster, users: tuple[str, ...], start: float, end: float, jobs: int) -> Obj:
+    requests = [r for r in audit_requests(local.audit_log) if r.user in users and start <= r.received < end]
+    by_kind = Counter(f"{r.verb} {r.resource}" for r in requests)
+    return {
+        "api_requests": len(requests),
+        "api_requests_per_job": round(len(requests) / jobs, 2),
+        "api_requests_by_user": dict(Counter(r.user for r in requests)),
+        "api_requests_by_kind": dict(by_kind.most_common()),
+        "api_errors": dict(Counter(f"{r.code} {r.verb} {r.resource}" for r in requests if r.code >= 400)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the phases
+# ----------------------------------------------------------------------------------------------
+
+
+def finetunejob(name: str, namespace: str, workers: int) -> Obj:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+            "dataset": {"source": "pvc://datasets/support/v3.jsonl"},
+            "resources": {"numNodes": workers, "gpusPerNode": 1, "gpuProduct": GPU_PRODUCT, "podAnnotations": HANG},
+            "checkpoint": {"claimName": "ft-checkpoints", "everySteps": 100},
+        },
+    }
+
+
+def operator_summary(log: Path) -> Obj:
+    """The reconcile summary the operator logs when it stops."""
+    last = next(line for line in reversed(log.read_text().splitlines()) if "reconcile summary" in line)
+    summary: Obj = json.loads(last.split("reconcile summary ", 1)[1])
+    return summary
+
+
+def run_kubetune(local: LocalCluster, api: Api, jobs: int, workers: int, args: argparse.Namespace) -> Obj:
+    namespace = "bench-kubetune"
+    local.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
+    local.wait_established("finetunejobs.kubetune.io")
+    create_namespace(local, namespace, ("ft-checkpoints", "datasets"))
+    settings = local.state_dir / "operator-settings.yaml"
+    settings.write_text(yaml.safe_dump({"healthPort": 0, "metricsPort": 0}))
+    log = local.state_dir / "operator.log"
+    env = {**os.environ, "KUBECONFIG": str(local.user_kubeconfig(OPERATOR_USER)), "PYTHONUNBUFFERED": "1"}
+    with open(log, "wb") as out:
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "kubetune_operator", "-n", namespace, "--settings", str(settings)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    load = Load()
     try:
-        prepare(local)
-        operator = start_operator(local, state)
-        cluster = Cluster(local)
         time.sleep(3)  # the operator lists and starts watching before the burst
+        path = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs"
+        t0 = burst(lambda i: api.call("POST", path, finetunejob(f"ft-{i:04d}", namespace, workers)), jobs)
+        pods = f"/api/v1/namespaces/{namespace}/pods"
+        wait_until(lambda: api.all_running(pods, jobs * workers), args.timeout, "pods not Running", load)
 
-        # Server timestamps have one-second resolution: count from the start of the creating second.
-        t0 = math.floor(time.time())
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(lambda i: cluster.create(f"ft-{i:04d}", workers), range(jobs)))
-        print(f"  created {jobs} FineTuneJobs in {time.time() - t0:.1f}s", flush=True)
+        def all_running() -> bool:
+            return all((f.get("status") or {}).get("phase") == "Running" for f in api.items(path))
 
-        wait_until(lambda: sum(map(is_running, cluster.finetunejobs())) == jobs, timeout, "FineTuneJobs not Running")
-        print(f"  all Running; idling {idle:.0f}s (steady-state reconciles)", flush=True)
-        time.sleep(idle)
-        rss = peak_rss_mib(operator.pid)
+        wait_until(all_running, args.timeout, "FineTuneJobs not Running", load)
+        print(f"  all Running; {args.idle:.0f}s of steady state", flush=True)
+        idle(args.idle, load)
+        end = time.time()
+        rss, cpu = process_figures(operator.pid)
         operator.terminate()
         operator.wait(60)
-        summary = operator_summary(state)
-
-        ftjs, pods = cluster.finetunejobs(), cluster.pods()
-        first_status = [ts(f["status"]["startTime"]) - ts(f["metadata"]["creationTimestamp"]) for f in ftjs]
-        result: Obj = {
-            "jobs": jobs,
-            "workers_per_job": workers,
-            "gpu_nodes": nodes,
-            "all_jobs_created_s": max(ts(j["metadata"]["creationTimestamp"]) for j in cluster.jobs()) - t0,
-            "all_pods_running_s": max(ts(p["status"]["startTime"]) for p in pods) - t0,
-            "all_finetunejobs_running_s": max(map(running_since, ftjs)) - t0,
-            "pods_running": sum(1 for p in pods if p["status"].get("phase") == "Running"),
-            "create_to_first_status_s": percentiles(first_status),
-            "reconcile_ms": {k: summary[f"{k}_ms"] for k in ("p50", "p90", "p99", "max")},
+        summary = operator_summary(log)
+        ftjs = api.items(path)
+        running_since = [
+            ts(next(c["lastTransitionTime"] for c in f["status"]["conditions"] if c["type"] == "Running")) - t0
+            for f in ftjs
+        ]
+        return {
+            "tool": "kubetune",
+            **workload_figures(api, namespace, t0),
+            "all_finetunejobs_running_s": max(running_since),
+            **request_figures(local, (OPERATOR_USER,), t0, end, jobs),
+            "reconcile_p50_ms": summary["p50_ms"],
+            "reconcile_p99_ms": summary["p99_ms"],
+            "reconcile_max_ms": summary["max_ms"],
             "reconciles": summary["reconciles"],
             "reconcile_errors": summary["errors"],
-            "stale_view_retries": summary["conflicts"],
-            "api_requests": summary["api_requests"],
-            "api_requests_per_job": round(summary["api_requests"] / jobs, 2),
-            "api_requests_by_kind": summary["api_requests_by_kind"],
-            "operator_peak_rss_mib": rss,
+            "peak_rss_mib": round(rss, 1),
+            "cpu_s": round(cpu, 1),
+            "load_1m": load.summary(),
         }
-        for key in ("all_jobs_created_s", "all_pods_running_s", "all_finetunejobs_running_s"):
-            print(f"  {key}: {result[key]:.0f}", flush=True)
-        return result
     finally:
-        if operator and operator.poll() is None:
+        if operator.poll() is None:
             operator.kill()
+        delete_namespace(local, api, namespace, args.timeout)
+
+
+def run_kubeflow(local: LocalCluster, api: Api, jobs: int, workers: int, args: argparse.Namespace) -> Obj:
+    namespace = "bench-kubeflow"
+    kubeflow = KubeflowTrainer(local, local.state_dir / "kubeflow")
+    kubeflow.install_crds()
+    create_namespace(local, namespace)
+    kubeflow.start()
+    load = Load()
+    try:
+        time.sleep(3)
+        path = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{namespace}/trainjobs"
+        t0 = burst(
+            lambda i: api.call("POST", path, kubeflow.train_job(f"tj-{i:04d}", namespace, workers, HANG, GPU_PRODUCT)),
+            jobs,
+        )
+        pods = f"/api/v1/namespaces/{namespace}/pods"
+        wait_until(lambda: api.all_running(pods, jobs * workers), args.timeout, "pods not Running", load)
+        print(f"  all Running; {args.idle:.0f}s of steady state", flush=True)
+        idle(args.idle, load)
+        end = time.time()
+        metrics = kubeflow.metrics()
+        figures = {name: process_figures(kubeflow.pid(name)) for name in ("trainer", "jobset")}
+        reconcile = "controller_runtime_reconcile_time_seconds"
+        trainjobs = 'controller="trainjob_controller"'
+        return {
+            "tool": "kubeflow",
+            **workload_figures(api, namespace, t0),
+            **request_figures(local, KUBEFLOW_USERS, t0, end, jobs),
+            "reconcile_p50_ms": round(histogram_quantile(metrics, reconcile, trainjobs, 0.5) * 1000, 2),
+            "reconcile_p99_ms": round(histogram_quantile(metrics, reconcile, trainjobs, 0.99) * 1000, 2),
+            "peak_rss_mib": round(sum(rss for rss, _ in figures.values()), 1),
+            "peak_rss_mib_by_process": {name: round(rss, 1) for name, (rss, _) in figures.items()},
+            "cpu_s": round(sum(cpu for _, cpu in figures.values()), 1),
+            "load_1m": load.summary(),
+        }
+    finally:
+        kubeflow.stop()
+        delete_namespace(local, api, namespace, args.timeout)
+
+
+def idle(seconds: float, load: Load) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        load.sample()
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+
+
+PHASES = {"kubetune": run_kubetune, "kubeflow": run_kubeflow}
+
+
+def run_size(index: int, jobs: int, args: argparse.Namespace) -> list[Obj]:
+    nodes = math.ceil(jobs * args.workers / GPUS_PER_NODE)
+    order = list(PHASES) if index % 2 == 0 else list(reversed(PHASES))
+    state = REPO / ".cache" / f"bench-operator-{jobs}"
+    print(f"\n== N={jobs} jobs x {args.workers} workers on {nodes} fake GPU nodes; order: {', '.join(order)} ==")
+    local = BenchCluster(
+        state_dir=state,
+        gpu_nodes=GpuNodePool(count=nodes, gpu_product=GPU_PRODUCT),
+        cpu_nodes=0,
+        audit_users=(OPERATOR_USER, *KUBEFLOW_USERS),
+    ).start(timeout=600)
+    results = []
+    try:
+        api = Api(local)
+        for tool in order:
+            print(f"-- {tool} (load average {os.getloadavg()[0]:.2f})", flush=True)
+            result = PHASES[tool](local, api, jobs, args.workers, args)
+            results.append({"jobs": jobs, "workers_per_job": args.workers, "gpu_nodes": nodes, **result})
+            running, per_job = result["all_pods_running_s"], result["api_requests_per_job"]
+            print(f"  all pods Running after {running:.0f}s; {per_job} API requests per job", flush=True)
+    finally:
         local.stop()
-        shutil.rmtree(state, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(state, ignore_errors=True)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+
+def report(results: list[Obj]) -> str:
+    lines = []
+    for jobs in sorted({r["jobs"] for r in results}):
+        by_tool = {r["tool"]: r for r in results if r["jobs"] == jobs}
+        ours, theirs = by_tool["kubetune"], by_tool["kubeflow"]
+        rows = [
+            ("all Jobs created (s)", "all_jobs_created_s", "{:.0f}"),
+            ("pods Running, median (s)", "pods_running_p50_s", "{:.0f}"),
+            ("all pods Running (s)", "all_pods_running_s", "{:.0f}"),
+            ("API requests per job", "api_requests_per_job", "{:.2f}"),
+            ("reconcile p50 (ms)", "reconcile_p50_ms", "{:.1f}"),
+            ("reconcile p99 (ms)", "reconcile_p99_ms", "{:.1f}"),
+            ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
+            ("controller CPU (s)", "cpu_s", "{:.0f}"),
+        ]
+        lines.append(f"\nN = {jobs} jobs x {ours['workers_per_job']} workers")
+        lines.append(f"  {'':30} {'kubetune':>14} {'Kubeflow+JobSet':>16}")
+        for label, key, fmt in rows:
+            lines.append(f"  {label:30} {fmt.format(ours[key]):>14} {fmt.format(theirs[key]):>16}")
+        lines.append(f"  {'load average 1m (mean/max)':30} {_load(ours):>14} {_load(theirs):>16}")
+        lines.append("  API requests per job by verb and resource:")
+        kinds = sorted(set(ours["api_requests_by_kind"]) | set(theirs["api_requests_by_kind"]))
+        kinds.sort(key=lambda k: -(ours["api_requests_by_kind"].get(k, 0) + theirs["api_requests_by_kind"].get(k, 0)))
+        for kind in kinds:
+            a, b = (r["api_requests_by_kind"].get(kind, 0) / jobs for r in (ours, theirs))
+            lines.append(f"    {kind:42} {a:>8.2f} {b:>16.2f}")
+        checks = [
+            ("API requests per job <= Kubeflow's", ours["api_requests_per_job"] <= theirs["api_requests_per_job"]),
+            ("all pods Running no later than Kubeflow's", ours["all_pods_running_s"] <= theirs["all_pods_running_s"]),
+            (f"reconcile p99 < {MAX_P99_MS:.0f} ms", ours["reconcile_p99_ms"] < MAX_P99_MS),
+            (f"operator RSS <= {MAX_RSS_MIB:.0f} MiB", ours["peak_rss_mib"] <= MAX_RSS_MIB),
+        ]
+        lines += [f"  [{'pass' if ok else 'FAIL'}] {what}" for what, ok in checks]
+    return "\n".join(lines)
+
+
+def _load(r: Obj) -> str:
+    return f"{r['load_1m']['mean']:.1f}/{r['load_1m']['max']:.1f}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--jobs", type=int, nargs="+", default=[200, 500], help="FineTuneJob counts to run")
+    parser.add_argument("--jobs", type=int, nargs="+", default=[200, 500], help="job counts to run")
     parser.add_argument("--workers", type=int, default=4, help="worker pods per job (one GPU each)")
     parser.add_argument("--idle", type=float, default=45.0, help="seconds of steady state counted in the requests")
-    parser.add_argument("--timeout", type=float, default=900.0, help="give up after this long")
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up on a phase after this long")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the clusters' state directories (logs, audit log)")
     args = parser.parse_args()
-    results = [run_once(n, args.workers, args.idle, args.timeout) for n in args.jobs]
-    print("\n" + json.dumps(results, indent=2))
+    # Stopped with SIGTERM (e.g. by timeout), still stop the clusters and controllers it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    results = [r for i, n in enumerate(args.jobs) for r in run_size(i, n, args)]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    print(report(results))
     return 0
 
 

@@ -4,12 +4,19 @@
 # Each tool lands in $KUBETUNE_CACHE/toolchain/<tool>-<version>/ so a version bump rebuilds only that tool.
 # With everything cached it returns in well under a second; cold it takes many minutes on 2 cores.
 # Prints the bin directory holding symlinks to all tools on its last line.
+#
+#   hack/toolchain.sh             the control plane
+#   hack/toolchain.sh kubeflow    also Kubeflow Trainer's controller and JobSet's, which the operator benchmark
+#                                 runs beside kubetune (bench/operator_scale.py); their CRDs and runtimes come
+#                                 from the same module versions (`go mod download -json`)
 set -euo pipefail
 
 K8S_VERSION=v1.34.4
 ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.21.4
+KUBEFLOW_TRAINER_VERSION=v2.3.0
+JOBSET_VERSION=v0.12.0  # also in toolchain/jobset/go.mod
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${KUBETUNE_CACHE:-$HOME/.cache/kubetune}/toolchain
@@ -59,5 +66,14 @@ build "kwok-$KWOK_VERSION" \
 build "helm-$HELM_VERSION" \
   'GOBIN=$out go install -trimpath -ldflags "$helm_ldflags" helm.sh/helm/v3/cmd/helm@$HELM_VERSION' \
   helm
+
+if [ "${1:-}" = kubeflow ]; then
+  build "kubeflow-trainer-$KUBEFLOW_TRAINER_VERSION" \
+    'GOBIN=$out go install -trimpath -ldflags "-s -w" github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager@$KUBEFLOW_TRAINER_VERSION' \
+    trainer-controller-manager
+  build "jobset-$JOBSET_VERSION" \
+    'cd "$here/toolchain/jobset" && GOBIN=$out go install -trimpath -ldflags "-s -w -X sigs.k8s.io/jobset/pkg/version.GitVersion=$JOBSET_VERSION" tool' \
+    jobset
+fi
 
 echo "$bin"

@@ -7,6 +7,10 @@ kubelet for fake GPU nodes (annotated `kwok.x-k8s.io/node=fake`), with the stage
 Each cluster lives in its own state directory (certs, etcd data, logs, kubeconfig, pids.json). Starting a
 cluster in a directory first stops whatever a crashed earlier run left there, so nothing blocks a new start;
 two clusters in two directories run side by side.
+
+`audit_users` makes the API server write an audit log of those users' requests (one JSON line per request;
+`audit_requests` reads it back), so a benchmark can count what each controller asks of the API server. Give
+each controller its own user with `user_kubeconfig`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from kubetune_dev import pki
@@ -107,6 +112,9 @@ class LocalCluster:
     gpu_nodes: GpuNodePool = field(default_factory=GpuNodePool)
     cpu_nodes: int = 1
     ports: dict[str, int] = field(default_factory=dict)
+    # Users whose requests the API server writes to the audit log (state_dir/audit.log).
+    audit_users: tuple[str, ...] = ()
+    _ca: pki.CertificateAuthority | None = field(default=None, init=False, repr=False)
 
     @property
     def kubeconfig(self) -> Path:
@@ -115,6 +123,14 @@ class LocalCluster:
     @property
     def server(self) -> str:
         return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "audit.log"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.state_dir / "pki" / "ca.crt"
 
     # ------------------------------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> LocalCluster:
@@ -195,7 +211,31 @@ class LocalCluster:
             "-",
             input=json.dumps({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}),
         )
-        self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+        if items:
+            self.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+    def user_kubeconfig(self, user: str, groups: str = "system:masters") -> Path:
+        """A kubeconfig for `user` (a client certificate from the cluster's CA; `groups` as its organisation), so
+        the API server, its audit log included, tells that client's requests from the others'."""
+        pair = self._authority().issue(f"user-{user}", user, organisation=groups)
+        config = json.loads(self.kubeconfig.read_text())
+        config["users"] = [
+            {"name": "admin", "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)}}
+        ]
+        path = self.state_dir / f"kubeconfig-{user}"
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
+        return path
+
+    def serving_cert(self, stem: str) -> pki.KeyPair:
+        """A serving certificate for 127.0.0.1 and localhost from the cluster's CA, which the API server trusts
+        (e.g. for an admission webhook on this host: caBundle = the CA in `ca_cert`)."""
+        return self._authority().issue(stem, stem, server_names=["localhost"], server_ips=["127.0.0.1"])
+
+    def _authority(self) -> pki.CertificateAuthority:
+        if self._ca is None:
+            raise RuntimeError("only the process that started the cluster can issue certificates for it")
+        return self._ca
 
     def token_kubeconfig(self, token: str, path: Path) -> Path:
         """Write a kubeconfig that authenticates with a bearer token only (e.g. a ServiceAccount's)."""
@@ -224,7 +264,7 @@ class LocalCluster:
 
     def _write_certs(self) -> dict[str, Path]:
         d = self.state_dir / "pki"
-        ca = pki.CertificateAuthority(d)
+        ca = self._ca = pki.CertificateAuthority(d)
         serving = ca.issue(
             "apiserver",
             "kube-apiserver",
@@ -311,6 +351,27 @@ class LocalCluster:
             "--endpoint-reconciler-type=none",
             "--profiling=false",
             "--v=1",
+            *self._audit_args(),
+        ]
+
+    def _audit_args(self) -> list[str]:
+        if not self.audit_users:
+            return []
+        # One line per request: at ResponseComplete, or at ResponseStarted for a watch (which completes only
+        # when it ends). Other users' requests are not logged.
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [{"level": "Metadata", "users": list(self.audit_users)}, {"level": "None"}],
+        }
+        policy_file = self.state_dir / "audit-policy.json"
+        policy_file.write_text(json.dumps(policy))
+        return [
+            f"--audit-policy-file={policy_file}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=0",
         ]
 
     def _kcm_args(self, certs: dict[str, Path]) -> list[str]:
@@ -455,6 +516,36 @@ class LocalCluster:
                 return
             time.sleep(0.3)
         raise TimeoutError("the controller-manager did not create the default ServiceAccount")
+
+
+@dataclass(frozen=True)
+class AuditedRequest:
+    user: str
+    verb: str
+    # "pods", "finetunejobs/status", ...; the path for a non-resource request (/apis, /healthz ...)
+    resource: str
+    code: int
+    received: float  # seconds since the epoch
+
+
+def audit_requests(log: Path) -> list[AuditedRequest]:
+    """The requests in an audit log, one per request (a watch is logged when it starts and when it ends)."""
+    seen: set[str] = set()
+    requests = []
+    with log.open() as lines:
+        for line in lines:
+            event = json.loads(line)
+            if event["auditID"] in seen:
+                continue
+            seen.add(event["auditID"])
+            ref = event.get("objectRef") or {}
+            resource = ref.get("resource") or event.get("requestURI", "").split("?")[0]
+            if ref.get("subresource"):
+                resource += "/" + ref["subresource"]
+            received = datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
+            code = (event.get("responseStatus") or {}).get("code", 0)
+            requests.append(AuditedRequest(event["user"]["username"], event["verb"], resource, code, received))
+    return requests
 
 
 def running_cluster(state_dir: Path) -> LocalCluster | None:
