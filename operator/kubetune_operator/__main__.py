@@ -21,7 +21,8 @@ import kopf
 from kubetune_operator.api import GROUP, KIND, PLURAL, VERSION
 from kubetune_operator.controller import Controller
 from kubetune_operator.health import start_health_server
-from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.kube import ApiError, Connection
+from kubetune_operator.kube_async import AsyncKube
 from kubetune_operator.metrics import serve
 from kubetune_operator.settings import OperatorSettings, load_settings
 
@@ -30,7 +31,7 @@ log = logging.getLogger("kubetune_operator")
 CRD_POLL_SECONDS = 5.0
 
 
-async def wait_for_crd(kube: Kube, poll: float = CRD_POLL_SECONDS) -> None:
+async def wait_for_crd(kube: AsyncKube, poll: float = CRD_POLL_SECONDS) -> None:
     """Until API discovery shows FineTuneJobs. With its scanning off, kopf serves only the resources discovery
     showed when it started: an operator started before its CRD would run, ready, and never see a FineTuneJob.
     Waiting here keeps it not ready (and saying why) instead."""
@@ -50,7 +51,7 @@ async def wait_for_crd(kube: Kube, poll: float = CRD_POLL_SECONDS) -> None:
 
 
 async def run_operator(settings: OperatorSettings, namespaces: list[str]) -> None:
-    kube = await Kube.connect()
+    kube = AsyncKube(Connection.load())
     controller = Controller(kube, settings)
     kopf_settings = kopf.OperatorSettings()
     controller.configure(kopf_settings, namespaces)

@@ -19,7 +19,8 @@ from typing import Any
 
 from kubetune_operator.api import API_VERSION, KIND
 from kubetune_operator.api.common import format_time
-from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.kube import ApiError
+from kubetune_operator.kube_async import AsyncKube
 from kubetune_operator.reconcile import Event, Plan, status_wire
 from kubetune_operator.render import Manifest
 
@@ -49,7 +50,7 @@ class Applied:
     replaced_version: str | None = None
 
 
-async def commit(kube: Kube, job: JobRef, current_status: dict[str, Any], plan: Plan) -> Applied:
+async def commit(kube: AsyncKube, job: JobRef, current_status: dict[str, Any], plan: Plan) -> Applied:
     """Write the plan's status, or confirm the job is unchanged when the plan only touches children: the guard
     before apply_children. After it, the plan's transitions have happened and its events may be posted."""
     applied = Applied()
@@ -68,7 +69,7 @@ async def commit(kube: Kube, job: JobRef, current_status: dict[str, Any], plan: 
     return applied
 
 
-async def apply_children(kube: Kube, job: JobRef, plan: Plan) -> None:
+async def apply_children(kube: AsyncKube, job: JobRef, plan: Plan) -> None:
     """Delete and create the plan's children (after commit)."""
     # Foreground for Jobs: the Job stays visible until its pods are gone, so "workers still stopping" is
     # observable; the workers get SIGTERM and checkpoint within their grace period.
@@ -84,7 +85,7 @@ async def apply_children(kube: Kube, job: JobRef, plan: Plan) -> None:
     await asyncio.gather(*(create_or_adopt(kube, job, m) for m in plan.create if m["kind"] == "Job"))
 
 
-async def _confirm_version(kube: Kube, job: JobRef) -> None:
+async def _confirm_version(kube: AsyncKube, job: JobRef) -> None:
     try:
         live = await kube.get(KIND, job.namespace, job.name)
     except ApiError as e:
@@ -95,7 +96,7 @@ async def _confirm_version(kube: Kube, job: JobRef) -> None:
         raise StaleView("the FineTuneJob changed")
 
 
-async def create_or_adopt(kube: Kube, job: JobRef, manifest: Manifest) -> None:
+async def create_or_adopt(kube: AsyncKube, job: JobRef, manifest: Manifest) -> None:
     kind, name = manifest["kind"], manifest["metadata"]["name"]
     try:
         await kube.create(manifest)
@@ -121,7 +122,7 @@ class EventPoster:
     """Posts Events in the background, so a reconcile never waits for them. They are for humans: one that
     cannot be posted is logged and dropped, and a full queue drops new ones rather than grow."""
 
-    def __init__(self, kube: Kube, capacity: int = 10_000) -> None:
+    def __init__(self, kube: AsyncKube, capacity: int = 10_000) -> None:
         self._kube = kube
         self._queue: asyncio.Queue[tuple[JobRef, Event, datetime]] = asyncio.Queue(capacity)
 
@@ -146,7 +147,7 @@ class EventPoster:
         await self._queue.join()
 
 
-async def post_event(kube: Kube, job: JobRef, event: Event, now: datetime) -> None:
+async def post_event(kube: AsyncKube, job: JobRef, event: Event, now: datetime) -> None:
     stamp = format_time(now)
     await kube.create(
         {

@@ -36,7 +36,8 @@ from pydantic import ValidationError
 from kubetune_operator.api import GROUP, PLURAL, VERSION, FineTuneJob
 from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_children, commit
 from kubetune_operator.cost import GPU_PRODUCT_LABEL, INSTANCE_TYPE_LABEL
-from kubetune_operator.kube import Kube
+from kubetune_operator.kube import Connection
+from kubetune_operator.kube_async import AsyncKube
 from kubetune_operator.metrics import OperatorMetrics, ReconcileResult
 from kubetune_operator.names import CHILD_SELECTOR, LABEL_JOB
 from kubetune_operator.observed import (
@@ -112,7 +113,7 @@ class ReconcileStats:
 
 
 class Controller:
-    def __init__(self, kube: Kube, settings: OperatorSettings) -> None:
+    def __init__(self, kube: AsyncKube, settings: OperatorSettings) -> None:
         self.kube = kube
         self.settings = settings
         self.queue: WorkQueue[Key] = WorkQueue()
@@ -140,9 +141,9 @@ class Controller:
         registry = kopf.OperatorRegistry()
 
         @kopf.on.login(registry=registry)
-        async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-            # The same kubeconfig / in-cluster credentials as the operator's own client (kube.py).
-            return kopf.login_via_client(**kwargs)
+        async def login(**_: Any) -> kopf.ConnectionInfo:
+            # kopf's watches use the operator's own credentials (kube.py), read again when kopf logs in anew.
+            return connection_info(self.kube.connection)
 
         @kopf.index(GROUP, VERSION, PLURAL, id="finetunejobs", registry=registry)
         async def finetunejobs(body: kopf.Body, **_: Any) -> dict[Key, dict[str, Any]]:
@@ -375,6 +376,22 @@ class Controller:
         host = f"[{rank0.pod_ip}]" if ":" in rank0.pod_ip else rank0.pod_ip
         url = f"http://{host}:{self.settings.trainer_metrics_port}/progress"
         return self.poller.watch(key, url, status.run, status.attempt, now)
+
+
+def connection_info(connection: Connection) -> kopf.ConnectionInfo:
+    """kopf's credentials from the operator's: the same server, TLS material and current token."""
+    c = connection.configuration
+    return kopf.ConnectionInfo(
+        server=connection.server,
+        default_namespace=connection.namespace,
+        ca_path=c.ssl_ca_cert,
+        insecure=not c.verify_ssl,
+        certificate_path=c.cert_file,
+        private_key_path=c.key_file,
+        scheme="Bearer" if connection.token() else None,
+        token=connection.token(),
+        proxy_url=connection.proxy,
+    )
 
 
 def only_exact_namespaces(namespaces: list[str]) -> bool:

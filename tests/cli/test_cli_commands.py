@@ -19,12 +19,13 @@ import cli_helpers as h
 import pytest
 import yaml
 from cli_helpers import EXECUTABLE, REPO, Cli, error, ok, png_size
-from kubernetes import client, config
+from kubetune_dev import pki
 from kubetune_dev.cluster import LocalCluster, free_port
 from kubetune_dev.toolchain import toolchain_bin
 from kubetune_operator.api import RERUN_ANNOTATION
 from kubetune_operator.api.status import AttemptRecord, CheckpointStatus, HistoryPoint
 from kubetune_operator.cli.errors import explain_api_error
+from kubetune_operator.kube import ApiError, Connection, Kube
 
 pytestmark = pytest.mark.e2e
 
@@ -382,10 +383,23 @@ def test_no_permission_is_one_line_with_what_to_ask_for(
 def test_a_resource_the_server_does_not_serve_reads_as_a_missing_crd(crd_cluster: LocalCluster, namespace: str) -> None:
     """The CRD cannot be removed from the shared cluster, so ask the same server for a kind it does not serve:
     its answer is exactly what a cluster without the CRD sends, and the CLI's explanation is built from it."""
-    api = client.CustomObjectsApi(config.new_client_from_config(config_file=str(crd_cluster.kubeconfig)))
-    with pytest.raises(client.ApiException) as unserved:
-        api.list_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunejobz")
+    kube = Kube(Connection.load(str(crd_cluster.kubeconfig)))
+    with pytest.raises(ApiError) as unserved:
+        kube.request("GET", f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobz")
     e = unserved.value
     assert explain_api_error(e.status, e.reason, e.body, namespace=namespace).startswith(
         "the FineTuneJob API (finetunejobs.kubetune.io/v1alpha1) is not installed in this cluster"
+    )
+
+
+def test_a_server_certificate_the_kubeconfig_does_not_trust_is_one_line(
+    cli: Cli, crd_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    config = json.loads(crd_cluster.kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["certificate-authority"] = str(pki.CertificateAuthority(tmp_path).pair.cert)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(config))
+    assert error(cli("list", "--kubeconfig", str(kubeconfig))).startswith(
+        f"cannot talk to the API server at {crd_cluster.server}: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+        "failed"
     )

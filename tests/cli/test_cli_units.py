@@ -4,6 +4,7 @@ worker's log to read."""
 from __future__ import annotations
 
 import json
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,14 +85,6 @@ def test_other_api_errors_are_one_line() -> None:
     assert explain_api_error(401, "Unauthorized", None, namespace="ml").startswith(
         "the API server rejected your credentials (401 Unauthorized)"
     )
-    # The client library reports a TLS failure as status 0.
-    tls = explain_api_error(
-        0, "SSLError\n[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed", None, namespace=None
-    )
-    assert tls == (
-        "cannot talk to the API server: SSLError [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed. "
-        "Check the cluster's CA and --context / --kubeconfig"
-    )
     assert explain_api_error(500, "Internal Server Error", "oops", namespace="ml") == (
         "the API server answered 500: Internal Server Error"
     )
@@ -106,6 +99,11 @@ def test_connection_errors() -> None:
     )
     assert "(unknown host)" in explain_connection_error(server, OSError("Name or service not known"))
     assert "(timed out)" in explain_connection_error(server, TimeoutError("timed out"))
+    tls = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    assert explain_connection_error(server, tls) == (
+        "cannot talk to the API server at https://127.0.0.1:1: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify "
+        "failed. Check the cluster's CA and --context / --kubeconfig"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

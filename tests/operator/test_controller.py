@@ -9,7 +9,8 @@ import kopf
 import pytest
 from kubetune_operator.__main__ import wait_for_crd
 from kubetune_operator.controller import Controller
-from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.kube import ApiError
+from kubetune_operator.kube_async import AsyncKube
 from kubetune_operator.settings import OperatorSettings
 
 
@@ -26,12 +27,12 @@ from kubetune_operator.settings import OperatorSettings
 )
 def test_kopf_scans_the_cluster_only_when_its_namespaces_need_resolving(namespaces: list[str], scanning: bool) -> None:
     settings = kopf.OperatorSettings()
-    Controller(cast(Kube, None), OperatorSettings()).configure(settings, namespaces)
+    Controller(cast(AsyncKube, None), OperatorSettings()).configure(settings, namespaces)
     assert settings.scanning.disabled is not scanning
 
 
 class DiscoveryAnswers:
-    """Kube.request answering discovery requests with the given answers, in order."""
+    """AsyncKube.request answering discovery requests with the given answers, in order."""
 
     def __init__(self, *answers: dict[str, Any] | ApiError) -> None:
         self.answers = list(answers)
@@ -51,7 +52,7 @@ def test_without_scanning_the_operator_waits_for_its_crd(caplog: pytest.LogCaptu
         {"resources": []},  # the group is there, the CRD not established yet
         {"resources": [{"name": "finetunejobs"}, {"name": "finetunejobs/status"}]},
     )
-    asyncio.run(wait_for_crd(cast(Kube, kube), poll=0))
+    asyncio.run(wait_for_crd(cast(AsyncKube, kube), poll=0))
     assert kube.paths == ["GET /apis/kubetune.io/v1alpha1"] * 3
     assert [r.message for r in caplog.records] == [
         "no FineTuneJob API (kubetune.io/v1alpha1) yet: waiting for its CRD to be installed"
@@ -61,4 +62,4 @@ def test_without_scanning_the_operator_waits_for_its_crd(caplog: pytest.LogCaptu
 def test_an_api_error_other_than_not_found_is_not_waited_out() -> None:
     kube = DiscoveryAnswers(ApiError(403, "Forbidden", "discovery is forbidden"))
     with pytest.raises(ApiError, match="403 Forbidden"):
-        asyncio.run(wait_for_crd(cast(Kube, kube), poll=0))
+        asyncio.run(wait_for_crd(cast(AsyncKube, kube), poll=0))

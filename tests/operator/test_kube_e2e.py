@@ -8,7 +8,8 @@ import asyncio
 import pytest
 from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.__main__ import wait_for_crd
-from kubetune_operator.kube import ApiError, Kube
+from kubetune_operator.kube import ApiError, Connection
+from kubetune_operator.kube_async import AsyncKube
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +20,7 @@ def test_an_unknown_api_group_is_a_404_and_a_served_crd_is_found(
     monkeypatch.setenv("KUBECONFIG", str(crd_cluster.kubeconfig))
 
     async def check() -> None:
-        kube = await Kube.connect()
+        kube = AsyncKube(Connection.load())
         try:
             # the API server answers "404 page not found" in plain text here
             with pytest.raises(ApiError) as e:

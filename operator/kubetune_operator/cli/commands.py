@@ -1,4 +1,4 @@
-"""The subcommands: each fetches or changes what it needs through Kube and prints a view. No formatting here."""
+"""The subcommands: each fetches or changes what it needs through Cluster and prints a view. No formatting here."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from kubetune_operator.api import RERUN_ANNOTATION
 from kubetune_operator.cli import manifest, plot, views, workers
+from kubetune_operator.cli.cluster import Cluster
 from kubetune_operator.cli.errors import CliError
-from kubetune_operator.cli.kube import Kube
 
 RESOURCE = "finetunejob.kubetune.io"  # how kubectl names the kind in its one-line results
 
@@ -24,8 +24,8 @@ class Session:
         self.args = args
 
     @cached_property
-    def kube(self) -> Kube:
-        return Kube(getattr(self.args, "kubeconfig", None), getattr(self.args, "context", None))
+    def cluster(self) -> Cluster:
+        return Cluster(getattr(self.args, "kubeconfig", None), getattr(self.args, "context", None))
 
     @property
     def explicit_namespace(self) -> str | None:
@@ -34,7 +34,7 @@ class Session:
 
     @property
     def namespace(self) -> str:
-        return self.explicit_namespace or self.kube.default_namespace
+        return self.explicit_namespace or self.cluster.default_namespace
 
     @property
     def all_namespaces(self) -> bool:
@@ -64,7 +64,7 @@ def none_found(s: Session) -> None:
 
 
 def list_jobs(s: Session) -> int:
-    jobs = s.kube.list_jobs(s.scope)
+    jobs = s.cluster.list_jobs(s.scope)
     output = s.args.output
     if output in ("json", "yaml"):
         print_line(views.dump({"apiVersion": "v1", "kind": "List", "items": jobs}, output))
@@ -76,8 +76,8 @@ def list_jobs(s: Session) -> int:
 
 
 def describe(s: Session) -> int:
-    job = s.kube.get_job(s.namespace, s.args.name)
-    print_line(views.describe(job, s.kube.job_events(job), now=now()))
+    job = s.cluster.get_job(s.namespace, s.args.name)
+    print_line(views.describe(job, s.cluster.job_events(job), now=now()))
     return 0
 
 
@@ -86,7 +86,7 @@ def watch(s: Session) -> int:
     tty = sys.stdout.isatty()
     last = None
     try:
-        for job in s.kube.watch_job(s.namespace, s.args.name):
+        for job in s.cluster.watch_job(s.namespace, s.args.name):
             line = views.progress_line(job, width=shutil.get_terminal_size().columns if tty else None)
             if tty:
                 sys.stdout.write(f"\r\x1b[2K{line}")
@@ -108,20 +108,22 @@ def watch(s: Session) -> int:
 
 def logs(s: Session) -> int:
     name, namespace = s.args.name, s.namespace
-    status = s.kube.get_job(namespace, name).get("status") or {}
+    status = s.cluster.get_job(namespace, name).get("status") or {}
     run, attempt = status.get("run"), s.args.attempt or status.get("attempt")
     if not run or not attempt:
         raise CliError(
             f'FineTuneJob "{name}" has not started any workers yet: `kubectl finetune watch {name}` follows it'
         )
     where = f"run {run} attempt {attempt} of {name}"
-    pod = workers.pick_worker(s.kube.attempt_pods(namespace, name, run, attempt), s.args.rank, where=where)
+    pod = workers.pick_worker(s.cluster.attempt_pods(namespace, name, run, attempt), s.args.rank, where=where)
     if pod.get("status", {}).get("phase") == "Pending":
         if not s.args.follow:
             raise CliError(f"worker {pod['metadata']['name']} has not started yet: add --follow to wait for its log")
-        s.kube.wait_for_start(namespace, pod)
+        s.cluster.wait_for_start(namespace, pod)
     out = sys.stdout.buffer
-    for chunk in s.kube.pod_log(namespace, pod["metadata"]["name"], workers.log_container(pod), follow=s.args.follow):
+    for chunk in s.cluster.pod_log(
+        namespace, pod["metadata"]["name"], workers.log_container(pod), follow=s.args.follow
+    ):
         out.write(chunk)
         out.flush()
     return 0
@@ -129,11 +131,11 @@ def logs(s: Session) -> int:
 
 def set_suspended(s: Session, suspend: bool) -> int:
     name = s.args.name
-    job = s.kube.get_job(s.namespace, name)
+    job = s.cluster.get_job(s.namespace, name)
     if bool(views.dig(job, "spec", "runPolicy", "suspend")) == suspend:
         print_line(f"{RESOURCE}/{name} is already {'suspended' if suspend else 'running (not suspended)'}")
         return 0
-    s.kube.patch_job(s.namespace, name, {"spec": {"runPolicy": {"suspend": suspend}}})
+    s.cluster.patch_job(s.namespace, name, {"spec": {"runPolicy": {"suspend": suspend}}})
     print_line(f"{RESOURCE}/{name} {'suspended' if suspend else 'resumed'}")
     return 0
 
@@ -148,7 +150,7 @@ def resume(s: Session) -> int:
 
 def rerun(s: Session) -> int:
     token = s.args.token or now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    s.kube.patch_job(s.namespace, s.args.name, {"metadata": {"annotations": {RERUN_ANNOTATION: token}}})
+    s.cluster.patch_job(s.namespace, s.args.name, {"metadata": {"annotations": {RERUN_ANNOTATION: token}}})
     print_line(f"{RESOURCE}/{s.args.name} rerun requested ({RERUN_ANNOTATION}={token})")
     return 0
 
@@ -157,7 +159,7 @@ def create(s: Session) -> int:
     args = s.args
     body = manifest.build(args.name, s.explicit_namespace, vars(args))
     mode = args.dry_run
-    obj = body if mode == "client" else s.kube.create_job(s.namespace, body, server_dry_run=mode == "server")
+    obj = body if mode == "client" else s.cluster.create_job(s.namespace, body, server_dry_run=mode == "server")
     if args.output:
         print_line(views.dump(obj, args.output))
     else:
@@ -172,7 +174,7 @@ def plot_loss(s: Session) -> int:
         records = plot.read_metrics(Path(args.from_dir))
         title = args.name or args.from_dir
     elif args.name:
-        job = s.kube.get_job(s.namespace, args.name)
+        job = s.cluster.get_job(s.namespace, args.name)
         records = views.dig(job, "status", "progress", "history") or []
         if not records:
             raise CliError(
@@ -190,7 +192,7 @@ def plot_loss(s: Session) -> int:
 
 
 def cost(s: Session) -> int:
-    jobs = s.kube.list_jobs(s.scope)
+    jobs = s.cluster.list_jobs(s.scope)
     if jobs:
         print_line(views.cost_table(jobs, all_namespaces=s.all_namespaces))
     else:

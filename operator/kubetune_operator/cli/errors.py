@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 from typing import Any
 
 from kubetune_operator.api import CRD_NAME, PLURAL, VERSION
@@ -67,17 +68,19 @@ def explain_api_error(status: int | None, reason: str | None, body: str | None, 
             f'FineTuneJob "{details.get("name")}" already exists in {where}: edit it, or start a new run of it with '
             f"`kubectl finetune rerun {details.get('name')}`"
         )
-    if status == 0:
-        # The client library reports TLS failures as status 0 with the exception in `reason`.
-        return f"cannot talk to the API server: {message}. Check the cluster's CA and --context / --kubeconfig"
     if status in (400, 422):
         return message or f"the API server rejected the request ({status})"
     return f"the API server answered {status}: {message or 'no details'}"
 
 
 def explain_connection_error(server: str, cause: BaseException | None) -> str:
-    """No answer at all from the API server (connection refused, unknown host, timeout)."""
+    """No answer at all from the API server (connection refused, unknown host, timeout, TLS failure)."""
     text = str(cause or "").lower()
+    if isinstance(cause, ssl.SSLError) or "certificate" in text:
+        return (
+            f"cannot talk to the API server at {server}: {_one_line(str(cause))}. Check the cluster's CA and "
+            "--context / --kubeconfig"
+        )
     if isinstance(cause, ConnectionRefusedError) or "refused" in text:
         why = "connection refused"
     elif "name or service not known" in text or "resolution" in text or "nodename nor servname" in text:

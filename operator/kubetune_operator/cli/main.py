@@ -6,11 +6,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-import urllib3
-from kubernetes.client import ApiException
-
 from kubetune_operator.cli import commands, manifest
 from kubetune_operator.cli.errors import CliError, explain_api_error, explain_connection_error
+from kubetune_operator.kube import ApiError, ConfigError, Unreachable
 
 Command = Callable[[commands.Session], int]
 
@@ -82,15 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.run(session)
         return code
-    except CliError as e:
+    except (CliError, ConfigError) as e:
         return fail(str(e))
-    except ApiException as e:
+    except ApiError as e:
         namespace = None if session.all_namespaces else session.namespace
         return fail(explain_api_error(e.status, e.reason, e.body, namespace=namespace))
-    except urllib3.exceptions.MaxRetryError as e:
-        return fail(explain_connection_error(session.kube.server, e.reason))
-    except urllib3.exceptions.ProtocolError as e:
-        return fail(explain_connection_error(session.kube.server, e))
+    except Unreachable as e:
+        return fail(explain_connection_error(e.server, e.cause))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
