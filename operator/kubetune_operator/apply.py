@@ -46,27 +46,35 @@ class JobRef:
 
 @dataclass(frozen=True)
 class Applied:
-    # After a status write: the version it replaced (a cache still holding it is behind).
+    # After a status write: the version it replaced (a cache still holding it is behind), and the one it made
+    # (its watch event is the operator's own write coming back, with nothing new in it).
     replaced_version: str | None = None
+    written_version: str | None = None
+    # The status differed only in running figures, and was not written (defer_figures).
+    deferred: bool = False
 
 
-async def commit(kube: AsyncKube, job: JobRef, current_status: dict[str, Any], plan: Plan) -> Applied:
+async def commit(
+    kube: AsyncKube, job: JobRef, current_status: dict[str, Any], plan: Plan, *, defer_figures: bool = False
+) -> Applied:
     """Write the plan's status, or confirm the job is unchanged when the plan only touches children: the guard
-    before apply_children. After it, the plan's transitions have happened and its events may be posted."""
+    before apply_children. After it, the plan's transitions have happened and its events may be posted.
+    `defer_figures`: a status that differs only in running figures (`only_figures_differ`) is not written now."""
     applied = Applied()
     desired = status_wire(plan.status)
-    if desired != current_status:
+    deferred = defer_figures and only_figures_differ(current_status, desired)
+    if desired != current_status and not deferred:
         body = {"metadata": {"resourceVersion": job.resource_version}, "status": merge_diff(current_status, desired)}
         try:
-            await kube.merge_patch(KIND, job.namespace, job.name, body, subresource="status")
+            written = await kube.merge_patch(KIND, job.namespace, job.name, body, subresource="status")
         except ApiError as e:
             if e.status in (404, 409):
                 raise StaleView(str(e)) from e
             raise
-        applied = Applied(replaced_version=job.resource_version)
+        applied = Applied(replaced_version=job.resource_version, written_version=written["metadata"]["resourceVersion"])
     elif plan.create or plan.delete:
         await _confirm_version(kube, job)
-    return applied
+    return Applied(deferred=True) if deferred else applied
 
 
 async def apply_children(kube: AsyncKube, job: JobRef, plan: Plan) -> None:
@@ -172,6 +180,26 @@ async def post_event(kube: AsyncKube, job: JobRef, event: Event, now: datetime) 
             "count": 1,
         }
     )
+
+
+def only_figures_differ(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether two statuses (as written) differ, but only in running figures: values that follow from the pods'
+    times and counts and so change from one moment to the next, without anything having happened. They are the
+    run's cost so far (status.cost, and the open attempt's and the active run's records of it) and the worker
+    counts (status.workers). A finished attempt's or run's record is history, never a running figure."""
+    return old != new and _without_figures(old) == _without_figures(new)
+
+
+def _without_figures(status: dict[str, Any]) -> dict[str, Any]:
+    spent = ("gpuHours", "costUSD")
+
+    def drop(record: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k not in keys}
+
+    rest = {k: v for k, v in status.items() if k not in ("cost", "workers")}
+    rest["attempts"] = [a if "reason" in a else drop(a, spent) for a in status.get("attempts") or []]
+    rest["runs"] = [r if "result" in r else drop(r, spent) for r in status.get("runs") or []]
+    return rest
 
 
 def merge_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ from kubetune_operator.observed import (
     summarize_pod,
 )
 from kubetune_operator.progress import ProgressPoller, TrainerView
-from kubetune_operator.reconcile import reconcile, status_wire
+from kubetune_operator.reconcile import reconcile, status_wire, with_running_figures
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.workqueue import WorkQueue
 
@@ -126,6 +127,12 @@ class Controller:
         self._rejections: dict[Key, Rejection] = {}
         # A resourceVersion the cache is known to be behind, by job, and since when.
         self._behind: dict[Key, tuple[str, float]] = {}
+        # The resourceVersion of the operator's last status write, by job, until its watch event arrives.
+        self._echoes: dict[Key, str] = {}
+        # Jobs whose reconcile waits for the cache to catch up with a write of ours.
+        self._waiting: set[Key] = set()
+        # When each job's status was last written, running figures (cost, worker counts) included.
+        self._figures_written: dict[Key, float] = {}
         self._errors: dict[Key, int] = {}
         # Children created or deleted in the last moments, by job: (verb, kind, name) -> when. Until the watch
         # shows the change, the caches say "missing" (or "still there") and would invite a second request.
@@ -165,6 +172,10 @@ class Controller:
             key = (body.metadata["namespace"], body.metadata["name"])
             if type == "DELETED":
                 self.forget(key)
+            elif self.is_echo(key, body.metadata.get("resourceVersion")):
+                # The operator's own status write coming back: nothing to react to. Reacting would make every
+                # write the cause of the next (the status holds figures that change with time).
+                pass
             else:
                 self.queue.add(key)
 
@@ -255,11 +266,25 @@ class Controller:
         tasks = [*self._workers, *([self._poster] if self._poster else [])]
         return bool(tasks) and not any(t.done() for t in tasks)
 
+    def is_echo(self, key: Key, version: str | None) -> bool:
+        """Whether a watch event of the FineTuneJob at `version` only brings back the operator's own last write,
+        for which no reconcile waits."""
+        if key in self._waiting:
+            self._waiting.discard(key)
+            return False
+        if version is not None and self._echoes.get(key) == version:
+            del self._echoes[key]
+            return True
+        return False
+
     def forget(self, key: Key) -> None:
         self.queue.forget(key)
         self.poller.unwatch(key)
         self._rejections.pop(key, None)
         self._behind.pop(key, None)
+        self._echoes.pop(key, None)
+        self._waiting.discard(key)
+        self._figures_written.pop(key, None)
         self._errors.pop(key, None)
         self._recent.pop(key, None)
 
@@ -292,14 +317,19 @@ class Controller:
         if behind and behind[0] == version:
             waited = time.monotonic() - behind[1]
             if waited < STALE_CACHE_TIMEOUT:
+                self._waiting.add(key)
                 self.queue.add(key, STALE_CACHE_TIMEOUT - waited)
                 return "requeue_after"
         ftj = FineTuneJob.model_validate(body)
         now = datetime.now(UTC)
         plan = reconcile(ftj, self.observe(key, ftj, now), self.settings, now)
         job = JobRef(meta["name"], meta["namespace"], meta["uid"], version)
+        # Running figures change every second: rewritten at most once per interval, unless something else
+        # changes and carries them along. Metrics compute them when scraped.
+        interval = self.settings.figures_write_interval_seconds
+        since = time.monotonic() - self._figures_written.get(key, -math.inf)
         try:
-            applied = await commit(self.kube, job, status_wire(ftj.status), plan)
+            applied = await commit(self.kube, job, status_wire(ftj.status), plan, defer_figures=since < interval)
         except StaleView:
             self.stats.conflicts += 1
             self._behind[key] = (version, time.monotonic())
@@ -307,6 +337,11 @@ class Controller:
             return "requeue"
         if applied.replaced_version:
             self._behind[key] = (applied.replaced_version, time.monotonic())
+        if applied.written_version:
+            self._echoes[key] = applied.written_version
+            self._figures_written[key] = time.monotonic()
+        if applied.deferred:
+            self.queue.add(key, interval - since)
         self.events.submit(job, plan.events, now)
         try:
             await apply_children(self.kube, job, plan)
@@ -326,21 +361,23 @@ class Controller:
         return "requeue_after" if plan.requeue_after < self.settings.resync_seconds else "success"
 
     def finetunejobs(self) -> list[FineTuneJob]:
-        """The FineTuneJobs in the cache (the metrics collector's source); one that does not validate is left
-        out (its reconcile logs why)."""
+        """The FineTuneJobs in the cache, their running figures (cost so far, worker counts) computed from the
+        pods now rather than read from the status, which refreshes them only every so often: the metrics
+        collector's source. One that does not validate is left out (its reconcile logs why)."""
         index = self._caches.get("finetunejobs")
+        now = datetime.now(UTC)
         jobs = []
-        for store in index.values() if index is not None else ():
+        for key, store in index.items() if index is not None else ():
             for body in store:
                 try:
-                    jobs.append(FineTuneJob.model_validate(body))
+                    ftj = FineTuneJob.model_validate(body)
                 except ValidationError:
                     continue
+                jobs.append(with_running_figures(ftj, self._children(key), self.settings, now))
         return jobs
 
     def observe(self, key: Key, ftj: FineTuneJob, now: datetime) -> Observed:
         """Everything the caches and the progress poller hold about one job: the pure reconcile's input."""
-        c = self._caches
         recent = {
             change: at
             for change, at in self._recent.pop(key, {}).items()
@@ -348,19 +385,27 @@ class Controller:
         }
         if recent:
             self._recent[key] = recent
-        observed = Observed(
-            jobs=tuple(_all(c["jobs"], key)),
-            pods=tuple(_all(c["pods"], key)),
-            services=tuple(_all(c["services"], key)),
-            config_maps=tuple(_all(c["configmaps"], key)),
-            claims=tuple(_all(c["claims"], key)),
+        observed = replace(
+            self._children(key),
             rejection=self._rejections.get(key),
             just_created=frozenset((kind, name) for verb, kind, name in recent if verb == "create"),
             just_deleted=frozenset((kind, name) for verb, kind, name in recent if verb == "delete"),
         )
-        on = {p.usage.node_name for p in observed.pods if p.usage.node_name}
-        nodes = {name: labels for name in on if (labels := _only(c["nodes"], name)) is not None}
-        return replace(observed, nodes=nodes, trainer=self._trainer(key, ftj, observed, now))
+        return replace(observed, trainer=self._trainer(key, ftj, observed, now))
+
+    def _children(self, key: Key) -> Observed:
+        """What the caches hold about one job's children, their pods and those pods' nodes."""
+        c = self._caches
+        pods = tuple(_all(c["pods"], key))
+        on = {p.usage.node_name for p in pods if p.usage.node_name}
+        return Observed(
+            jobs=tuple(_all(c["jobs"], key)),
+            pods=pods,
+            services=tuple(_all(c["services"], key)),
+            config_maps=tuple(_all(c["configmaps"], key)),
+            claims=tuple(_all(c["claims"], key)),
+            nodes={name: labels for name in on if (labels := _only(c["nodes"], name)) is not None},
+        )
 
     def _trainer(self, key: Key, ftj: FineTuneJob, observed: Observed, now: datetime) -> TrainerView | None:
         """Have the poller watch the current attempt's rank 0 while it runs (also while it checkpoints after

@@ -249,6 +249,21 @@ def reconcile(ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, 
     )
 
 
+def with_running_figures(
+    ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, now: datetime
+) -> FineTuneJob:
+    """The job with its running figures as of `now`: the cost so far and the worker counts, from its pods. The
+    status holds them as of its last write, which may be minutes old (settings.figuresWriteIntervalSeconds)."""
+    status = ftj.status
+    if status is None or ftj.metadata.get("deletionTimestamp"):
+        return ftj
+    p = Pass.of(ftj, observed, settings, now)
+    status = account(p, status)
+    if status.attempt is not None and status.run is not None:
+        status = status.model_copy(update={"workers": _workers(p.observed.pods_of(status.run, status.attempt))})
+    return ftj.model_copy(update={"status": status})
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. what the pass observed
 # ----------------------------------------------------------------------------------------------
@@ -540,7 +555,9 @@ def start_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Step:
     if status.cost is None:
         update["cost"] = CostStatus(gpu_hours=0.0, usd=0.0)
     opened = status.model_copy(update=update)
-    if last is not None and last.reason == "Suspended":
+    if last is None:
+        return Step(opened)  # the run's first attempt: RunStarted announced it
+    if last.reason == "Suspended":
         return p.event(
             opened, "Normal", "Resumed", f"attempt {number} of run {run.run} resumes from the latest checkpoint"
         )
@@ -608,10 +625,14 @@ def observe_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outco
     pods = p.observed.pods_of(run.run, attempt.attempt)
     workers = p.trained(run).resources.num_nodes
     queued = p.queued_note(run)
-    if job is None or job.deleting:
+    if job is not None and job.deleting:
         return Step(status), Situation(
             "Pending", "CreatingWorkers", f"creating the Job of attempt {attempt.attempt}", True
         )
+    if job is None:
+        # Being created (by this pass, or the last one while the cache does not show it yet): the same words as
+        # once it shows, so the status is not rewritten just for that.
+        return Step(status), Situation("Pending", "WorkersStarting", f"0 of {workers} workers running{queued}", True)
     if job.suspended:
         # Kueue holds the Job until it admits all workers; pods it removes on preemption are not failures.
         queue = p.trained(run).resources.queue_name

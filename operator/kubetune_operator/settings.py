@@ -64,6 +64,14 @@ class OperatorSettings(SettingsModel):
             "(spread per job)."
         ),
     )
+    figures_write_interval_seconds: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "How often a job's status is rewritten when only its running figures changed (cost so far, worker "
+            "counts); any other change writes them along at once. The operator's metrics compute them when scraped."
+        ),
+    )
     resync_seconds: float = Field(
         600.0, gt=0, description="How often an idle job (finished, suspended) is re-reconciled to catch drift."
     )

@@ -7,9 +7,20 @@ import asyncio
 from typing import Any
 
 import pytest
-from ftj_builders import SETTINGS, T0, UID, ftj, owner, step
-from kubetune_operator.apply import EventPoster, JobRef, Rejected, StaleView, apply_children, commit, merge_diff
+from ftj_builders import SETTINGS, T0, UID, ftj, job_state, later, owner, pod, spec, step
+from kubetune_operator.api import FineTuneJob
+from kubetune_operator.apply import (
+    EventPoster,
+    JobRef,
+    Rejected,
+    StaleView,
+    apply_children,
+    commit,
+    merge_diff,
+    only_figures_differ,
+)
 from kubetune_operator.kube import ApiError
+from kubetune_operator.observed import Observed
 from kubetune_operator.reconcile import Deletion, Event, Plan, status_wire
 from kubetune_operator.render import render_job
 
@@ -78,7 +89,7 @@ def test_the_status_is_written_first_with_the_version_the_plan_was_made_from() -
     # The claim, config and Service in parallel, then the Job whose pods use them. No events: the caller's.
     assert sorted(kube.calls[1:3]) == [("POST", "ConfigMap", "sft-r1"), ("POST", "Service", "sft-r1-a1")]
     assert kube.calls[3:] == [("POST", "Job", "sft-r1-a1")]
-    assert applied.replaced_version == "41"
+    assert (applied.replaced_version, applied.written_version) == ("41", "42")
 
 
 def test_a_conflicting_status_write_stops_everything_after_it() -> None:
@@ -106,6 +117,49 @@ def test_nothing_to_do_makes_no_request() -> None:
     kube = FakeKube()
     run(apply_plan(kube, JOB, status_wire(plan.status), Plan(status=plan.status)))
     assert kube.calls == []
+
+
+# Two workers running since T0.
+WORKERS = Observed(jobs=(job_state("sft-r1-a1"),), pods=(pod(0), pod(1)))
+
+
+def running() -> FineTuneJob:
+    """The job with two workers running, as its status is after a reconcile a second after they started."""
+    return step(step(ftj())[1], WORKERS, later(1))[1]
+
+
+def wire(job: FineTuneJob) -> dict[str, Any]:
+    return status_wire(job.status)
+
+
+def test_only_the_running_cost_and_worker_counts_are_figures() -> None:
+    job = running()
+    a, b = wire(job), status_wire(step(job, WORKERS, later(90))[0].status)
+    assert a["cost"] != b["cost"] and a["attempts"][0]["gpuHours"] != b["attempts"][0]["gpuHours"]
+    assert only_figures_differ(a, b)
+    assert not only_figures_differ(a, a)
+    assert only_figures_differ(a, {**a, "workers": {"active": 2, "ready": 1}})
+    # anything else is news: a phase, a condition, an ended attempt's record, progress
+    assert not only_figures_differ(a, {**b, "phase": "Pending"})
+    closed = [{**a["attempts"][0], "reason": "Preempted"}]
+    assert not only_figures_differ({**a, "attempts": closed}, {**a, "attempts": [{**closed[0], "gpuHours": 9.0}]})
+    assert not only_figures_differ(a, {**b, "progress": {"step": 3}})
+
+
+def test_a_status_that_differs_only_in_figures_waits_when_asked_to() -> None:
+    job = running()
+    plan = step(job, WORKERS, later(90))[0]
+    kube = FakeKube()
+    applied = run(commit(kube, JOB, wire(job), Plan(status=plan.status), defer_figures=True))
+    assert kube.calls == [] and applied.deferred
+    applied = run(commit(kube, JOB, wire(job), Plan(status=plan.status)))
+    assert kube.calls == [("PATCH", "FineTuneJob/status", "sft")] and not applied.deferred
+    assert set(kube.bodies[0]["status"]) == {"cost", "attempts"}
+    # A transition is written at once, figures and all.
+    suspended = step(ftj(spec(runPolicy={"suspend": True}), status=wire(job)), WORKERS, later(90))[0]
+    kube = FakeKube()
+    run(commit(kube, JOB, wire(job), Plan(status=suspended.status), defer_figures=True))
+    assert kube.calls == [("PATCH", "FineTuneJob/status", "sft")] and "cost" in kube.bodies[0]["status"]
 
 
 def test_an_existing_child_is_adopted_only_when_it_is_ours() -> None:

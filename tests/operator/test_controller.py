@@ -63,3 +63,15 @@ def test_an_api_error_other_than_not_found_is_not_waited_out() -> None:
     kube = DiscoveryAnswers(ApiError(403, "Forbidden", "discovery is forbidden"))
     with pytest.raises(ApiError, match="403 Forbidden"):
         asyncio.run(wait_for_crd(cast(AsyncKube, kube), poll=0))
+
+
+def test_the_watch_event_of_the_operators_own_write_wakes_nothing_unless_a_reconcile_waits_for_it() -> None:
+    controller = Controller(cast(AsyncKube, None), OperatorSettings())
+    key = ("ml", "sft")
+    controller._echoes[key] = "42"
+    assert not controller.is_echo(key, "41")  # someone else's change (the write's echo is still to come)
+    assert controller.is_echo(key, "42")
+    assert not controller.is_echo(key, "42")  # once only
+    controller._echoes[key] = "43"
+    controller._waiting.add(key)  # a reconcile was held back until the cache shows the write
+    assert not controller.is_echo(key, "43")

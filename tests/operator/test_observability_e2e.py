@@ -8,6 +8,7 @@ GPU nodes' instance type) and timeouts short, so budgets and stalls trip within 
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -140,6 +141,28 @@ def test_progress_reaches_the_status_kubectl_get_and_the_operator_metrics(
         return not any(key[1:] == (ns, "prog") for key in metrics(operator))
 
     wait_for(gone, 30, "the job's series to go")
+
+
+def test_while_nothing_happens_the_status_stays_and_the_metrics_keep_counting(
+    api: Api, operator: Operator, ns: str
+) -> None:
+    """A running job whose trainer reports nothing new: its cost grows every second, but that is no news. The
+    status is not rewritten (the operator reconciles the job every second here); /metrics computes the cost from
+    the pods when scraped."""
+    api.apply(ns, "idle", hanging())
+    running_pods(api, ns, "idle", 1)
+    wait_phase(api, operator, ns, "idle", "Running")
+    wait_for(lambda: api.status(ns, "idle")["workers"]["ready"] == 2, 30, "both workers ready in the status")
+    before = api.ftj(ns, "idle")
+    spent = metrics(operator)[("kubetune_job_gpu_seconds_total", ns, "idle")]
+    time.sleep(6)
+    after = api.ftj(ns, "idle")
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], (
+        before["status"],
+        after["status"],
+    )
+    # 2 GPUs for the 6 seconds more
+    assert metrics(operator)[("kubetune_job_gpu_seconds_total", ns, "idle")] >= spent + 2 * 5
 
 
 @pytest.mark.parametrize(

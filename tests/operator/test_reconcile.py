@@ -68,7 +68,7 @@ def test_a_new_job_starts_run_1_attempt_1_and_creates_its_children_in_order() ->
     assert (run.run, run.generation, run.spec_hash, run.start_time) == (1, 1, run_fingerprint(job.spec), T0)
     assert kinds(plan) == [("ConfigMap", "sft-r1"), ("Service", "sft-r1-a1"), ("Job", "sft-r1-a1")]
     assert plan.delete == ()
-    assert reasons(plan) == ["RunStarted", "AttemptStarted"]
+    assert reasons(plan) == ["RunStarted"]  # which says the first attempt started too
     assert condition(job, "Reconciling")[0] == "True"
     assert condition(job, "Ready")[0] == "False"
     assert all(c.observed_generation == 1 for c in job.status.conditions)
@@ -407,7 +407,7 @@ def test_a_spec_change_with_restart_replaces_the_run() -> None:
     assert [a.attempt for a in job.status.attempts] == [1]
     assert {Deletion("Job", "sft-r1-a1"), Deletion("ConfigMap", "sft-r1")} <= set(plan.delete)
     assert kinds(plan) == [("ConfigMap", "sft-r2"), ("Service", "sft-r2-a1"), ("Job", "sft-r2-a1")]
-    assert reasons(plan) == ["SpecChanged", "SpecChanged", "AttemptStarted"]
+    assert reasons(plan) == ["SpecChanged", "SpecChanged"]
 
 
 def test_a_spec_change_with_queue_waits_for_the_run_and_restarts_it_with_its_own_spec() -> None:
@@ -483,7 +483,7 @@ def test_a_finished_run_is_followed_by_a_new_one_on_change() -> None:
     assert [r.result for r in job.status.runs] == ["Succeeded", None]
     assert job.status.completion_time is None and job.status.output is not None
     assert Deletion("Job", "sft-r1-a1") in plan.delete
-    assert reasons(plan) == ["SpecChanged", "AttemptStarted"]
+    assert reasons(plan) == ["SpecChanged"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from kubetune_operator.api.status import (
 from kubetune_operator.cost import PodUsage, Pricing
 from kubetune_operator.observed import FinalMetrics, FinalReport, Observed
 from kubetune_operator.progress import TrainerReport, TrainerView, parse_report
-from kubetune_operator.reconcile import Deletion
+from kubetune_operator.reconcile import Deletion, with_running_figures
 from kubetune_operator.settings import OperatorSettings
 
 RUNNING = Observed(jobs=(job_state("sft-r1-a1"),), pods=(pod(0), pod(1)))  # 2 pods x 8 GPUs since T0
@@ -159,6 +159,17 @@ def test_cost_over_attempts_follows_the_pods_and_survives_them() -> None:
     _, job = step(job, running, later(7500), priced)
     assert job.status is not None
     assert job.status.cost == CostStatus(gpu_hours=32.133, usd=80.27)  # + 16 GPU-hours at $3
+
+
+def test_running_figures_are_computed_from_the_pods_when_asked_not_read_from_the_status() -> None:
+    """What the metrics report: the status holds the cost as of its last write, minutes old perhaps."""
+    _, job = step(started(), RUNNING, later(60))
+    assert job.status is not None and job.status.cost == CostStatus(gpu_hours=0.267, usd=0.53)
+    now = with_running_figures(job, RUNNING, SETTINGS, later(1800))
+    assert now.status is not None and now.status.cost == CostStatus(gpu_hours=8.0, usd=16.0)
+    assert now.status.workers is not None and (now.status.workers.active, now.status.workers.ready) == (2, 2)
+    assert now.status.conditions == job.status.conditions  # nothing else is decided
+    assert with_running_figures(ftj(), RUNNING, SETTINGS, T0) == ftj()  # nothing started, nothing to count
 
 
 # ----------------------------------------------------------------------------------------------

@@ -229,10 +229,22 @@ class FineTuneJobStatus(ApiModel):
     attempt: int | None = Field(None, ge=1, description="Attempt number of the current run.")
     start_time: Time | None = Field(None, description="When the current run started.")
     completion_time: Time | None = Field(None, description="When the current run ended.")
-    workers: Workers | None = Field(None, description="The worker pods of the current attempt.")
+    workers: Workers | None = Field(
+        None,
+        description=(
+            "The worker pods of the current attempt, as of the last status write (counts alone are rewritten at most "
+            "every settings.figuresWriteIntervalSeconds)."
+        ),
+    )
     progress: Progress | None = Field(None, description="Training progress of the current run.")
     checkpoint: CheckpointStatus | None = Field(None, description="The latest valid checkpoint of the current run.")
-    cost: CostStatus | None = Field(None, description="Spend of the current run.")
+    cost: CostStatus | None = Field(
+        None,
+        description=(
+            "Spend of the current run as of the last status write: written with every other change, and at least "
+            "every settings.figuresWriteIntervalSeconds while only it grows. The operator's metrics are exact."
+        ),
+    )
     output: OutputStatus | None = Field(None, description="The output of the latest finished run.")
     runs: list[RunRecord] = Field(
         default_factory=list,
