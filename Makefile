@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator demo demo-down
+.PHONY: help setup system-packages venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator bench-chaos demo demo-down
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -66,3 +66,6 @@ bench-trainer: venv ## trainer vs HF Trainer+peft: tokens/s, ratio, peak memory 
 
 bench-operator: venv toolchain ## kubetune vs Kubeflow Trainer+JobSet, 200 and 500 jobs x 4 workers on fake GPU nodes: requests/job, latency, RSS
 	$(PY) bench/operator_scale.py --jobs 200 500
+
+bench-chaos: venv toolchain ## real trainings while the operator and workers are killed at random: duplicates, lost checkpoints/outputs, extra restarts (all 0)
+	$(PY) bench/chaos.py $(BENCH_ARGS)

@@ -21,10 +21,12 @@ from kubetune_operator.api import API_VERSION, KIND
 from kubetune_operator.api.common import format_time
 from kubetune_operator.kube import ApiError
 from kubetune_operator.kube_async import AsyncKube
+from kubetune_operator.names import LABEL_JOB, MANAGED_BY
 from kubetune_operator.reconcile import Event, Plan, status_wire
 from kubetune_operator.render import Manifest
 
 COMPONENT = "kubetune-operator"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 log = logging.getLogger(__name__)
 
 
@@ -72,7 +74,7 @@ async def commit(
                 raise StaleView(str(e)) from e
             raise
         applied = Applied(replaced_version=job.resource_version, written_version=written["metadata"]["resourceVersion"])
-    elif plan.create or plan.delete:
+    elif plan.create or plan.delete or plan.release:
         await _confirm_version(kube, job)
     return Applied(deferred=True) if deferred else applied
 
@@ -86,6 +88,11 @@ async def apply_children(kube: AsyncKube, job: JobRef, plan: Plan) -> None:
             kube.delete(d.kind, job.namespace, d.name, "Foreground" if d.kind == "Job" else "Background")
             for d in plan.delete
         )
+    )
+    # A claim that now holds outputs loses its owner, so the garbage collector never takes it with the job.
+    release = {"metadata": {"ownerReferences": None}}
+    await asyncio.gather(
+        *(kube.merge_patch("PersistentVolumeClaim", job.namespace, claim, release) for claim in plan.release)
     )
     # The Job last, so its pods find their claim, config and Service; the rest in parallel.
     first = [m for m in plan.create if m["kind"] != "Job"]
@@ -115,6 +122,8 @@ async def create_or_adopt(kube: AsyncKube, job: JobRef, manifest: Manifest) -> N
         if e.status != 409:
             raise
     existing = await kube.get(kind, job.namespace, name)
+    if _kept_claim_of(job, manifest, existing):
+        return
     owners = existing["metadata"].get("ownerReferences") or []
     if not any(ref.get("uid") == job.uid and ref.get("controller") for ref in owners):
         # A leftover of an earlier job with the same name (the garbage collector will remove it) or someone
@@ -124,6 +133,18 @@ async def create_or_adopt(kube: AsyncKube, job: JobRef, manifest: Manifest) -> N
     have = existing["metadata"].get("labels") or {}
     if any(have.get(k) != v for k, v in want.items()):
         await kube.merge_patch(kind, job.namespace, name, {"metadata": {"labels": want}})
+
+
+def _kept_claim_of(job: JobRef, manifest: Manifest, existing: dict[str, Any]) -> bool:
+    """The claim is one the operator created for a job of this name and left without an owner because it holds
+    outputs: it is this job's to use (by uid, its runs' directories never meet those of the job before)."""
+    meta = existing["metadata"]
+    return (
+        manifest["kind"] == "PersistentVolumeClaim"
+        and not meta.get("ownerReferences")
+        and (meta.get("labels") or {}).get(LABEL_JOB) == job.name
+        and (meta.get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
+    )
 
 
 class EventPoster:

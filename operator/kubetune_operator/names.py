@@ -4,9 +4,11 @@ Names are pure functions of (job, run, attempt), so any replica, before or after
 name for the same child: creating it twice is a 409, never a duplicate. Every child carries the
 `kubetune.io/job` label (and run/attempt where they apply); the operator watches children by that label.
 
-    <job>-r<run>              ConfigMap: the trainer config of one run
-    <job>-r<run>-a<attempt>   Job and headless Service of one attempt; pods get hostname <that>-<index>
-    <job>-checkpoints         PersistentVolumeClaim from checkpoint.volumeClaimTemplate (owned by the job)
+    <job>-r<run>              ConfigMap: the spec one run trains
+    <job>-r<run>-a<attempt>   ConfigMap (trainer config), Job and headless Service of one attempt; pods get
+                              hostname <that>-<index>
+    <job>-checkpoints         PersistentVolumeClaim from checkpoint.volumeClaimTemplate (owned by the job when the
+                              outputs go elsewhere; without an owner, kept, when it holds them)
 """
 
 from __future__ import annotations

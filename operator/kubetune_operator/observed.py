@@ -120,6 +120,9 @@ class PodState:
     phase: str
     ready: bool
     deleting: bool
+    # A pod being deleted: when its grace period ends (metadata.deletionTimestamp); past it, only a kubelet that
+    # cannot be reached keeps it.
+    deletion_due: datetime | None
     # Where rank 0 serves /progress and /metrics.
     pod_ip: str | None
     # GPUs, node and when it held them: what it costs.
@@ -167,7 +170,8 @@ class Observed:
             pods=tuple(p for p in self.pods if p.job_uid in job_uids),
             services=tuple(s for s in self.services if s.owner_uid == uid),
             config_maps=tuple(c for c in self.config_maps if c.owner_uid == uid),
-            claims=tuple(c for c in self.claims if c.owner_uid == uid),
+            # A claim kept beyond the job (it holds outputs) has no owner; by its name it is this job's.
+            claims=tuple(c for c in self.claims if c.owner_uid in (uid, None)),
             rejection=self.rejection,
             just_created=self.just_created,
             just_deleted=self.just_deleted,
@@ -177,6 +181,17 @@ class Observed:
 
     def pods_of(self, run: int, attempt: int) -> list[PodState]:
         return [p for p in self.pods if p.run == run and p.attempt == attempt]
+
+    def still_running(self, run: int, before_attempt: int | None = None) -> list[PodState]:
+        """Pods of the run (of its attempts before `before_attempt`) that may still write: every one not yet
+        terminated, whether or not it is being deleted."""
+        return [
+            p
+            for p in self.pods
+            if p.run == run
+            and (before_attempt is None or (p.attempt or 0) < before_attempt)
+            and p.phase not in ("Succeeded", "Failed")
+        ]
 
     def job(self, name: str) -> JobState | None:
         return next((j for j in self.jobs if j.name == name), None)
@@ -230,6 +245,7 @@ def summarize_pod(body: Body) -> PodState:
         phase=status.get("phase") or "Pending",
         ready=(conditions.get("Ready") or {}).get("status") == "True",
         deleting=bool(meta.get("deletionTimestamp")),
+        deletion_due=parse_time(meta.get("deletionTimestamp")),
         pod_ip=status.get("podIP"),
         usage=pod_usage(body),
         reason=status.get("reason"),

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from kubetune_operator.api.spec import Evaluation, FineTuneJobSpec
-from kubetune_operator.api.status import AttemptReason, AttemptRecord, FineTuneJobStatus, format_eta
+from kubetune_operator.api.status import AttemptReason, AttemptRecord, FineTuneJobStatus, format_eta, setup_text
 from kubetune_operator.observed import Observed
 
 # Steps an attempt trains before its pace projects the run's cost (see `projection_counts`): five of the trainer's
@@ -124,32 +124,31 @@ def open_attempt(status: FineTuneJobStatus) -> AttemptRecord | None:
 
 
 def stall(ctx: RunContext) -> Ruling:
-    """Stalled when rank 0 showed no life for runPolicy.stallTimeoutSeconds: no new report (the trainer stamps one
-    at every step, evaluation and checkpoint) since then, counted from the later of the attempt's start (a
-    restarted run gets a full timeout to load) and when this operator began polling it (a restarted operator
-    does not judge the time it was away). Judged only while rank 0 runs and is polled."""
+    """Stalled when rank 0 made no progress for runPolicy.stallTimeoutSeconds: neither a new step, state, evaluation
+    or checkpoint, nor its setup (downloading, tokenising, loading) moving on, as the poller saw it
+    (TrainerView.advanced_at); a report that only says the trainer is alive is no progress. Counted from the later
+    of the attempt's start (a restarted run gets a full timeout to load) and when this operator began polling it (a
+    restarted operator does not judge the time it was away). Judged only while rank 0 runs and is polled."""
     trainer, attempt = ctx.observed.trainer, open_attempt(ctx.status)
     if trainer is None or attempt is None or attempt.start_time is None:
         return Ruling()
     if (trainer.run, trainer.attempt) != (ctx.status.run, attempt.attempt):
         return Ruling()
-    progress = ctx.status.progress
-    since = max(attempt.start_time, trainer.watching_since)
-    if progress is not None and progress.updated_at is not None:
-        since = max(since, progress.updated_at)
+    since = max(attempt.start_time, trainer.watching_since, trainer.advanced_at or trainer.watching_since)
     timeout = ctx.spec.run_policy.stall_timeout_seconds
     due = since + timedelta(seconds=timeout)
     if ctx.now < due:
         return Ruling(recheck_at=due)
-    reported = progress is not None and progress.updated_at is not None and progress.updated_at >= attempt.start_time
-    at = f"at step {progress.step}" if reported and progress is not None else "no report from this attempt yet"
+    quiet = format_eta((ctx.now - since).total_seconds())
+    report = trainer.report
+    if report is not None and report.state == "loading":
+        what, at = "no setup progress", f"loading: {setup_text(report.setup)}" if report.setup else "loading"
+    elif report is not None:
+        what, at = "no new training step", f"at step {report.step}"
+    else:
+        what, at = "no new training step", "no report from this attempt yet"
     return Ruling(
-        Verdict(
-            "restart",
-            "Stalled",
-            f"no new training step for {format_eta((ctx.now - since).total_seconds())} ({at}; "
-            f"runPolicy.stallTimeoutSeconds is {timeout})",
-        )
+        Verdict("restart", "Stalled", f"{what} for {quiet} ({at}; runPolicy.stallTimeoutSeconds is {timeout})")
     )
 
 

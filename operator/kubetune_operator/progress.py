@@ -4,7 +4,9 @@
 times the operator's poll interval (15-30 s by default; `poll_interval` spreads jobs over that range), at most
 POLL_CONCURRENCY requests at a time, each bounded by POLL_TIMEOUT: a hung trainer holds up nobody. Reconciles
 never wait for it; they read its latest report (`watch`). A report with news (a first one, a new state,
-evaluation or checkpoint) wakes the job's reconcile; new steps wait for its periodic one.
+evaluation or checkpoint) wakes the job's reconcile; new steps wait for its periodic one. The poller also notes
+when the trainer last advanced (`TrainerView.advanced_at`: a new step, state, evaluation, checkpoint, or setup
+stage or amount), which the stall policy judges: progress, not the mere freshness of a report.
 `parse_report` and `to_status` turn the document into status.progress and status.checkpoint; they are pure and
 accept whatever a trainer sends without failing.
 """
@@ -18,7 +20,7 @@ import posixpath
 import zlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import aiohttp
@@ -30,6 +32,7 @@ from kubetune_operator.api.status import (
     CheckpointStatus,
     HistoryPoint,
     Progress,
+    SetupProgress,
     format_eta,
     progress_percent,
 )
@@ -76,6 +79,8 @@ class TrainerView:
     # When this operator started polling it: a restarted operator gives a trainer a full stall timeout.
     watching_since: datetime
     report: TrainerReport | None
+    # When the poller first saw the report as it is now (`advanced`): the trainer's last progress.
+    advanced_at: datetime | None = None
 
 
 @dataclass
@@ -85,10 +90,11 @@ class _Target:
     attempt: int
     since: datetime
     report: TrainerReport | None = None
+    advanced_at: datetime | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def view(self) -> TrainerView:
-        return TrainerView(self.run, self.attempt, self.since, self.report)
+        return TrainerView(self.run, self.attempt, self.since, self.report, self.advanced_at)
 
 
 class ProgressPoller(Generic[K]):
@@ -143,6 +149,8 @@ class ProgressPoller(Generic[K]):
             report = parse_report(doc) if doc is not None else None
             if report is not None and report != target.report:
                 news = _news(target.report, report)
+                if target.report is None or advanced(target.report, report):
+                    target.advanced_at = datetime.now(UTC)
                 target.report = report
                 if news:
                     self._wake(key)
@@ -160,6 +168,17 @@ def _news(old: TrainerReport | None, new: TrainerReport) -> bool:
     return (old.state, old.eval_loss, old.checkpoint) != (new.state, new.eval_loss, new.checkpoint)
 
 
+def advanced(old: TrainerReport, new: TrainerReport) -> bool:
+    """Whether the trainer made progress between two reports: a new step, state, evaluation or checkpoint, or its
+    setup moved on (another stage, or more of it done). A fresher timestamp alone is no progress."""
+    return _progress_mark(old) != _progress_mark(new)
+
+
+def _progress_mark(r: TrainerReport) -> tuple[Any, ...]:
+    setup = (r.setup.stage, r.setup.done) if r.setup else None
+    return (r.state, r.step, r.eval_loss, r.checkpoint.step if r.checkpoint else None, setup)
+
+
 # ----------------------------------------------------------------------------------------------
 # the document
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +192,18 @@ class ReportedCheckpoint(_Doc):
     step: int
     path: str
     saved_at: AwareDatetime
+
+
+class ReportedSetup(_Doc):
+    stage: str
+    done: int | None = None
+    total: int | None = None
+    unit: str | None = None
+
+
+class ReportedIgnored(_Doc):
+    path: str
+    reason: str
 
 
 class TrainerReport(_Doc):
@@ -191,6 +222,10 @@ class TrainerReport(_Doc):
     checkpoint: ReportedCheckpoint | None = None
     resumed_from_step: int | None = None
     updated_at: AwareDatetime | None = None
+    # While state is "loading": what rank 0 sets up, and how far it got.
+    setup: ReportedSetup | None = None
+    # Files in the checkpoint directory that are not this training's (another object, run or spec).
+    ignored_checkpoints: list[ReportedIgnored] = []
     history: list[Any] = []
 
     @property
@@ -244,17 +279,38 @@ def to_status(
         eta=format_eta(eta) if eta is not None else None,
         eta_seconds=round(eta) if eta is not None else None,
         updated_at=report.updated_at,
+        setup=_setup(report.setup) if report.state == "loading" else None,
         history=thin_history(_points(report.history)),
     )
     reported = report.checkpoint
     if reported is None or (previous_checkpoint is not None and (previous_checkpoint.step or 0) > reported.step):
         return progress, previous_checkpoint
-    path = reported.path
-    root = checkpoint_root.rstrip("/")
-    if (path + "/").startswith(root + "/"):
-        inside = posixpath.relpath(path, root)
-        path = checkpoint_uri if inside == "." else f"{checkpoint_uri}/{inside}"
-    return progress, CheckpointStatus(latest=path, step=max(0, reported.step), saved_at=reported.saved_at)
+    ignored = previous_checkpoint.ignored if previous_checkpoint else []
+    return progress, CheckpointStatus(
+        latest=in_claim(reported.path, checkpoint_root, checkpoint_uri),
+        step=max(0, reported.step),
+        saved_at=reported.saved_at,
+        ignored=ignored,
+    )
+
+
+def in_claim(path: str, root: str, uri: str) -> str:
+    """A path inside a worker, under `root` (where the claim directory `uri` is mounted), as the claim URI;
+    any other path as it is."""
+    root = root.rstrip("/")
+    if not (path + "/").startswith(root + "/"):
+        return path
+    inside = posixpath.relpath(path, root)
+    return uri if inside == "." else f"{uri}/{inside}"
+
+
+def _setup(reported: ReportedSetup | None) -> SetupProgress | None:
+    if reported is None:
+        return None
+    unit = reported.unit[:16] if reported.unit else None
+    done = reported.done if reported.done is not None and reported.done >= 0 else None
+    total = reported.total if reported.total is not None and reported.total >= 0 else None
+    return SetupProgress(stage=reported.stage[:64], done=done, total=total, unit=unit)
 
 
 def _points(raw: list[Any]) -> list[HistoryPoint]:

@@ -25,8 +25,9 @@ The state machine:
   once with onSpecChange=Restart, after the current run with Queue (`settle_run`);
 - the policies (deadline, budget, stall) judge an active run before anything else happens to it: a stop ends
   the run (no new attempt is opened for it), a restart closes the open attempt;
-- between attempts, the next one opens when it is due: the first one, one after a suspension, or one whose
-  backoff has passed; it resumes from the run's checkpoint dir, until maxRestarts failures;
+- between attempts, the next one opens when it is due (the first one, one after a suspension, or one whose
+  backoff has passed) and no worker of an earlier attempt can still write: every one is gone or terminated
+  (`fenced`); it resumes from the run's checkpoint dir, until maxRestarts failures;
 - an open attempt is one Indexed Job of the run; when a worker fails, the attempt closes, its Job is deleted
   (the other workers checkpoint on SIGTERM); the trainer's exit code 78 fails the run at once; when the Job
   completes, rank 0's final report (its termination message, there even when the run ended between two
@@ -35,7 +36,10 @@ The state machine:
 - suspending closes the open attempt (reason Suspended, not counted); resuming opens the next one.
 
 Ended attempts keep their cost in status.attempts, attempts dropped from that bounded list in
-status.droppedAttempts.
+status.droppedAttempts. Checkpoints found in the run's directory that are not its own (rank 0 reports them, or a
+run checkpointed before paths carried the job's uid) are listed in status.checkpoint.ignored, with the condition
+CheckpointsIgnored and a Warning naming them. The claim of checkpoint.volumeClaimTemplate that receives the
+outputs has no owner, so it outlives the job (storage.py has the layout).
 """
 
 from __future__ import annotations
@@ -50,43 +54,51 @@ from kubetune_operator.api import RERUN_ANNOTATION, FineTuneJob
 from kubetune_operator.api.spec import FineTuneJobSpec
 from kubetune_operator.api.status import (
     MAX_ATTEMPTS,
+    MAX_IGNORED_CHECKPOINTS,
     AttemptReason,
     AttemptRecord,
+    CheckpointStatus,
     ConditionType,
     CostStatus,
     DroppedAttempts,
     FineTuneJobStatus,
     HistoryPoint,
+    IgnoredCheckpoint,
     OutputStatus,
     Phase,
     Progress,
     RunRecord,
     Workers,
     compute_phase,
+    format_eta,
     record_run,
     set_condition,
+    setup_text,
 )
 from kubetune_operator.cost import Spend, pods_spend, run_cost
 from kubetune_operator.failures import WorkerFailure, attempt_failure
 from kubetune_operator.names import attempt_name, claim_name, run_config_name
 from kubetune_operator.observed import FinalReport, JobState, Observed, PodState
 from kubetune_operator.policies import RunContext, eval_gate, judge, open_attempt
-from kubetune_operator.progress import finite, thin_history, to_status
+from kubetune_operator.progress import finite, in_claim, thin_history, to_status
 from kubetune_operator.render import (
     Manifest,
     Owner,
+    render_attempt_config,
     render_claim,
-    render_config_map,
     render_job,
+    render_run_config,
     render_service,
 )
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.storage import JOB_DIR, PVC_SCHEME, checkpoint_claim, output_uri
+from kubetune_operator.storage import JOB_DIR, checkpoint_uri, output_uri, outputs_on_checkpoint_claim, run_dir
 
 # Fields that say how a run is governed rather than what it trains: changing them never starts a new run.
 GOVERNANCE_FIELDS = {"run_policy", "budget", "evaluation"}
 # Ended-attempt reasons that do not count against runPolicy.maxRestarts.
 NOT_COUNTED: frozenset[AttemptReason] = frozenset({"Suspended", "SpecChanged", "Completed"})
+# The Reconciling reason while the next attempt waits for a worker of the previous one that is past its grace period.
+WORKERS_NOT_STOPPING = "WorkersNotStopping"
 # Kind -> the order children are created in: storage and config first, so pods find them.
 CREATION_ORDER = ("PersistentVolumeClaim", "ConfigMap", "Service", "Job")
 # A Job is Complete once its pods succeeded, but the pods' watch can deliver that a moment after the Job's: wait
@@ -115,6 +127,8 @@ class Plan:
     status: FineTuneJobStatus
     create: tuple[Manifest, ...] = ()
     delete: tuple[Deletion, ...] = ()
+    # Claims created owned by the job that now hold its outputs: their ownerReferences go, so they outlive it.
+    release: tuple[str, ...] = ()
     events: tuple[Event, ...] = ()
     requeue_after: float | None = None
 
@@ -234,9 +248,10 @@ def reconcile(ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, 
         # Children go with the job (ownerReferences); there is nothing left to decide.
         return Plan(status=ftj.status or FineTuneJobStatus())
     p = Pass.of(ftj, observed, settings, now)
-    step, situation = advance(p, account(p, ftj.status or FineTuneJobStatus()))
+    step = account(p, ftj.status or FineTuneJobStatus())
+    step, situation = _after(step, advance(p, step.status))
     step = step.then(summarize(p, step.status, situation))
-    create, delete, cleanup = children(p, step.status)
+    create, delete, release, cleanup = children(p, step.status)
     step = step.then(cleanup)
     s = settings
     poll = s.progress_poll_interval_seconds if situation.in_progress else s.resync_seconds
@@ -244,6 +259,7 @@ def reconcile(ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, 
         status=step.status,
         create=tuple(create),
         delete=tuple(delete),
+        release=tuple(release),
         events=step.events,
         requeue_after=min((*step.recheck, poll)),
     )
@@ -258,7 +274,7 @@ def with_running_figures(
     if status is None or ftj.metadata.get("deletionTimestamp"):
         return ftj
     p = Pass.of(ftj, observed, settings, now)
-    status = account(p, status)
+    status = account(p, status).status
     if status.attempt is not None and status.run is not None:
         status = status.model_copy(update={"workers": _workers(p.observed.pods_of(status.run, status.attempt))})
     return ftj.model_copy(update={"status": status})
@@ -269,34 +285,64 @@ def with_running_figures(
 # ----------------------------------------------------------------------------------------------
 
 
-def account(p: Pass, status: FineTuneJobStatus) -> FineTuneJobStatus:
+def account(p: Pass, status: FineTuneJobStatus) -> Step:
     """The current run's latest report from rank 0 and its cost so far, into the status: what every decision of
     the pass sees. A finished run's pods may still be checkpointing: its record follows their cost until they go."""
     run = current_run(status)
     if run is None:
-        return status
-    if run.result is None:
-        status = take_report(p, status, run)
-    status = measure_cost(p, status, run)
+        return Step(status)
+    step = take_report(p, status, run) if run.result is None else Step(status)
+    status = measure_cost(p, step.status, run)
     if run.result is not None and status.cost is not None:
         cost = {"gpu_hours": status.cost.gpu_hours, "cost_usd": status.cost.usd}
         status = status.model_copy(update={"runs": record_run(status.runs, run.model_copy(update=cost))})
-    return status
+    return step.then(Step(status))
 
 
-def take_report(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> FineTuneJobStatus:
-    """The current attempt's latest report from rank 0 into status.progress and status.checkpoint."""
+def take_report(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Step:
+    """The current attempt's latest report from rank 0 into status.progress and status.checkpoint, with the
+    checkpoints it found and left alone as not its own."""
     trainer = p.observed.trainer
     if trainer is None or trainer.report is None or (trainer.run, trainer.attempt) != (run.run, status.attempt):
-        return status
-    claim = checkpoint_claim(p.owner.name, p.trained(run))
+        return Step(status)
+    where = checkpoint_uri(p.owner.namespace, p.owner.name, p.trained(run))
+    report = trainer.report
     progress, checkpoint = to_status(
-        trainer.report,
-        previous_checkpoint=status.checkpoint,
-        checkpoint_root=JOB_DIR,
-        checkpoint_uri=f"{PVC_SCHEME}{claim}/{p.owner.namespace}/{p.owner.name}",
+        report, previous_checkpoint=status.checkpoint, checkpoint_root=JOB_DIR, checkpoint_uri=where
     )
-    return status.model_copy(update={"progress": progress, "checkpoint": checkpoint})
+    status = status.model_copy(update={"progress": progress, "checkpoint": checkpoint})
+    found = [
+        IgnoredCheckpoint(path=in_claim(i.path, JOB_DIR, where), reason=i.reason) for i in report.ignored_checkpoints
+    ]
+    return note_ignored(p, status, found)
+
+
+def note_ignored(p: Pass, status: FineTuneJobStatus, found: list[IgnoredCheckpoint]) -> Step:
+    """Checkpoints not this training's, added to status.checkpoint.ignored (bounded); a Warning names the new ones."""
+    known = status.checkpoint.ignored if status.checkpoint else []
+    new = [i for i in found if i.path not in {k.path for k in known}]
+    if not new:
+        return Step(status)
+    checkpoint = status.checkpoint or CheckpointStatus()
+    ignored = [*known, *new][:MAX_IGNORED_CHECKPOINTS]
+    status = status.model_copy(update={"checkpoint": checkpoint.model_copy(update={"ignored": ignored})})
+    listed = "; ".join(f"{i.path} ({i.reason})" for i in new)
+    message = f"left untouched and not resumed from, as not this training's: {listed}"
+    return p.event(status, "Warning", "CheckpointsIgnored", message)
+
+
+def elsewhere_checkpoint(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Step:
+    """A run that checkpointed before checkpoint paths carried the job's uid (an operator upgrade in the middle of
+    it): its next attempt cannot find that checkpoint, which is left where it is and listed as ignored."""
+    latest = status.checkpoint.latest if status.checkpoint else None
+    own = f"{checkpoint_uri(p.owner.namespace, p.owner.name, p.trained(run))}/{run_dir(p.owner.uid, run.run)}/"
+    if latest is None or status.checkpoint is None or latest.startswith(own):
+        return Step(status)
+    reason = "written before checkpoint paths carried the job's uid; the run starts its checkpoints afresh"
+    forgotten = status.model_copy(
+        update={"checkpoint": status.checkpoint.model_copy(update={"latest": None, "step": None, "saved_at": None})}
+    )
+    return note_ignored(p, forgotten, [IgnoredCheckpoint(path=latest, reason=reason)])
 
 
 def measure_cost(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> FineTuneJobStatus:
@@ -356,6 +402,9 @@ def advance(p: Pass, status: FineTuneJobStatus) -> Outcome:
     if open_attempt(status) is None:
         if not next_attempt_due(p, status):
             return _after(step, backing_off(p, status, run))
+        stopping = p.observed.still_running(run.run, before_attempt=(status.attempt or 0) + 1)
+        if stopping:
+            return _after(step, fenced(p, status, run, stopping))
         step = step.then(start_attempt(p, status, run))
         return _after(step, observe_attempt(p, step.status, run))
     if verdict:
@@ -477,7 +526,7 @@ def fail_run(
 def succeed_run(p: Pass, status: FineTuneJobStatus, run: RunRecord, completed_at: datetime | None) -> Outcome:
     """The run's workers all finished: it succeeds, or fails its evaluation gate with its output kept, not
     promoted. Times are the Job's own completion time, so every replica writes the same status."""
-    uri = output_uri(p.owner.namespace, p.owner.name, p.trained(run), run.run)
+    uri = output_uri(p.owner.namespace, p.owner.name, p.owner.uid, p.trained(run), run.run)
     progress = status.progress
     gate = eval_gate(p.spec.evaluation, progress.eval_loss if progress else None)
     if gate is not None:
@@ -520,7 +569,7 @@ def suspended(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outcome:
     if open_attempt(status) is not None:
         closed = close_attempt(p, status, "Suspended", "suspended by spec.runPolicy.suspend")
         step = p.event(closed, "Normal", "Suspended", f"run {run.run} suspended: its workers checkpoint and stop")
-    stopping = [pod for pod in p.observed.pods if pod.run == run.run and pod.phase in ("Pending", "Running")]
+    stopping = p.observed.still_running(run.run)
     if stopping:
         return step, Situation(
             "Suspended", "Suspending", f"waiting for {len(stopping)} workers to checkpoint and stop", True
@@ -554,15 +603,15 @@ def start_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Step:
         update["runs"] = record_run(status.runs, run.model_copy(update={"start_time": p.now}))
     if status.cost is None:
         update["cost"] = CostStatus(gpu_hours=0.0, usd=0.0)
-    opened = status.model_copy(update=update)
+    step = elsewhere_checkpoint(p, status.model_copy(update=update), run)
     if last is None:
-        return Step(opened)  # the run's first attempt: RunStarted announced it
+        return step  # the run's first attempt: RunStarted announced it
     if last.reason == "Suspended":
-        return p.event(
-            opened, "Normal", "Resumed", f"attempt {number} of run {run.run} resumes from the latest checkpoint"
-        )
+        resumed = f"attempt {number} of run {run.run} resumes from the latest checkpoint"
+        return step.then(p.event(step.status, "Normal", "Resumed", resumed))
     workers = p.trained(run).resources.num_nodes
-    return p.event(opened, "Normal", "AttemptStarted", f"attempt {number} of run {run.run}: creating {workers} workers")
+    started = f"attempt {number} of run {run.run}: creating {workers} workers"
+    return step.then(p.event(step.status, "Normal", "AttemptStarted", started))
 
 
 def close_attempt(
@@ -617,6 +666,41 @@ def backing_off(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outcome:
     )
 
 
+def fenced(p: Pass, status: FineTuneJobStatus, run: RunRecord, stopping: list[PodState]) -> Outcome:
+    """The next attempt is due, but workers of an earlier one may still write (checkpointing after SIGTERM, or
+    not reached yet): it opens only once they are gone or terminated, never beside them. A pod past its grace
+    period stays only while its kubelet cannot be reached; Kubernetes removes it once the node is declared gone
+    (the Node deleted, or tainted node.kubernetes.io/out-of-service), and the run's activeDeadlineSeconds still
+    applies while it waits."""
+    last = status.attempts[-1]
+    pod = min(stopping, key=lambda pod: (pod.deletion_due is None, pod.deletion_due or p.now, pod.name))
+    node = pod.usage.node_name
+    on = f" on node {node}" if node else ""
+    doing = "terminating" if pod.deleting else "running"
+    message = (
+        f"attempt {last.attempt + 1} of run {run.run} starts when the workers of earlier attempts have stopped: "
+        f"{len(stopping)} still {doing} (pod {pod.name}{on})"
+    )
+    overdue = pod.deletion_due is not None and p.now > pod.deletion_due
+    if not overdue:
+        return Step(status), Situation("Pending", "WaitingForWorkers", message + p.queued_note(run), True)
+    late = format_eta((p.now - pod.deletion_due).total_seconds()) if pod.deletion_due else ""
+    message += (
+        f", {late} past its grace period: its node does not answer. If {node or 'the node'} is lost for good, "
+        "delete its Node or taint it node.kubernetes.io/out-of-service=nodeshutdown:NoExecute, and Kubernetes "
+        "removes the pod"
+    )
+    step = Step(status)
+    if _reconciling_reason(status) != WORKERS_NOT_STOPPING:
+        step = p.event(status, "Warning", WORKERS_NOT_STOPPING, message)
+    return step, Situation("Pending", WORKERS_NOT_STOPPING, message + p.queued_note(run), True)
+
+
+def _reconciling_reason(status: FineTuneJobStatus) -> str | None:
+    condition = next((c for c in status.conditions if c.type == "Reconciling" and c.status == "True"), None)
+    return condition.reason if condition else None
+
+
 def observe_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outcome:
     """The open attempt as its Job and pods show it: starting, training, finishing, failed or complete."""
     attempt = open_attempt(status)
@@ -653,7 +737,9 @@ def observe_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outco
     ready = sum(1 for pod in pods if pod.ready and not pod.deleting)
     finished_pods = sum(1 for pod in pods if pod.phase == "Succeeded")
     if ready == workers:
-        return Step(status), Situation("Running", "Training", f"all {workers} workers running{queued}", True)
+        setup = status.progress.setup if status.progress else None
+        doing = f"; setting up: {setup_text(setup)}" if setup else ""
+        return Step(status), Situation("Running", "Training", f"all {workers} workers running{doing}{queued}", True)
     if finished_pods and ready + finished_pods == workers:
         # Workers exit one by one at the end; the Job is Complete a moment after the last.
         return Step(status), Situation(
@@ -700,6 +786,12 @@ def summarize(p: Pass, status: FineTuneJobStatus, situation: Situation) -> Step:
     put("Stalled", s.phase == "Failed", s.reason, s.message if s.phase == "Failed" else "")
     for type_ in ("Running", "Succeeded", "Failed", "Suspended"):
         put(type_, s.phase == type_, s.reason, s.message if s.phase == type_ else "")
+    ignored = status.checkpoint.ignored if status.checkpoint else []
+    if ignored:
+        listed = "; ".join(f"{i.path} ({i.reason})" for i in ignored)
+        put("CheckpointsIgnored", True, "NotThisTraining", f"left untouched, never resumed from: {listed}")
+    elif any(c.type == "CheckpointsIgnored" for c in conditions):
+        put("CheckpointsIgnored", False, "NoneFound", "")
     update: dict[str, Any] = {
         "conditions": conditions,
         "phase": compute_phase(conditions),
@@ -713,20 +805,27 @@ def summarize(p: Pass, status: FineTuneJobStatus, situation: Situation) -> Step:
     return Step(summarized)
 
 
-def children(p: Pass, status: FineTuneJobStatus) -> tuple[list[Manifest], list[Deletion], Step]:
-    """What should exist now, created if missing; everything else labelled as ours is deleted."""
+def children(p: Pass, status: FineTuneJobStatus) -> tuple[list[Manifest], list[Deletion], list[str], Step]:
+    """What should exist now, created if missing; everything else labelled as ours is deleted; an owned claim that
+    holds outputs is released."""
     name, run = p.owner.name, current_run(status)
     assert run is not None
     attempt = open_attempt(status)
     active: dict[tuple[str, str], None] = {}
     kept: set[tuple[str, str]] = set()
+    release = []
     if p.spec.checkpoint.volume_claim_template:
-        active[("PersistentVolumeClaim", claim_name(name))] = None
+        claim = claim_name(name)
+        active[("PersistentVolumeClaim", claim)] = None
+        owned = any(c.name == claim and c.owner_uid == p.owner.uid for c in p.observed.claims)
+        if owned and outputs_on_checkpoint_claim(name, p.spec):
+            release.append(claim)
 
     config = ("ConfigMap", run_config_name(name, run.run))
     if attempt is not None:
         attempt_children = attempt_name(name, run.run, attempt.attempt)
         active[config] = None
+        active[("ConfigMap", attempt_children)] = None
         active[("Service", attempt_children)] = None
         active[("Job", attempt_children)] = None
     elif run.result is None:
@@ -741,7 +840,7 @@ def children(p: Pass, status: FineTuneJobStatus) -> tuple[list[Manifest], list[D
 
     existing = _existing(p.observed)
     create = [
-        _render(p, kind, run, attempt)
+        _render(p, kind, child, run, attempt)
         for kind, child in sorted(active, key=lambda k: CREATION_ORDER.index(k[0]))
         if (kind, child) not in existing and (kind, child) not in p.observed.just_created
     ]
@@ -757,8 +856,8 @@ def children(p: Pass, status: FineTuneJobStatus) -> tuple[list[Manifest], list[D
     ]
     if delete and run.result is not None and _ttl_expired(p, run):
         cleaned = f"deleted the workers of run {run.run} (ttlSecondsAfterFinished)"
-        return create, delete, p.event(status, "Normal", "CleanedUp", cleaned)
-    return create, delete, Step(status)
+        return create, delete, release, p.event(status, "Normal", "CleanedUp", cleaned)
+    return create, delete, release, Step(status)
 
 
 def _existing(o: Observed) -> dict[tuple[str, str], bool]:
@@ -770,15 +869,18 @@ def _existing(o: Observed) -> dict[tuple[str, str], bool]:
     return existing
 
 
-def _render(p: Pass, kind: str, run: RunRecord, attempt: AttemptRecord | None) -> Manifest:
+def _render(p: Pass, kind: str, name: str, run: RunRecord, attempt: AttemptRecord | None) -> Manifest:
     s, o, spec = p.settings, p.owner, p.trained(run)
     if kind == "PersistentVolumeClaim":
         template = p.spec.checkpoint.volume_claim_template
         assert template is not None
-        return render_claim(o, template)
-    if kind == "ConfigMap":
-        return render_config_map(o, spec, run.run, run.generation, s)
+        # A claim that receives the outputs must outlive the job: it gets no owner.
+        return render_claim(o, template, owned=not outputs_on_checkpoint_claim(o.name, p.spec))
+    if kind == "ConfigMap" and name == run_config_name(o.name, run.run):
+        return render_run_config(o, spec, run.run)
     assert attempt is not None
+    if kind == "ConfigMap":
+        return render_attempt_config(o, spec, run.run, attempt.attempt, run.generation, s)
     if kind == "Service":
         return render_service(o, run.run, attempt.attempt, s)
     return render_job(o, spec, run.run, attempt.attempt, s)

@@ -1,13 +1,15 @@
 """Pure renderers: (FineTuneJob, run, attempt, settings) -> the Kubernetes objects that should exist. No I/O.
 
-Per run: a ConfigMap with the trainer config (and the spec the run trains, so later attempts of the run render
-the same workers even after the FineTuneJob's spec moved on). Per attempt: a headless Service and an Indexed
-batch/v1 Job whose pods run `kubetune-launch` (torchrun) with rank 0 reachable at `<job>-0.<service>`.
-Per job: the checkpoint claim, when the spec asks for a volumeClaimTemplate.
+Per run: a ConfigMap with the spec the run trains, so later attempts of the run render the same workers even
+after the FineTuneJob's spec moved on. Per attempt: a ConfigMap with the trainer config (its identity names
+the attempt), a headless Service and an Indexed batch/v1 Job whose pods run `kubetune-launch` (torchrun) with
+rank 0 reachable at `<job>-0.<service>`. Per job: the checkpoint claim, when the spec asks for a
+volumeClaimTemplate.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ from kubetune_trainer.config import (
 )
 
 from kubetune_operator.api import API_VERSION, KIND
-from kubetune_operator.api.spec import FineTuneJobSpec, VolumeClaimTemplate
+from kubetune_operator.api.spec import DEFAULT_CHECKPOINT_MINUTES, FineTuneJobSpec, VolumeClaimTemplate
 from kubetune_operator.cost import GPU_PRODUCT_LABEL, GPU_RESOURCE
 from kubetune_operator.names import (
     KUEUE_QUEUE_LABEL,
@@ -47,6 +49,9 @@ CONFIG_DIR = "/etc/kubetune"
 CONFIG_KEY = "config.json"
 SPEC_KEY = "spec.json"
 WORKER_UID = 1000
+# The spec groups that define what is trained, for the trainer's identity: resources, storage, checkpoint,
+# output and the governance fields change where and how a run trains, not what it learns.
+TRAINED_GROUPS = {"model", "dataset", "method", "training"}
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,35 @@ class Owner:
 # ----------------------------------------------------------------------------------------------
 
 
+def spec_fingerprint(spec: FineTuneJobSpec) -> str:
+    """A digest of what the spec trains (TRAINED_GROUPS, but for the model's access token): recorded with every
+    checkpoint and output, so the trainer can tell a stranger's files. Defaults are left out, so a new optional API
+    field does not change it."""
+    trained = spec.model_dump(
+        mode="json",
+        by_alias=True,
+        exclude_defaults=True,
+        include=TRAINED_GROUPS,
+        exclude={"model": {"token_secret_ref"}},
+    )
+    return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def checkpoint_frequency(spec: FineTuneJobSpec) -> tuple[int | None, int | None]:
+    """(everySteps, everyMinutes) the trainer gets: the spec's, or DEFAULT_CHECKPOINT_MINUTES when it names none."""
+    c = spec.checkpoint
+    if c.every_steps is None and c.every_minutes is None:
+        return None, DEFAULT_CHECKPOINT_MINUTES
+    return c.every_steps, c.every_minutes
+
+
 def trainer_config(
-    owner: Owner, spec: FineTuneJobSpec, run: int, generation: int, settings: OperatorSettings
+    owner: Owner, spec: FineTuneJobSpec, run: int, attempt: int, generation: int, settings: OperatorSettings
 ) -> TrainerConfig:
-    storage = worker_storage(owner.namespace, owner.name, spec, run)
+    storage = worker_storage(owner.namespace, owner.name, owner.uid, spec, run)
     dataset_options = spec.dataset.model_dump(include=set(DatasetOptions.model_fields))
     s3 = spec.storage.s3 if spec.storage else None
+    every_steps, every_minutes = checkpoint_frequency(spec)
     return TrainerConfig(
         model=ModelConfig(
             source=storage.model_source,
@@ -103,8 +131,8 @@ def trainer_config(
         training=spec.training,
         checkpoint=CheckpointConfig(
             dir=storage.checkpoint_dir,
-            every_steps=spec.checkpoint.every_steps,
-            every_minutes=spec.checkpoint.every_minutes,
+            every_steps=every_steps,
+            every_minutes=every_minutes,
             keep_last=spec.checkpoint.keep_last,
         ),
         output=OutputConfig(dir=storage.output_dir, merge_adapter=spec.output.merge_adapter),
@@ -113,24 +141,42 @@ def trainer_config(
             s3=S3Config(endpoint_url=s3.endpoint_url, region=s3.region) if s3 else S3Config(),
         ),
         metrics=MetricsConfig(port=settings.trainer_metrics_port),
-        identity=RunIdentity(namespace=owner.namespace, name=owner.name, run=run, generation=generation),
+        identity=RunIdentity(
+            namespace=owner.namespace,
+            name=owner.name,
+            uid=owner.uid,
+            run=run,
+            attempt=attempt,
+            generation=generation,
+            spec_fingerprint=spec_fingerprint(spec),
+        ),
     )
 
 
-def render_config_map(
-    owner: Owner, spec: FineTuneJobSpec, run: int, generation: int, settings: OperatorSettings
-) -> Manifest:
-    config = trainer_config(owner, spec, run, generation, settings)
+def render_run_config(owner: Owner, spec: FineTuneJobSpec, run: int) -> Manifest:
+    """The run's ConfigMap: the spec it trains (read back by `run_spec_from_json`)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": owner.metadata(run_config_name(owner.name, run), labels(owner.name, "config", run)),
-        # A run's config never changes; immutable ConfigMaps are also cheaper for the kubelets.
+        # A run's spec never changes; immutable ConfigMaps are also cheaper for the kubelets.
         "immutable": True,
-        "data": {
-            CONFIG_KEY: config.dump(),
-            SPEC_KEY: spec.model_dump_json(by_alias=True, exclude_none=True),
-        },
+        "data": {SPEC_KEY: spec.model_dump_json(by_alias=True, exclude_none=True)},
+    }
+
+
+def render_attempt_config(
+    owner: Owner, spec: FineTuneJobSpec, run: int, attempt: int, generation: int, settings: OperatorSettings
+) -> Manifest:
+    """The attempt's ConfigMap: the trainer config its workers mount."""
+    config = trainer_config(owner, spec, run, attempt, generation, settings)
+    name = attempt_name(owner.name, run, attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": owner.metadata(name, labels(owner.name, "config", run, attempt)),
+        "immutable": True,
+        "data": {CONFIG_KEY: config.dump()},
     }
 
 
@@ -192,7 +238,7 @@ def render_pod_template(
     owner: Owner, spec: FineTuneJobSpec, run: int, attempt: int, settings: OperatorSettings
 ) -> Manifest:
     res = spec.resources
-    storage = worker_storage(owner.namespace, owner.name, spec, run)
+    storage = worker_storage(owner.namespace, owner.name, owner.uid, spec, run)
     pod_labels = {**res.pod_labels, **labels(owner.name, "worker", run, attempt)}
     annotations = {**res.pod_annotations, "kubectl.kubernetes.io/default-container": CONTAINER}
     node_selector = dict(res.node_selector)
@@ -215,7 +261,7 @@ def render_pod_template(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(owner, spec, run, attempt, storage, settings)],
-        "volumes": _volumes(owner, run, storage, spec, settings),
+        "volumes": _volumes(owner, run, attempt, storage, spec, settings),
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
@@ -328,7 +374,7 @@ def cpu_cores(quantity: int | str) -> float | None:
 
 
 def _volumes(
-    owner: Owner, run: int, storage: WorkerStorage, spec: FineTuneJobSpec, settings: OperatorSettings
+    owner: Owner, run: int, attempt: int, storage: WorkerStorage, spec: FineTuneJobSpec, settings: OperatorSettings
 ) -> list[Manifest]:
     shm: dict[str, Any] = {"medium": "Memory"}
     shm_size = spec.resources.shm_size if spec.resources.shm_size is not None else settings.default_shm_size
@@ -337,11 +383,7 @@ def _volumes(
     volumes: list[Manifest] = [
         {
             "name": "config",
-            "configMap": {
-                "name": run_config_name(owner.name, run),
-                # Only the trainer config: the stored spec is the operator's business.
-                "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}],
-            },
+            "configMap": {"name": attempt_name(owner.name, run, attempt)},
         },
         {"name": "dshm", "emptyDir": shm},
         {"name": "tmp", "emptyDir": {}},
@@ -356,15 +398,19 @@ def _claim_volume(i: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the job: an owned checkpoint claim
+# the job: the checkpoint claim from a template
 # ----------------------------------------------------------------------------------------------
 
 
-def render_claim(owner: Owner, template: VolumeClaimTemplate) -> Manifest:
+def render_claim(owner: Owner, template: VolumeClaimTemplate, *, owned: bool) -> Manifest:
+    """The claim of checkpoint.volumeClaimTemplate. `owned`: deleted with the job (only when it holds no output);
+    otherwise it has no owner and outlives the job."""
     meta = template.metadata
     metadata = owner.metadata(
         claim_name(owner.name), {**(meta.labels if meta else {}), **labels(owner.name, "checkpoints")}
     )
+    if not owned:
+        del metadata["ownerReferences"]
     if meta and meta.annotations:
         metadata["annotations"] = dict(meta.annotations)
     return {

@@ -1,13 +1,23 @@
 """Where a run's data lives on the claims and where the worker sees it (DESIGN section 5).
 
     <checkpoint claim>/<namespace>/<job>/                      mounted at /kubetune/job (subPath)
-        runs/<run>/checkpoints/step-...                      checkpoints of the run
-        runs/<run>/                                          outputs, when the output claim is the checkpoint claim
-        cache/huggingface/                                   hub downloads, kept across attempts and runs
+        <uid>/runs/<run>/checkpoints/step-...                checkpoints of run <run> of this FineTuneJob object
+        <uid>/runs/<run>/                                    outputs, when the output claim is the checkpoint claim
+        cache/huggingface/                                   hub downloads, kept across attempts, runs and objects
         cache/sources/                                       s3:// sources and hf:// datasets (the trainer's cache)
-    <output claim>/<output path>/<namespace>/<job>/         mounted at /kubetune/output (when it differs)
+    <output claim>/<output path>/<namespace>/<job>/<uid>/   mounted at /kubetune/output (when it differs)
         runs/<run>/                                          outputs
     pvc://<claim>/<path> sources                             mounted read-only at /kubetune/sources/<role>/<name>
+
+<uid> is the FineTuneJob's metadata.uid: a job deleted and applied again under the same name (kubectl replace,
+an Argo CD or Flux re-create) is a new object with a new uid, so it never resumes from, rotates or overwrites the
+old object's checkpoints or outputs, which stay where they are. Output paths stay predictable: the status
+(status.output.path, status.runs[].output) names each one, and the uid is `kubectl get ftj <job> -o
+jsonpath='{.metadata.uid}'`. The download caches are keyed by source, not by object, and are shared.
+
+Files written before paths carried the uid (<namespace>/<job>/runs/<run>/) are neither moved nor resumed from:
+a run in flight across that upgrade starts its checkpoints afresh, and its status lists the old checkpoint as
+ignored (status.checkpoint.ignored, condition CheckpointsIgnored).
 
 Every mount uses a subPath, so a worker sees only its own job's directory and the source paths it was given.
 hf:// and s3:// sources are passed to the trainer unchanged: it downloads them into cache/, which every node of
@@ -60,22 +70,40 @@ def checkpoint_claim(job: str, spec: FineTuneJobSpec) -> str:
     return spec.checkpoint.claim_name or claim_name(job)
 
 
-def output_uri(namespace: str, job: str, spec: FineTuneJobSpec, run: int) -> str:
-    claim = spec.output.claim_name or checkpoint_claim(job, spec)
-    return f"{PVC_SCHEME}{claim}/{_join(spec.output.path, namespace, job, 'runs', str(run))}"
+def output_claim(job: str, spec: FineTuneJobSpec) -> str:
+    return spec.output.claim_name or checkpoint_claim(job, spec)
 
 
-def worker_storage(namespace: str, job: str, spec: FineTuneJobSpec, run: int) -> WorkerStorage:
+def outputs_on_checkpoint_claim(job: str, spec: FineTuneJobSpec) -> bool:
+    return output_claim(job, spec) == checkpoint_claim(job, spec)
+
+
+def run_dir(uid: str, run: int) -> str:
+    """A run's directory, relative to the job's directory on a claim."""
+    return f"{uid}/runs/{run}"
+
+
+def checkpoint_uri(namespace: str, job: str, spec: FineTuneJobSpec) -> str:
+    """The job's directory on the checkpoint claim (mounted at JOB_DIR), as a URI."""
+    return f"{PVC_SCHEME}{checkpoint_claim(job, spec)}/{_join(namespace, job)}"
+
+
+def output_uri(namespace: str, job: str, uid: str, spec: FineTuneJobSpec, run: int) -> str:
+    path = _join(spec.output.path, namespace, job, run_dir(uid, run))
+    return f"{PVC_SCHEME}{output_claim(job, spec)}/{path}"
+
+
+def worker_storage(namespace: str, job: str, uid: str, spec: FineTuneJobSpec, run: int) -> WorkerStorage:
     ckpt_claim = checkpoint_claim(job, spec)
     mounts = [ClaimMount(ckpt_claim, _join(namespace, job), JOB_DIR, read_only=False)]
-    run_dir = f"runs/{run}"
+    runs = run_dir(uid, run)
 
-    out_claim = spec.output.claim_name or ckpt_claim
+    out_claim = output_claim(job, spec)
     if out_claim == ckpt_claim and not spec.output.path:
-        output_dir = f"{JOB_DIR}/{run_dir}"
+        output_dir = f"{JOB_DIR}/{runs}"
     else:
         mounts.append(ClaimMount(out_claim, _join(spec.output.path, namespace, job), OUTPUT_DIR, read_only=False))
-        output_dir = f"{OUTPUT_DIR}/{run_dir}"
+        output_dir = f"{OUTPUT_DIR}/{runs}"
 
     def source(role: str, uri: str) -> str:
         if not uri.startswith(PVC_SCHEME):
@@ -91,9 +119,9 @@ def worker_storage(namespace: str, job: str, spec: FineTuneJobSpec, run: int) ->
     eval_path = source("eval", spec.dataset.eval_source) if spec.dataset.eval_source else None
     return WorkerStorage(
         mounts=tuple(mounts),
-        checkpoint_dir=f"{JOB_DIR}/{run_dir}/checkpoints",
+        checkpoint_dir=f"{JOB_DIR}/{runs}/checkpoints",
         output_dir=output_dir,
-        output_uri=output_uri(namespace, job, spec, run),
+        output_uri=output_uri(namespace, job, uid, spec, run),
         cache_dir=f"{JOB_DIR}/cache/huggingface",
         sources_cache_dir=f"{JOB_DIR}/cache/sources",
         model_source=model,

@@ -519,11 +519,6 @@ CASES = [
         ("spec.checkpoint must set exactly one of claimName",),
     ),
     Case(
-        "checkpoint-no-interval",
-        {"checkpoint": {"everySteps": None}},
-        ("spec.checkpoint: Required value: spec.checkpoint needs everySteps, everyMinutes or both",),
-    ),
-    Case(
         "multi-node-read-write-once",
         {"resources": {"numNodes": 2}, "checkpoint": {"claimName": None, "volumeClaimTemplate": TEMPLATE}},
         (

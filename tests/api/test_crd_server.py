@@ -13,6 +13,7 @@ import yaml
 from kubetune_dev.cluster import LocalCluster
 from kubetune_operator.api import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus
 from kubetune_operator.api.spec import RunPolicy
+from kubetune_operator.render import DEFAULT_CHECKPOINT_MINUTES, checkpoint_frequency
 from kubetune_trainer.config import LoraSettings, TrainingConfig
 
 pytestmark = pytest.mark.e2e
@@ -110,6 +111,17 @@ def test_defaults_appear_on_the_stored_object(crd_cluster: LocalCluster, namespa
     assert spec["model"]["trustRemoteCode"] is False
     assert "budget" not in spec and "evaluation" not in spec
     assert FineTuneJobSpec.model_validate(spec) == FineTuneJobSpec.model_validate(MINIMAL["spec"])
+
+
+def test_a_checkpoint_claim_alone_is_accepted_and_saves_every_30_minutes(
+    crd_cluster: LocalCluster, namespace: str
+) -> None:
+    manifest = {**MINIMAL, "metadata": {"name": "claim-only"}}
+    manifest["spec"] = {**MINIMAL["spec"], "checkpoint": {"claimName": "ft-checkpoints"}}
+    stored = apply(crd_cluster, manifest, namespace)["spec"]
+    assert stored["checkpoint"] == {"claimName": "ft-checkpoints", "keepLast": 3}
+    spec = FineTuneJobSpec.model_validate(stored)
+    assert checkpoint_frequency(spec) == (None, DEFAULT_CHECKPOINT_MINUTES) == (None, 30)
 
 
 def test_status_subresource_stores_the_full_status_model(

@@ -7,7 +7,14 @@ from datetime import timedelta
 import cli_helpers as h
 import yaml
 from kubetune_operator.api import RERUN_ANNOTATION
-from kubetune_operator.api.status import AttemptRecord, CheckpointStatus, FineTuneJobStatus, RunRecord
+from kubetune_operator.api.status import (
+    AttemptRecord,
+    CheckpointStatus,
+    FineTuneJobStatus,
+    IgnoredCheckpoint,
+    RunRecord,
+    SetupProgress,
+)
 from kubetune_operator.cli import views
 
 TRAINING = h.training(120, loss=1.23456, eval_loss=1.31, tokens_per_second=48210.5, eta_seconds=4320, usd=102.5)
@@ -122,6 +129,8 @@ def test_describe_after_a_restart_with_events() -> None:
         "Workers:     2 active, 2 ready, 0 succeeded, 0 failed",
         "Checkpoint:  default/support-bot/runs/1/step-200 (step 200, saved 2h ago)",
         "Cost:        60.0 GPU-hours, $150.00 so far, $200.00 projected, 60% of the $250.00 budget",
+        "Output:      pvc://ft-checkpoints/default/support-bot/uid-support-bot/runs/1 when run 1 finishes (kept when "
+        "the job is deleted: claim ft-checkpoints is not the job's)",
         "Conditions:",
         "  TYPE        STATUS   REASON          AGE   MESSAGE",
         "  Running     True     Training        2h",
@@ -145,7 +154,10 @@ def test_describe_after_a_restart_with_events() -> None:
 
 def test_describe_finished_job_and_one_the_operator_has_not_seen() -> None:
     text = views.describe(h.job("nightly", status=h.succeeded()), [], now=h.NOW)
-    assert "Output:      pvc://ft-checkpoints/default/support-bot/runs/1 (promoted)" in text.splitlines()
+    assert (
+        "Output:      pvc://ft-checkpoints/default/support-bot/runs/1 (promoted, kept when the job is deleted: claim "
+        "ft-checkpoints is not the job's)"
+    ) in text.splitlines()
     assert (
         "  1     1     Succeeded   Succeeded   1          2h ago    1h5m       0.8123   0.9001      "
         "pvc://ft-checkpoints/default/support-bot/runs/1"
@@ -162,6 +174,39 @@ def test_describe_finished_job_and_one_the_operator_has_not_seen() -> None:
         "Events:",
         "  none",
     ]
+
+
+def test_describe_says_where_the_output_of_a_claim_template_is_and_that_it_outlives_the_job() -> None:
+    template = {"spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}}
+    checkpoint = {"volumeClaimTemplate": template}  # and no frequency: the default
+    job = h.job("tmpl", status=h.succeeded())
+    job["spec"]["checkpoint"] = checkpoint
+    lines = views.describe(job, [], now=h.NOW).splitlines()
+    assert (
+        "Checkpoints: claim tmpl-checkpoints from volumeClaimTemplate (kept when the job is deleted: it holds the "
+        "outputs), every 30 min (default)"
+    ) in lines
+    assert (
+        "Output:      pvc://ft-checkpoints/default/support-bot/runs/1 (promoted, kept when the job is deleted: claim "
+        "tmpl-checkpoints was created for it without an owner; delete the claim once the output is safe)"
+    ) in lines
+    job["spec"]["output"] = {"claimName": "ft-models"}
+    lines = views.describe(job, [], now=h.NOW).splitlines()
+    assert any(
+        line.startswith("Checkpoints: claim tmpl-checkpoints from volumeClaimTemplate (deleted with the job)")
+        for line in lines
+    )
+
+
+def test_describe_shows_the_setup_and_the_checkpoints_left_untouched() -> None:
+    status = h.training(step=0, total=400).model_copy(deep=True)
+    assert status.progress is not None
+    status.progress.setup = SetupProgress(stage="downloading", done=3 << 29, total=3 << 30, unit="bytes")
+    status.checkpoint = CheckpointStatus(ignored=[IgnoredCheckpoint(path="pvc://c/x", reason="another object")])
+    lines = views.describe(h.job("setup", status=status), [], now=h.NOW).splitlines()
+    progress = next(line for line in lines if line.startswith("Progress:"))
+    assert progress.startswith("Progress:    setting up: downloading 1.5 GiB of 3.0 GiB, step 0/400")
+    assert "Checkpoint:  1 not this training's, left untouched (condition CheckpointsIgnored)" in lines
 
 
 def test_progress_line_fits_the_terminal_and_drops_details_before_the_bar() -> None:

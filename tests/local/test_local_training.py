@@ -20,6 +20,7 @@ import pytest
 import trainer_assets
 from e2e_support import Api, Operator, wait_for
 from kubetune_dev.nodeagent.testing import LOCAL_NODE_SELECTOR, LOCAL_NODE_TOLERATION, LocalNode
+from kubetune_trainer.files import sha256_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -77,9 +78,10 @@ def output_dir(node: LocalNode, ns: str, status: dict[str, Any]) -> Path:
     return node.claim_dir(ns, claim) / path
 
 
-def checkpoint_steps(node: LocalNode, ns: str, name: str) -> list[int]:
+def checkpoint_steps(api: Api, node: LocalNode, ns: str, name: str) -> list[int]:
     """Steps of the run's finished checkpoints (step-XXXXXXXX directories), oldest first."""
-    root = node.claim_dir(ns, "ft-checkpoints") / ns / name / "runs" / "1" / "checkpoints"
+    uid = api.ftj(ns, name)["metadata"]["uid"]
+    root = node.claim_dir(ns, "ft-checkpoints") / ns / name / uid / "runs" / "1" / "checkpoints"
     found = (re.fullmatch(r"step-(\d{8})", p.name) for p in root.iterdir()) if root.exists() else ()
     return sorted(int(m.group(1)) for m in found if m)
 
@@ -186,7 +188,7 @@ def test_a_killed_worker_restarts_the_gang_from_the_checkpoint(
     name = unique("kill")
     api.apply(ns, name, spec(training={"maxSteps": 100}))
     wait_for(
-        lambda: max(checkpoint_steps(node, ns, name), default=0) >= 20, RUN_TIMEOUT, "checkpoint 20", operator.tail
+        lambda: max(checkpoint_steps(api, node, ns, name), default=0) >= 20, RUN_TIMEOUT, "checkpoint 20", operator.tail
     )
     pid = wait_for(lambda: training_process(name, rank=1), 30, "the rank-1 trainer process")
     os.kill(pid, signal.SIGKILL)
@@ -197,7 +199,7 @@ def test_a_killed_worker_restarts_the_gang_from_the_checkpoint(
     first = status["attempts"][0]
     assert first["reason"] == "Error", first
     # Every save needs both ranks, so attempt 1 wrote nothing after the kill: attempt 2 must resume from here.
-    latest = checkpoint_steps(node, ns, name)[-1]
+    latest = checkpoint_steps(api, node, ns, name)[-1]
     assert 20 <= latest < 100
 
     status = wait_for_phase(api, ns, name, "Succeeded", operator)
@@ -220,7 +222,7 @@ def test_suspend_checkpoints_and_unsuspend_resumes_from_it(
 
     status = wait_for_phase(api, ns, name, "Suspended", operator)
     wait_for(lambda: not api.pods(ns, f"kubetune.io/job={name}"), 60, "the workers gone")
-    steps = checkpoint_steps(node, ns, name)
+    steps = checkpoint_steps(api, node, ns, name)
     assert len(steps) == 1 and 5 <= steps[0] < 100, steps
     saved = steps[0]
     assert f"checkpoint step {saved} saved" in worker_log(node, ns, name, attempt=1)
@@ -246,3 +248,39 @@ def test_a_bad_dataset_row_fails_the_job_with_a_reason_naming_the_row(
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert "bad.jsonl row 7" in failed["message"] and 'field "completion" is missing' in failed["message"], failed
     assert status["attempt"] == 1  # a permanent error: no restart spent on it
+
+
+def files_under(root: Path) -> dict[str, str]:
+    """Every file under `root` with its sha256."""
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_job_deleted_and_applied_again_with_other_data_trains_from_step_0_and_leaves_the_old_files(
+    api: Api, ns: str, operator: Operator, local_nodes: list[LocalNode]
+) -> None:
+    node = local_nodes[0]
+    name = unique("replace")
+    api.apply(ns, name, spec())
+    old = wait_for_phase(api, ns, name, "Succeeded", operator)
+    old_uid = api.ftj(ns, name)["metadata"]["uid"]
+    old_checkpoints = node.claim_dir(ns, "ft-checkpoints") / ns / name / old_uid
+    old_output = output_dir(node, ns, old)
+    before = {**files_under(old_checkpoints), **{f"out/{k}": v for k, v in files_under(old_output).items()}}
+    assert any(k.startswith("runs/1/checkpoints/") for k in before) and "out/manifest.json" in before
+
+    # kubectl delete + apply (what an Argo CD or Flux re-create does), with the next version of the data.
+    api.delete_ftj(ns, name)
+    wait_for(lambda: not api.pods(ns, f"kubetune.io/job={name}"), 60, "the old workers gone")
+    rows = trainer_assets.rows(160, "prompt_completion", seed=11)
+    trainer_assets.write_jsonl(node.claim_dir(ns, "datasets") / f"{name}-v2.jsonl", rows)
+    api.apply(ns, name, spec(dataset={"source": f"pvc://datasets/{name}-v2.jsonl"}))
+    new = wait_for_phase(api, ns, name, "Succeeded", operator)
+
+    new_output = output_dir(node, ns, new)
+    assert new["output"]["path"] != old["output"]["path"]
+    manifest = json.loads((new_output / "manifest.json").read_text())
+    assert manifest.get("resumedFromStep") in (None, 0), manifest  # from step 0: nothing of the old job's
+    assert manifest["finalMetrics"]["steps"] == 30
+    assert len([r for r in metrics(new_output) if "loss" in r]) == 6  # it trained all 30 steps itself
+    after = {**files_under(old_checkpoints), **{f"out/{k}": v for k, v in files_under(old_output).items()}}
+    assert after == before  # the old object's checkpoints and output: untouched

@@ -11,7 +11,7 @@ from kubetune_operator.api import FineTuneJob
 from kubetune_operator.cost import PodUsage
 from kubetune_operator.observed import JobState, Observed, PodState, RunConfig, Termination
 from kubetune_operator.reconcile import Plan, reconcile
-from kubetune_operator.render import Owner, render_config_map
+from kubetune_operator.render import Owner, render_run_config
 from kubetune_operator.settings import OperatorSettings
 
 T0 = datetime(2026, 11, 27, 9, 0, 0, tzinfo=UTC)
@@ -113,6 +113,7 @@ def pod(
         phase=phase,
         ready=phase == "Running",
         deleting=False,
+        deletion_due=None,
         pod_ip=f"10.244.0.{index + 1}",
         usage=PodUsage(gpus=gpus, node_name=f"gpu-node-{index}", start=T0, end=end),
         reason=None,
@@ -128,8 +129,8 @@ def exited(code: int, reason: str = "Error", message: str | None = None, at: dat
     return Termination(exit_code=code, reason=reason, message=message, finished_at=at)
 
 
-def config_map_of(job: FineTuneJob, run: int = 1, generation: int = 1) -> RunConfig:
-    manifest = render_config_map(owner(job), job.spec, run, generation, SETTINGS)
+def config_map_of(job: FineTuneJob, run: int = 1) -> RunConfig:
+    manifest = render_run_config(owner(job), job.spec, run)
     return RunConfig(name=manifest["metadata"]["name"], owner_uid=UID, run=run, spec_json=manifest["data"]["spec.json"])
 
 

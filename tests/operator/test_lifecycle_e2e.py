@@ -34,10 +34,13 @@ def test_children_have_the_expected_shape_and_workers_land_on_gpu_nodes(api: Api
     assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses is True
     assert svc.spec.selector == {"kubetune.io/job": "shape", "kubetune.io/run": "1", "kubetune.io/attempt": "1"}
 
-    cm = api.core.read_namespaced_config_map("shape-r1", ns)
+    uid = api.ftj(ns, "shape")["metadata"]["uid"]
+    cm = api.core.read_namespaced_config_map("shape-r1-a1", ns)
     config = TrainerConfig.model_validate_json(cm.data["config.json"])
-    assert config.checkpoint.dir == "/kubetune/job/runs/1/checkpoints"
-    assert (config.identity.namespace, config.identity.name, config.identity.run) == (ns, "shape", 1)
+    assert config.checkpoint.dir == f"/kubetune/job/{uid}/runs/1/checkpoints"
+    identity = config.identity
+    assert (identity.namespace, identity.name, identity.uid, identity.run, identity.attempt) == (ns, "shape", uid, 1, 1)
+    assert "spec.json" in api.core.read_namespaced_config_map("shape-r1", ns).data
 
     [job] = api.jobs(ns, "shape")
     assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism, job.spec.backoff_limit) == (
@@ -77,7 +80,8 @@ def test_a_completed_job_succeeds_with_its_times(api: Api, operator: Operator, n
     assert status["startTime"] <= status["completionTime"]
     [run] = status["runs"]
     assert (run["result"], run["attempts"]) == ("Succeeded", 1)
-    assert status["output"] == {"path": f"pvc://ft-checkpoints/{ns}/done/runs/1", "promoted": True}
+    uid = api.ftj(ns, "done")["metadata"]["uid"]
+    assert status["output"] == {"path": f"pvc://ft-checkpoints/{ns}/done/{uid}/runs/1", "promoted": True}
     assert condition(status, "Ready")["status"] == "True"
     assert condition(status, "Reconciling")["status"] == "False"
     # The finished Job stays (its pods hold the logs); nothing else of the attempt does.
@@ -191,7 +195,7 @@ def test_a_new_rerun_token_trains_again(api: Api, operator: Operator, ns: str) -
     status = wait_phase(api, operator, ns, "again", "Succeeded")
     assert [(r["run"], r["result"]) for r in status["runs"]] == [(1, "Succeeded"), (2, "Succeeded")]
     assert status["runs"][1]["rerunToken"] == "2026-11-27"
-    assert status["output"]["path"].endswith("/again/runs/2")
+    assert status["output"]["path"].endswith(f"/again/{api.ftj(ns, 'again')['metadata']['uid']}/runs/2")
 
 
 def test_the_deadline_stops_the_run(api: Api, operator: Operator, ns: str) -> None:

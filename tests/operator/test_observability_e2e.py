@@ -39,7 +39,16 @@ SETTINGS = {
     "pricing": {"defaultUsdPerGpuHour": 3600, "byInstanceType": {"p5.48xlarge": 7200}},
 }
 P5_USD_PER_GPU_HOUR = 7200  # the kwok GPU nodes are labelled node.kubernetes.io/instance-type=p5.48xlarge
-CHECKPOINTS = "/kubetune/job/runs/1/checkpoints"  # where a worker sees its run's checkpoint directory
+
+
+def checkpoints(api: Api, ns: str, name: str) -> str:
+    """Where a worker sees run 1's checkpoint directory (under the FineTuneJob's uid)."""
+    return f"/kubetune/job/{api.ftj(ns, name)['metadata']['uid']}/runs/1/checkpoints"
+
+
+def run_dir(api: Api, ns: str, name: str, claim: str = "ft-checkpoints") -> str:
+    """Run 1's directory on the claim, as the status names it."""
+    return f"pvc://{claim}/{ns}/{name}/{api.ftj(ns, name)['metadata']['uid']}/runs/1"
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +89,9 @@ def test_progress_reaches_the_status_kubectl_get_and_the_operator_metrics(
     api: Api, operator: Operator, ns: str, trainer: FakeTrainer
 ) -> None:
     api.apply(ns, "prog", hanging())
-    trainer.train(120, total=400, loss=1.5, eval_loss=1.6, eta_seconds=600, checkpoint=f"{CHECKPOINTS}/step-120")
+    trainer.train(
+        120, total=400, loss=1.5, eval_loss=1.6, eta_seconds=600, checkpoint=f"{checkpoints(api, ns, 'prog')}/step-120"
+    )
     serve_rank0(api, ns, "prog", 1, trainer)
 
     def progressed(step: int) -> dict[str, Any]:
@@ -104,7 +115,7 @@ def test_progress_reaches_the_status_kubectl_get_and_the_operator_metrics(
     }
     checkpoint = status["checkpoint"]
     assert (checkpoint["latest"], checkpoint["step"]) == (
-        f"pvc://ft-checkpoints/{ns}/prog/runs/1/checkpoints/step-120",
+        f"{run_dir(api, ns, 'prog')}/checkpoints/step-120",
         120,
     )
     cost = status["cost"]
@@ -196,7 +207,7 @@ def test_a_stalled_trainer_is_restarted_and_stalls_count_as_restarts(
     api: Api, operator: Operator, ns: str, trainer: FakeTrainer
 ) -> None:
     api.apply(ns, "stall", hanging(runPolicy={"maxRestarts": 1, "backoffSeconds": 1, "stallTimeoutSeconds": 5}))
-    trainer.train(40, total=400, loss=2.0, checkpoint=f"{CHECKPOINTS}/step-40")
+    trainer.train(40, total=400, loss=2.0, checkpoint=f"{checkpoints(api, ns, 'stall')}/step-40")
     serve_rank0(api, ns, "stall", 1, trainer)
 
     def checkpointed() -> dict[str, Any]:
@@ -211,7 +222,7 @@ def test_a_stalled_trainer_is_restarted_and_stalls_count_as_restarts(
     stalled = status["attempts"][0]
     assert stalled["reason"] == "Stalled"
     assert "(at step 40; runPolicy.stallTimeoutSeconds is 5)" in stalled["message"]
-    assert status["checkpoint"]["latest"] == f"pvc://ft-checkpoints/{ns}/stall/runs/1/checkpoints/step-40"
+    assert status["checkpoint"]["latest"] == f"{run_dir(api, ns, 'stall')}/checkpoints/step-40"
 
     # attempt 2's rank 0 never answers: it stalls too, and that was the last restart
     status = wait_phase(api, operator, ns, "stall", "Failed")
@@ -233,7 +244,7 @@ def test_over_its_eval_gate_a_finished_run_fails_and_its_output_is_kept(
         api.end_pod(ns, pod.metadata.name, 0, reason="Completed")
 
     status = wait_phase(api, operator, ns, "gate", "Failed")
-    output = f"pvc://ft-checkpoints/{ns}/gate/runs/1"
+    output = run_dir(api, ns, "gate")
     failed = condition(status, "Failed")
     assert failed["reason"] == "EvalGateFailed"
     assert failed["message"] == (
@@ -274,4 +285,4 @@ def test_final_figures_reach_the_gate_and_the_status_when_the_run_ends_between_p
     assert progress["history"][-1] == {"step": 400, "loss": 1.1, "evalLoss": 0.9}
     [run] = status["runs"]
     assert (run["result"], run["finalLoss"], run["finalEvalLoss"]) == ("Succeeded", 1.1, 0.9)
-    assert status["output"] == {"path": f"pvc://ft-checkpoints/{ns}/ends/runs/1", "promoted": True}
+    assert status["output"] == {"path": run_dir(api, ns, "ends"), "promoted": True}

@@ -21,7 +21,7 @@ from kubetune_operator.policies import (
     judge,
     stall,
 )
-from kubetune_operator.progress import TrainerReport, TrainerView
+from kubetune_operator.progress import TrainerReport, TrainerView, advanced, parse_report
 
 HOUR = timedelta(hours=1)
 
@@ -130,28 +130,41 @@ def test_accrued_cost_and_gpu_hours_stop_the_run_from_the_first_step() -> None:
 # -- stall ----------------------------------------------------------------------------------------------
 
 
-def watched(since: datetime = T0, run: int = 1, attempt: int = 2) -> TrainerView:
-    return TrainerView(run=run, attempt=attempt, watching_since=since, report=None)
+def watched(
+    since: datetime = T0,
+    run: int = 1,
+    attempt: int = 2,
+    report: TrainerReport | None = None,
+    advanced_at: datetime | None = None,
+) -> TrainerView:
+    return TrainerView(run=run, attempt=attempt, watching_since=since, report=report, advanced_at=advanced_at)
+
+
+def reported(**doc: Any) -> TrainerReport:
+    parsed = parse_report({"state": "training", "step": 1200, "updatedAt": "2026-11-27T09:00:00Z", **doc})
+    assert parsed is not None
+    return parsed
 
 
 @pytest.mark.parametrize(
-    ("progress", "attempt_start", "since", "quiet_from"),
+    ("advanced_at", "attempt_start", "since", "quiet_from"),
     [
         (None, T0, T0, T0),  # nothing reported: from the attempt's start
-        (Progress(step=5, updated_at=T0 + HOUR), T0, T0, T0 + HOUR),  # from the latest report
-        # the report came from the previous attempt: the new one gets a full timeout from its start
-        (Progress(step=5, updated_at=T0), T0 + HOUR, T0, T0 + HOUR),
+        (T0 + HOUR, T0, T0, T0 + HOUR),  # from the latest progress the poller saw
+        # the progress was the previous attempt's: the new one gets a full timeout from its start
+        (T0, T0 + HOUR, T0, T0 + HOUR),
         # this operator started polling later (it was restarted): the time it was away is not judged
-        (Progress(step=5, updated_at=T0), T0, T0 + 2 * HOUR, T0 + 2 * HOUR),
+        (T0, T0, T0 + 2 * HOUR, T0 + 2 * HOUR),
     ],
 )
-def test_stall_counts_quiet_time_from_the_latest_sign_of_life(
-    progress: Progress | None, attempt_start: datetime, since: datetime, quiet_from: datetime
+def test_stall_counts_quiet_time_from_the_latest_progress(
+    advanced_at: datetime | None, attempt_start: datetime, since: datetime, quiet_from: datetime
 ) -> None:
     timeout = timedelta(seconds=900)
+    trainer = watched(since, report=reported() if advanced_at else None, advanced_at=advanced_at)
 
     def rule(now: datetime) -> Ruling:
-        return stall(context(progress=progress, attempt_start=attempt_start, trainer=watched(since), now=now))
+        return stall(context(attempt_start=attempt_start, trainer=trainer, now=now))
 
     assert rule(quiet_from + timeout - timedelta(seconds=1)) == Ruling(recheck_at=quiet_from + timeout)
     verdict = rule(quiet_from + timeout).verdict
@@ -159,18 +172,41 @@ def test_stall_counts_quiet_time_from_the_latest_sign_of_life(
 
 
 @pytest.mark.parametrize(
-    ("progress", "message"),
+    ("report", "message"),
     [
-        (
-            Progress(step=1200, updated_at=T0),
-            "no new training step for 15m (at step 1200; runPolicy.stallTimeoutSeconds is 900)",
-        ),
+        (reported(), "no new training step for 15m (at step 1200; runPolicy.stallTimeoutSeconds is 900)"),
         (None, "no new training step for 15m (no report from this attempt yet; runPolicy.stallTimeoutSeconds is 900)"),
+        (
+            reported(
+                state="loading",
+                step=0,
+                setup={"stage": "downloading", "done": 3 << 29, "total": 3 << 30, "unit": "bytes"},
+            ),
+            "no setup progress for 15m (loading: downloading 1.5 GiB of 3.0 GiB; runPolicy.stallTimeoutSeconds is 900)",
+        ),
+        (
+            reported(state="loading", step=0, setup={"stage": "loading model"}),
+            "no setup progress for 15m (loading: loading model; runPolicy.stallTimeoutSeconds is 900)",
+        ),
     ],
 )
-def test_stall_message(progress: Progress | None, message: str) -> None:
-    ruling = stall(context(progress=progress, trainer=watched(), now=T0 + timedelta(seconds=900)))
+def test_stall_message(report: TrainerReport | None, message: str) -> None:
+    trainer = watched(report=report, advanced_at=T0 if report else None)
+    ruling = stall(context(trainer=trainer, now=T0 + timedelta(seconds=900)))
     assert ruling == Ruling(Verdict("restart", "Stalled", message))
+
+
+def test_progress_is_a_step_a_state_or_setup_moving_on_not_a_fresher_stamp() -> None:
+    loading = {"state": "loading", "step": 0, "setup": {"stage": "downloading", "done": 100, "total": 900}}
+    before = reported(**loading)
+    later = "2026-11-27T09:05:00Z"
+    assert not advanced(before, reported(**loading, updatedAt=later))  # alive, but no further
+    assert advanced(before, reported(**{**loading, "setup": {"stage": "downloading", "done": 200, "total": 900}}))
+    assert advanced(before, reported(**{**loading, "setup": {"stage": "tokenising", "done": 0, "unit": "rows"}}))
+    assert advanced(before, reported(step=1))  # training started
+    assert not advanced(reported(step=7), reported(step=7, updatedAt=later))
+    assert advanced(reported(step=7), reported(step=8))
+    assert advanced(reported(step=7), reported(step=7, state="evaluating"))
 
 
 @pytest.mark.parametrize(

@@ -27,8 +27,8 @@ from ftj_builders import (
     step,
 )
 from kubetune_operator.api import FineTuneJob
-from kubetune_operator.api.status import FineTuneJobStatus
-from kubetune_operator.observed import ChildRef, Observed, Rejection
+from kubetune_operator.api.status import CheckpointStatus, FineTuneJobStatus
+from kubetune_operator.observed import ChildRef, Observed, Rejection, RunConfig
 from kubetune_operator.reconcile import (
     Deletion,
     backoff_seconds,
@@ -66,7 +66,12 @@ def test_a_new_job_starts_run_1_attempt_1_and_creates_its_children_in_order() ->
     assert job.status.start_time == T0
     [run] = job.status.runs
     assert (run.run, run.generation, run.spec_hash, run.start_time) == (1, 1, run_fingerprint(job.spec), T0)
-    assert kinds(plan) == [("ConfigMap", "sft-r1"), ("Service", "sft-r1-a1"), ("Job", "sft-r1-a1")]
+    assert kinds(plan) == [
+        ("ConfigMap", "sft-r1"),
+        ("ConfigMap", "sft-r1-a1"),
+        ("Service", "sft-r1-a1"),
+        ("Job", "sft-r1-a1"),
+    ]
     assert plan.delete == ()
     assert reasons(plan) == ["RunStarted"]  # which says the first attempt started too
     assert condition(job, "Reconciling")[0] == "True"
@@ -86,11 +91,13 @@ def test_nothing_is_created_twice_or_while_the_caches_catch_up() -> None:
     everything = Observed(
         jobs=(job_state("sft-r1-a1"),),
         services=(ChildRef("Service", "sft-r1-a1", UID, 1, 1),),
-        config_maps=(config_map_of(job),),
+        config_maps=(config_map_of(job), RunConfig("sft-r1-a1", UID, 1, None)),
     )
     plan, _ = step(job, everything)
     assert plan.create == () and plan.delete == ()
-    just_created = frozenset({("ConfigMap", "sft-r1"), ("Service", "sft-r1-a1"), ("Job", "sft-r1-a1")})
+    just_created = frozenset(
+        {("ConfigMap", "sft-r1"), ("ConfigMap", "sft-r1-a1"), ("Service", "sft-r1-a1"), ("Job", "sft-r1-a1")}
+    )
     plan, _ = step(job, Observed(just_created=just_created))
     assert plan.create == ()
     # A child just deleted but still in the caches is not deleted again; one just created can be deleted.
@@ -154,7 +161,7 @@ def test_a_complete_job_succeeds_the_run_with_its_own_times() -> None:
     [run] = job.status.runs
     assert (run.result, run.completion_time, run.attempts) == ("Succeeded", later(100), 1)
     assert job.status.output is not None
-    assert job.status.output.path == run.output == "pvc://ft-checkpoints/ml/sft/runs/1"
+    assert job.status.output.path == run.output == f"pvc://ft-checkpoints/ml/sft/{UID}/runs/1"
     assert job.status.output.promoted is True
     assert job.status.workers is not None and job.status.workers.succeeded == 2
     # The finished Job keeps its pods' logs; the rendezvous Service has no use any more.
@@ -191,7 +198,12 @@ def test_a_failed_worker_ends_the_attempt_and_the_next_resumes_after_a_backoff()
     plan, job = step(job, Observed(), later(71))
     assert job.status is not None
     assert (job.status.run, job.status.attempt) == (1, 2)
-    assert kinds(plan) == [("ConfigMap", "sft-r1"), ("Service", "sft-r1-a2"), ("Job", "sft-r1-a2")]
+    assert kinds(plan) == [
+        ("ConfigMap", "sft-r1"),
+        ("ConfigMap", "sft-r1-a2"),
+        ("Service", "sft-r1-a2"),
+        ("Job", "sft-r1-a2"),
+    ]
     assert reasons(plan) == ["AttemptStarted"]
     assert [a.attempt for a in job.status.attempts] == [1, 2]
     assert job.status.runs[-1].start_time == T0
@@ -406,7 +418,12 @@ def test_a_spec_change_with_restart_replaces_the_run() -> None:
     assert (new.generation, new.result, new.start_time) == (2, None, later(10))
     assert [a.attempt for a in job.status.attempts] == [1]
     assert {Deletion("Job", "sft-r1-a1"), Deletion("ConfigMap", "sft-r1")} <= set(plan.delete)
-    assert kinds(plan) == [("ConfigMap", "sft-r2"), ("Service", "sft-r2-a1"), ("Job", "sft-r2-a1")]
+    assert kinds(plan) == [
+        ("ConfigMap", "sft-r2"),
+        ("ConfigMap", "sft-r2-a1"),
+        ("Service", "sft-r2-a1"),
+        ("Job", "sft-r2-a1"),
+    ]
     assert reasons(plan) == ["SpecChanged", "SpecChanged"]
 
 
@@ -422,7 +439,7 @@ def test_a_spec_change_with_queue_waits_for_the_run_and_restarts_it_with_its_own
     assert (job.status.run, job.status.phase, job.status.observed_generation) == (1, "Running", 2)
     assert "generation 2 is queued and starts when run 1 finishes" in condition(job, "Running")[2]
     assert reasons(plan) == ["RunQueued"]
-    assert plan.delete == () and [kind for kind, _ in kinds(plan)] == ["Service"]
+    assert plan.delete == () and kinds(plan) == [("ConfigMap", "sft-r1-a1"), ("Service", "sft-r1-a1")]
 
     # Run 1 fails and restarts: its next attempt is rendered from run 1's stored spec (2 nodes, not 4).
     failing = replace(failed_attempt(job, termination=exited(1)), config_maps=(stored,))
@@ -544,3 +561,138 @@ def test_many_suspensions_keep_the_attempt_list_within_the_api_bound() -> None:
     assert len(job.status.attempts) <= 101
     assert job.status.attempt == 61
     FineTuneJobStatus.model_validate(job.status.model_dump())
+
+
+# ----------------------------------------------------------------------------------------------
+# attempt fencing: the next attempt never runs beside the workers of an earlier one
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_next_attempt_waits_until_the_previous_attempts_workers_have_stopped() -> None:
+    job = started()
+    _, job = step(job, failed_attempt(job, termination=exited(1, at=later(60))), later(61))
+    # The backoff (10 s) is over, but worker 0 still checkpoints after its SIGTERM (its Job is being deleted).
+    stopping = Observed(
+        jobs=(job_state("sft-r1-a1", failed=True, deleting=True),),
+        pods=(pod(0, deleting=True, deletion_due=later(91)), pod(1, phase="Failed", termination=exited(1))),
+    )
+    plan, job = step(job, stopping, later(75))
+    assert job.status is not None and job.status.attempt == 1
+    assert ("Job", "sft-r1-a2") not in kinds(plan) and plan.create == ()
+    assert condition(job, "Reconciling")[1:] == (
+        "WaitingForWorkers",
+        "attempt 2 of run 1 starts when the workers of earlier attempts have stopped: 1 still terminating "
+        "(pod sft-r1-a1-0-abcde on node gpu-node-0)",
+    )
+    assert reasons(plan) == []
+    # Terminated (its containers exited) is stopped, even while the object is still there.
+    terminated = replace(stopping, pods=(replace(stopping.pods[0], phase="Failed"), stopping.pods[1]))
+    plan, job = step(job, terminated, later(80))
+    assert job.status is not None and job.status.attempt == 2
+    assert ("Job", "sft-r1-a2") in kinds(plan)
+
+
+def test_a_worker_past_its_grace_period_is_waited_for_with_a_warning_saying_what_to_do() -> None:
+    job = started()
+    _, job = step(job, failed_attempt(job, termination=exited(1, at=later(60))), later(61))
+    # Its Job is deleted in the foreground: it stays until its pods are gone.
+    stuck = Observed(
+        jobs=(job_state("sft-r1-a1", deleting=True),), pods=(pod(0, deleting=True, deletion_due=later(91)),)
+    )
+    plan, job = step(job, stuck, later(400))
+    assert job.status is not None and job.status.attempt == 1
+    status, reason, message = condition(job, "Reconciling")
+    assert (status, reason) == ("True", "WorkersNotStopping")
+    assert "5m9s past its grace period" in message
+    assert "If gpu-node-0 is lost for good, delete its Node or taint it node.kubernetes.io/out-of-service" in message
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "WorkersNotStopping")]
+    plan, job = step(job, stuck, later(430))
+    assert plan.events == ()  # once
+    # Kubernetes removed the pod (its node was declared gone): the next attempt starts.
+    plan, job = step(job, Observed(), later(440))
+    assert job.status is not None and job.status.attempt == 2
+
+
+def test_resuming_a_suspended_run_waits_for_its_workers_to_stop() -> None:
+    job = started()
+    _, job = step(job, RUNNING, later(5))
+    _, job = step(edited(job, spec(runPolicy={"suspend": True})), RUNNING, later(10))
+    checkpointing = replace(
+        RUNNING, pods=tuple(replace(p, deleting=True, deletion_due=later(40)) for p in RUNNING.pods)
+    )
+    job = edited(job, spec(runPolicy={"suspend": False}))
+    plan, job = step(job, checkpointing, later(20))
+    assert job.status is not None and job.status.attempt == 1 and plan.create == ()
+    assert condition(job, "Reconciling")[1] == "WaitingForWorkers"
+    plan, job = step(job, Observed(), later(30))
+    assert job.status is not None and job.status.attempt == 2
+    assert reasons(plan) == ["Resumed"]
+
+
+def test_a_deadline_still_ends_a_run_that_waits_for_stuck_workers() -> None:
+    job = started(spec(runPolicy={"activeDeadlineSeconds": 600, "backoffSeconds": 0, "maxBackoffSeconds": 0}))
+    _, job = step(job, failed_attempt(job, termination=exited(1)), later(60))
+    stuck = Observed(
+        jobs=(job_state("sft-r1-a1", deleting=True),), pods=(pod(0, deleting=True, deletion_due=later(90)),)
+    )
+    _, job = step(job, stuck, later(599))
+    assert job.status is not None and job.status.phase == "Pending"
+    _, job = step(job, stuck, later(600))
+    assert job.status is not None and job.status.phase == "Failed"
+    assert condition(job, "Failed")[1] == "DeadlineExceeded"
+    assert job.status.attempt == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# outputs outlive their job
+# ----------------------------------------------------------------------------------------------
+
+TEMPLATE = {"spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "10Gi"}}}}
+
+
+def test_a_templated_claim_that_receives_the_outputs_has_no_owner() -> None:
+    plan, _ = step(ftj(spec(checkpoint={"claimName": None, "volumeClaimTemplate": TEMPLATE})))
+    claim = plan.create[0]
+    assert (claim["kind"], claim["metadata"]["name"]) == ("PersistentVolumeClaim", "sft-checkpoints")
+    assert "ownerReferences" not in claim["metadata"]
+    # With the outputs on another claim, the template's claim holds checkpoints only, and goes with the job.
+    plan, _ = step(
+        ftj(spec(checkpoint={"claimName": None, "volumeClaimTemplate": TEMPLATE}, output={"claimName": "ft-models"}))
+    )
+    assert plan.create[0]["metadata"]["ownerReferences"][0]["uid"] == UID
+
+
+def test_an_owned_claim_that_holds_outputs_is_released_and_a_kept_one_is_used() -> None:
+    job = started(spec(checkpoint={"claimName": None, "volumeClaimTemplate": TEMPLATE}))
+    owned = ChildRef("PersistentVolumeClaim", "sft-checkpoints", UID)  # created by an operator before this rule
+    plan, _ = step(job, Observed(claims=(owned,)), later(5))
+    assert plan.release == ("sft-checkpoints",)
+    assert ("PersistentVolumeClaim", "sft-checkpoints") not in kinds(plan)
+    kept = ChildRef("PersistentVolumeClaim", "sft-checkpoints", None)
+    plan, _ = step(job, Observed(claims=(kept,)), later(6))
+    assert plan.release == () and ("PersistentVolumeClaim", "sft-checkpoints") not in kinds(plan)
+
+
+# ----------------------------------------------------------------------------------------------
+# paths carry the job's uid
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_run_that_checkpointed_before_paths_carried_the_uid_says_its_next_attempt_starts_afresh() -> None:
+    job = started()
+    status = job.status
+    assert status is not None
+    legacy = "pvc://ft-checkpoints/ml/sft/runs/1/checkpoints/step-300"
+    old = status.model_copy(update={"checkpoint": CheckpointStatus(latest=legacy, step=300, saved_at=T0)})
+    job = job.model_copy(update={"status": old})
+    _, job = step(job, failed_attempt(job, termination=exited(1)), later(60))
+    plan, job = step(job, Observed(), later(80))
+    assert job.status is not None and job.status.attempt == 2 and job.status.checkpoint is not None
+    assert (job.status.checkpoint.latest, job.status.checkpoint.step) == (None, None)
+    [ignored] = job.status.checkpoint.ignored
+    assert ignored.path == legacy and "before checkpoint paths carried the job's uid" in ignored.reason
+    assert condition(job, "CheckpointsIgnored")[:2] == ("True", "NotThisTraining")
+    assert [(e.type, e.reason) for e in plan.events] == [
+        ("Warning", "CheckpointsIgnored"),
+        ("Normal", "AttemptStarted"),
+    ]

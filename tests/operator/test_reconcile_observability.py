@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from ftj_builders import SETTINGS, T0, condition, edited, exited, ftj, job_state, later, pod, reasons, spec, step
+from ftj_builders import SETTINGS, T0, UID, condition, edited, exited, ftj, job_state, later, pod, reasons, spec, step
 from kubetune_operator.api import FineTuneJob
 from kubetune_operator.api.status import (
     MAX_ATTEMPTS,
@@ -18,6 +18,7 @@ from kubetune_operator.api.status import (
     HistoryPoint,
     OutputStatus,
     Progress,
+    SetupProgress,
 )
 from kubetune_operator.cost import PodUsage, Pricing
 from kubetune_operator.observed import FinalMetrics, FinalReport, Observed
@@ -25,6 +26,7 @@ from kubetune_operator.progress import TrainerReport, TrainerView, parse_report
 from kubetune_operator.reconcile import Deletion, with_running_figures
 from kubetune_operator.settings import OperatorSettings
 
+OUTPUT = f"pvc://ft-checkpoints/ml/sft/{UID}/runs/1"
 RUNNING = Observed(jobs=(job_state("sft-r1-a1"),), pods=(pod(0), pod(1)))  # 2 pods x 8 GPUs since T0
 JOB_1 = Deletion("Job", "sft-r1-a1")
 
@@ -48,7 +50,7 @@ def report(**fields: Any) -> TrainerReport:
         "updatedAt": "2026-11-27T09:05:00Z",
         "checkpoint": {
             "step": 100,
-            "path": "/kubetune/job/runs/1/checkpoints/step-100",
+            "path": f"/kubetune/job/{UID}/runs/1/checkpoints/step-100",
             "savedAt": "2026-11-27T09:04:00Z",
         },
         "history": [{"step": 100, "loss": 1.6, "evalLoss": 1.7}, {"step": 120, "loss": 1.5}],
@@ -59,7 +61,10 @@ def report(**fields: Any) -> TrainerReport:
 
 
 def polled(rep: TrainerReport | None, observed: Observed = RUNNING, attempt: int = 1, since: datetime = T0) -> Observed:
-    return replace(observed, trainer=TrainerView(run=1, attempt=attempt, watching_since=since, report=rep))
+    """Rank 0 polled, its latest report `rep` seen as progress when it was stamped."""
+    advanced_at = rep.updated_at if rep else None
+    view = TrainerView(run=1, attempt=attempt, watching_since=since, report=rep, advanced_at=advanced_at)
+    return replace(observed, trainer=view)
 
 
 def completed(at: datetime, final: FinalReport | None = None) -> Observed:
@@ -102,7 +107,7 @@ def test_rank_0_report_lands_in_the_status_and_a_new_run_starts_afresh() -> None
         history=[HistoryPoint(step=100, loss=1.6, eval_loss=1.7), HistoryPoint(step=120, loss=1.5)],
     )
     assert job.status.checkpoint == CheckpointStatus(
-        latest="pvc://ft-checkpoints/ml/sft/runs/1/checkpoints/step-100", step=100, saved_at=later(240)
+        latest=f"pvc://ft-checkpoints/ml/sft/{UID}/runs/1/checkpoints/step-100", step=100, saved_at=later(240)
     )
     # 16 GPUs for 5 minutes at the default $2, and half an hour more at that rate
     assert job.status.cost == CostStatus(gpu_hours=1.333, usd=2.67, projected_usd=18.67)
@@ -266,16 +271,15 @@ def test_a_run_over_its_eval_gate_fails_and_keeps_its_output_unpromoted() -> Non
     failed = condition(job, "Failed")
     assert failed[:2] == ("True", "EvalGateFailed")
     assert failed[2] == (
-        "final evaluation loss 1.5 is above evaluation.maxEvalLoss 1; "
-        "the output at pvc://ft-checkpoints/ml/sft/runs/1 is kept, not promoted"
+        f"final evaluation loss 1.5 is above evaluation.maxEvalLoss 1; the output at {OUTPUT} is kept, not promoted"
     )
-    assert job.status.output == OutputStatus(path="pvc://ft-checkpoints/ml/sft/runs/1", promoted=False)
+    assert job.status.output == OutputStatus(path=OUTPUT, promoted=False)
     assert job.status.attempts[-1].reason == "Completed"
     run = job.status.runs[0]
     assert (run.result, run.reason, run.output, run.final_eval_loss) == (
         "Failed",
         "EvalGateFailed",
-        "pvc://ft-checkpoints/ml/sft/runs/1",
+        OUTPUT,
         1.5,
     )
     assert run.completion_time == later(120)
@@ -291,7 +295,7 @@ def test_a_run_within_its_eval_gate_succeeds_and_is_promoted() -> None:
     _, job = step(started(GATED), polled(report(evalLoss=0.8)), later(60))
     _, job = step(job, completed(later(120)), later(121))
     assert job.status is not None and job.status.phase == "Succeeded"
-    assert job.status.output == OutputStatus(path="pvc://ft-checkpoints/ml/sft/runs/1", promoted=True)
+    assert job.status.output == OutputStatus(path=OUTPUT, promoted=True)
     assert job.status.runs[0].cost_usd == job.status.cost.usd if job.status.cost else False
     assert SETTINGS.pricing.default_usd_per_gpu_hour == 2.0
 
@@ -335,7 +339,7 @@ def test_a_final_report_without_an_evaluation_loss_fails_the_gate() -> None:
     assert condition(job, "Failed")[1:] == (
         "EvalGateFailed",
         "no final evaluation loss was reported; evaluation.maxEvalLoss is 1; "
-        "the output at pvc://ft-checkpoints/ml/sft/runs/1 is kept, not promoted",
+        f"the output at {OUTPUT} is kept, not promoted",
     )
 
 
@@ -382,3 +386,73 @@ def test_the_runs_cost_counts_the_attempts_dropped_from_its_bounded_list() -> No
     assert job.status is not None and job.status.dropped_attempts is None
     first = job.status.runs[0]
     assert first.attempts == cycles + 1 and first.cost_usd == pytest.approx(cycles * 16 / 60 * 2, abs=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# setup progress and the stall clock
+# ----------------------------------------------------------------------------------------------
+
+
+def loading(done: int, stamped: datetime) -> TrainerReport:
+    setup = {"stage": "downloading", "done": done, "total": 8 << 30, "unit": "bytes"}
+    return report(state="loading", step=0, totalSteps=None, setup=setup, updatedAt=stamped.isoformat(), history=[])
+
+
+def test_a_setup_that_advances_is_shown_and_never_judged_a_stall() -> None:
+    job = started(spec(runPolicy={"stallTimeoutSeconds": 600}))
+    # A download that takes 50 minutes, 10 % every 5 minutes: far past the stall timeout, always advancing.
+    for minute in range(5, 55, 5):
+        at = later(minute * 60)
+        _, job = step(job, polled(loading((minute // 5) * (8 << 30) // 10, at)), at)
+        assert job.status is not None and job.status.attempts[0].reason is None, minute
+    assert job.status is not None and job.status.progress is not None
+    assert job.status.progress.setup == SetupProgress(stage="downloading", done=8 << 30, total=8 << 30, unit="bytes")
+    assert condition(job, "Running")[2] == "all 2 workers running; setting up: downloading 8.0 GiB of 8.0 GiB"
+
+
+def test_a_setup_that_stops_advancing_is_a_stall_though_the_trainer_still_answers() -> None:
+    job = started(spec(runPolicy={"stallTimeoutSeconds": 600, "maxRestarts": 1}))
+    stuck = loading(1 << 30, later(60))
+    seen = replace(polled(stuck), trainer=TrainerView(1, 1, T0, stuck, advanced_at=later(60)))
+    _, job = step(job, seen, later(659))
+    assert job.status is not None and job.status.attempts[0].reason is None
+    # Its reports keep a fresh stamp (it is alive), but the download is where it was: the poller saw no progress.
+    alive = replace(seen, trainer=TrainerView(1, 1, T0, loading(1 << 30, later(650)), advanced_at=later(60)))
+    plan, job = step(job, alive, later(660))
+    assert job.status is not None
+    attempt = job.status.attempts[0]
+    assert attempt.reason == "Stalled"
+    assert attempt.message == (
+        "no setup progress for 10m (loading: downloading 1.0 GiB of 8.0 GiB; runPolicy.stallTimeoutSeconds is 600)"
+    )
+    assert JOB_1 in plan.delete
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints that are not this training's
+# ----------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_the_trainer_ignored_are_listed_named_in_a_condition_and_announced_once() -> None:
+    strangers = [
+        {"path": "/kubetune/job/x/runs/1/checkpoints/step-00000200", "reason": "another FineTuneJob object (uid x)"},
+        {"path": "/kubetune/job/x/runs/1/checkpoints/.tmp-step-00000300", "reason": "an unfinished save"},
+    ]
+    plan, job = step(started(), polled(report(ignoredCheckpoints=strangers)), later(60))
+    assert job.status is not None and job.status.checkpoint is not None
+    uri = "pvc://ft-checkpoints/ml/sft/x/runs/1/checkpoints"
+    assert [(i.path, i.reason) for i in job.status.checkpoint.ignored] == [
+        (f"{uri}/step-00000200", "another FineTuneJob object (uid x)"),
+        (f"{uri}/.tmp-step-00000300", "an unfinished save"),
+    ]
+    status, reason, message = condition(job, "CheckpointsIgnored")
+    assert (status, reason) == ("True", "NotThisTraining")
+    assert f"{uri}/step-00000200 (another FineTuneJob object (uid x))" in message
+    warnings = [e for e in plan.events if e.reason == "CheckpointsIgnored"]
+    assert len(warnings) == 1 and warnings[0].type == "Warning" and f"{uri}/.tmp-step-00000300" in warnings[0].message
+    plan, job = step(job, polled(report(ignoredCheckpoints=strangers)), later(90))
+    assert "CheckpointsIgnored" not in reasons(plan)
+    # A new run starts afresh.
+    _, job = step(edited(job, spec(training={"epochs": 2})), Observed(), later(120))
+    assert job.status is not None and job.status.checkpoint is None
+    assert condition(job, "CheckpointsIgnored")[0] == "False"

@@ -1,5 +1,5 @@
-"""The pure renderers: names, the Indexed Job and its pods, the headless Service, the run's ConfigMap and the
-templated claim, for the shapes of spec a user can write."""
+"""The pure renderers: names, the Indexed Job and its pods, the headless Service, the run's and the attempt's
+ConfigMaps and the templated claim, for the shapes of spec a user can write."""
 
 from __future__ import annotations
 
@@ -13,16 +13,25 @@ from ftj_builders import SETTINGS, UID, ftj, owner, spec
 from kubetune_operator.api import FineTuneJobSpec
 from kubetune_operator.names import attempt_name, master_address, worker_hostname
 from kubetune_operator.render import (
+    DEFAULT_CHECKPOINT_MINUTES,
+    render_attempt_config,
     render_claim,
-    render_config_map,
     render_job,
+    render_run_config,
     render_service,
     run_spec_from_json,
+    spec_fingerprint,
 )
 from kubetune_operator.settings import Images, OperatorSettings
 from kubetune_trainer.config import TrainerConfig
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def trainer_config_of(spec_: dict[str, Any], run: int = 1, attempt: int = 1) -> TrainerConfig:
+    job = ftj(spec_)
+    cm = render_attempt_config(owner(job), job.spec, run, attempt, 1, SETTINGS)
+    return TrainerConfig.model_validate_json(cm["data"]["config.json"])
 
 
 def job_of(spec_: dict[str, Any], run: int = 1, attempt: int = 1, settings: OperatorSettings = SETTINGS) -> dict:
@@ -156,7 +165,7 @@ def test_s3_keys_reach_the_workers_only_as_secret_key_refs() -> None:
 
 def test_remote_sources_reach_the_trainer_config_as_given_with_where_to_fetch_them() -> None:
     job = ftj(S3_SOURCES)
-    cm = render_config_map(owner(job), job.spec, 1, 1, SETTINGS)
+    cm = render_attempt_config(owner(job), job.spec, 1, 1, 1, SETTINGS)
     config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
     assert config.model.source == "s3://acme-models/qwen2.5-7b"
     assert (config.dataset.path, config.dataset.eval_path) == (
@@ -175,10 +184,7 @@ def test_without_a_credentials_secret_the_workers_use_the_nodes_role() -> None:
         model={"source": "s3://acme-models/qwen2.5-7b", "tokenSecretRef": None}, storage={"s3": {"region": "eu-west-1"}}
     )
     assert not [name for name in env(job_of(no_secret)) if name.startswith("AWS_")]
-    job = ftj(no_secret)
-    config = TrainerConfig.model_validate_json(
-        render_config_map(owner(job), job.spec, 1, 1, SETTINGS)["data"]["config.json"]
-    )
+    config = trainer_config_of(no_secret)
     assert (config.sources.s3.endpoint_url, config.sources.s3.region) == (None, "eu-west-1")
 
 
@@ -350,33 +356,75 @@ def test_the_image_follows_the_method_unless_the_job_names_one(method: str, imag
     assert container(job)["imagePullPolicy"] == "Always"
 
 
-def test_the_config_map_holds_the_trainer_config_and_the_runs_spec() -> None:
+def test_the_attempts_config_map_holds_the_trainer_config_with_its_identity() -> None:
     job = ftj(spec(output={"claimName": "ft-models", "mergeAdapter": False}, training={"maxSteps": 50}))
-    cm = render_config_map(owner(job), job.spec, 3, 7, SETTINGS)
-    assert cm["metadata"]["name"] == "sft-r3"
-    assert cm["metadata"]["labels"]["kubetune.io/run"] == "3"
+    cm = render_attempt_config(owner(job), job.spec, 3, 2, 7, SETTINGS)
+    assert cm["metadata"]["name"] == "sft-r3-a2"
+    assert (cm["metadata"]["labels"]["kubetune.io/run"], cm["metadata"]["labels"]["kubetune.io/attempt"]) == ("3", "2")
     assert cm["immutable"] is True
+    assert set(cm["data"]) == {"config.json"}
     config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
     assert config.model.source == "hf://Qwen/Qwen2.5-0.5B-Instruct"
     assert config.model.cache_dir == "/kubetune/job/cache/huggingface"
     assert config.dataset.path == "/kubetune/sources/dataset/v3.jsonl"
     assert config.dataset.format == "messages"
-    assert config.checkpoint.dir == "/kubetune/job/runs/3/checkpoints"
+    # The run's directories carry the FineTuneJob's uid: a re-created job of the same name never meets them.
+    assert config.checkpoint.dir == f"/kubetune/job/{UID}/runs/3/checkpoints"
     assert config.checkpoint.every_steps == 100
-    assert config.output.dir == "/kubetune/output/runs/3"
+    assert config.output.dir == f"/kubetune/output/{UID}/runs/3"
     assert config.training.max_steps == 50
     assert config.metrics.port == 9400
-    assert (config.identity.namespace, config.identity.name, config.identity.run, config.identity.generation) == (
-        "ml",
-        "sft",
-        3,
-        7,
-    )
+    identity = config.identity
+    assert (identity.namespace, identity.name, identity.uid, identity.run, identity.attempt) == ("ml", "sft", UID, 3, 2)
+    assert (identity.generation, identity.spec_fingerprint) == (7, spec_fingerprint(job.spec))
+    # The pods mount their attempt's config.
+    pod_volumes = pod_spec(render_job(owner(job), job.spec, 3, 2, SETTINGS))["volumes"]
+    assert next(v for v in pod_volumes if v["name"] == "config")["configMap"] == {"name": "sft-r3-a2"}
+
+
+def test_the_runs_config_map_holds_the_spec_it_trains() -> None:
+    job = ftj(spec(training={"maxSteps": 50}))
+    cm = render_run_config(owner(job), job.spec, 3)
+    assert cm["metadata"]["name"] == "sft-r3"
+    assert cm["metadata"]["labels"]["kubetune.io/run"] == "3"
+    assert cm["immutable"] is True
     assert run_spec_from_json(cm["data"]["spec.json"]) == job.spec
-    # The pods mount only the trainer config.
-    pod_volumes = pod_spec(render_job(owner(job), job.spec, 3, 1, SETTINGS))["volumes"]
-    config_volume = next(v for v in pod_volumes if v["name"] == "config")["configMap"]
-    assert config_volume == {"name": "sft-r3", "items": [{"key": "config.json", "path": "config.json"}]}
+
+
+def test_the_spec_fingerprint_follows_what_is_trained_only() -> None:
+    base = ftj(spec()).spec
+    same = [
+        spec(resources={"numNodes": 4}),
+        spec(runPolicy={"maxRestarts": 9}),
+        spec(checkpoint={"everySteps": 7}),
+        spec(output={"claimName": "elsewhere"}),
+        spec(model={"tokenSecretRef": {"name": "other-token", "key": "token"}}),
+        spec(training={"learningRate": 2.0e-4}),  # the default, written out
+    ]
+    for edited in same:
+        assert spec_fingerprint(ftj(edited).spec) == spec_fingerprint(base), edited
+    different = [
+        spec(dataset={"source": "pvc://datasets/support/v4.jsonl"}),
+        spec(model={"source": "hf://Qwen/Qwen2.5-1.5B-Instruct"}),
+        spec(method={"type": "dora"}),
+        spec(training={"learningRate": 1e-4}),
+    ]
+    for edited in different:
+        assert spec_fingerprint(ftj(edited).spec) != spec_fingerprint(base), edited
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "every"),
+    [
+        ({"everySteps": None}, (None, DEFAULT_CHECKPOINT_MINUTES)),  # neither given: time-based by default
+        ({"everySteps": 100}, (100, None)),
+        ({"everySteps": None, "everyMinutes": 10}, (None, 10)),
+        ({"everySteps": 50, "everyMinutes": 10}, (50, 10)),
+    ],
+)
+def test_a_checkpoint_without_a_frequency_saves_every_30_minutes(checkpoint: dict, every: tuple) -> None:
+    config = trainer_config_of(spec(checkpoint={"claimName": "ft-checkpoints", **checkpoint}))
+    assert (config.checkpoint.every_steps, config.checkpoint.every_minutes) == every
 
 
 def test_an_unreadable_stored_spec_reads_as_none() -> None:
@@ -396,7 +444,7 @@ def test_the_service_is_headless_and_selects_one_attempt() -> None:
     assert svc["metadata"]["ownerReferences"][0]["uid"] == UID
 
 
-def test_the_claim_template_becomes_an_owned_claim() -> None:
+def test_the_claim_template_becomes_a_claim_owned_only_when_it_holds_no_output() -> None:
     template = {
         "metadata": {"labels": {"tier": "fast"}, "annotations": {"note": "x"}},
         "spec": {
@@ -407,13 +455,16 @@ def test_the_claim_template_becomes_an_owned_claim() -> None:
     }
     job = ftj(spec(checkpoint={"claimName": None, "volumeClaimTemplate": template}))
     assert job.spec.checkpoint.volume_claim_template is not None
-    claim = render_claim(owner(job), job.spec.checkpoint.volume_claim_template)
+    claim = render_claim(owner(job), job.spec.checkpoint.volume_claim_template, owned=True)
     assert claim["metadata"]["name"] == "sft-checkpoints"
     assert claim["metadata"]["labels"]["tier"] == "fast"
     assert claim["metadata"]["labels"]["kubetune.io/job"] == "sft"
     assert claim["metadata"]["annotations"] == {"note": "x"}
     assert claim["metadata"]["ownerReferences"][0]["controller"] is True
     assert claim["spec"] == template["spec"]
+    kept = render_claim(owner(job), job.spec.checkpoint.volume_claim_template, owned=False)
+    assert "ownerReferences" not in kept["metadata"]
+    assert kept["metadata"]["labels"]["kubetune.io/job"] == "sft"
 
 
 EXAMPLES = sorted(REPO.glob("examples/*.yaml")) + sorted(REPO.glob("examples/gitops/finetunejob.yaml"))
@@ -423,7 +474,7 @@ EXAMPLES = sorted(REPO.glob("examples/*.yaml")) + sorted(REPO.glob("examples/git
 def test_every_example_renders(example: Path) -> None:
     doc = yaml.safe_load(example.read_text())
     job = ftj(doc["spec"], name=doc["metadata"]["name"])
-    cm = render_config_map(owner(job), job.spec, 1, 1, SETTINGS)
+    cm = render_attempt_config(owner(job), job.spec, 1, 1, 1, SETTINGS)
     TrainerConfig.model_validate_json(cm["data"]["config.json"])
     manifest = render_job(owner(job), job.spec, 1, 1, SETTINGS)
     assert manifest["spec"]["completions"] == job.spec.resources.num_nodes

@@ -26,6 +26,10 @@ DATASET_SOURCE_FORMS = (
     "before training; see spec.storage.s3)"
 )
 
+# How often a run checkpoints when the spec names no frequency: time-based, so the work a failure can cost is
+# bounded whatever a step takes (workers also checkpoint when they are stopped).
+DEFAULT_CHECKPOINT_MINUTES = 30
+
 LabelValue = Annotated[str, Field(max_length=63)]
 AnnotationValue = Annotated[str, Field(max_length=4096)]
 
@@ -321,7 +325,7 @@ class VolumeClaimTemplate(ApiModel):
 
 class CheckpointSpec(ApiModel):
     """Where and how often training state is saved. Every attempt resumes from the run's latest valid checkpoint,
-    kept under <claim>/<namespace>/<job>/runs/<run>/."""
+    kept under <claim>/<namespace>/<job>/<job uid>/runs/<run>/checkpoints."""
 
     claim_name: str | None = Field(
         None,
@@ -334,18 +338,29 @@ class CheckpointSpec(ApiModel):
     volume_claim_template: VolumeClaimTemplate | None = Field(
         None,
         description=(
-            "A claim created for this job and owned by it: deleting the job deletes the claim and everything "
-            "on it. Set exactly one of claimName and volumeClaimTemplate."
+            "A claim created for this job, named <job>-checkpoints. When the outputs go to it too (no "
+            "output.claimName), it has no owner and is kept when the job is deleted, checkpoints and outputs with "
+            "it: delete it once the outputs are safe. When output.claimName names another claim, the job owns it "
+            "and deleting the job deletes it with the checkpoints. Set exactly one of claimName and "
+            "volumeClaimTemplate."
         ),
     )
     every_steps: int | None = Field(
-        None, ge=1, description="Save every N optimizer steps. Give everySteps, everyMinutes or both."
+        None,
+        ge=1,
+        description=(
+            f"Save every N optimizer steps. Omitted with everyMinutes too: every {DEFAULT_CHECKPOINT_MINUTES} minutes "
+            "(workers also save when they are stopped)."
+        ),
     )
     every_minutes: int | None = Field(
         None,
         ge=1,
         le=1440,
-        description="Save when this many minutes passed since the last save. Give everySteps, everyMinutes or both.",
+        description=(
+            "Save when this many minutes passed since the last save. With everySteps too, whichever comes first. "
+            f"Omitted with everySteps too: {DEFAULT_CHECKPOINT_MINUTES}."
+        ),
     )
     keep_last: int = Field(
         3, ge=1, le=100, description="Valid checkpoints kept per run; older ones are deleted after each save."
@@ -353,14 +368,15 @@ class CheckpointSpec(ApiModel):
 
 
 class OutputSpec(ApiModel):
-    """Where the trained adapter or model is written: <claim>/<path>/<namespace>/<job>/runs/<run>/."""
+    """Where the trained adapter or model is written: <claim>/<path>/<namespace>/<job>/<job uid>/runs/<run>/
+    (status.output.path names it). Outputs outlive the job: they never go to a claim the job deletes."""
 
     claim_name: str | None = Field(
         None,
         max_length=253,
         description=(
-            "PersistentVolumeClaim that receives the outputs. Omitted: the checkpoint claim (with a "
-            "volumeClaimTemplate, that claim is deleted with the job: name a claim here to keep the weights)."
+            "PersistentVolumeClaim that receives the outputs. Omitted: the checkpoint claim (a claim from "
+            "checkpoint.volumeClaimTemplate is then kept when the job is deleted)."
         ),
     )
     path: str | None = Field(

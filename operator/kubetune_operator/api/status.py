@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 from pydantic import AfterValidator, Field
 
@@ -21,7 +21,9 @@ Loss = Annotated[float, AfterValidator(lambda value: round(value, 4))]
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 ConditionStatus = Literal["True", "False", "Unknown"]
-ConditionType = Literal["Ready", "Reconciling", "Stalled", "Running", "Succeeded", "Failed", "Suspended"]
+ConditionType = Literal[
+    "Ready", "Reconciling", "Stalled", "Running", "Succeeded", "Failed", "Suspended", "CheckpointsIgnored"
+]
 RunResult = Literal["Succeeded", "Failed", "Cancelled"]
 AttemptReason = Literal[
     "Completed",
@@ -44,6 +46,8 @@ MAX_RUN_HISTORY = 20
 MAX_PROGRESS_HISTORY = 100
 # The first attempt plus runPolicy.maxRestarts (at most 100) restarts.
 MAX_ATTEMPTS = 101
+# Checkpoints the status lists as ignored (the trainer reports at most 20; its logs have them all).
+MAX_IGNORED_CHECKPOINTS = 20
 
 # metav1.Condition's own validation (k8s.io/apimachinery/pkg/apis/meta/v1/types.go).
 CONDITION_TYPE_PATTERN = (
@@ -58,7 +62,7 @@ class Condition(ApiModel):
     type: str = Field(
         max_length=316,
         pattern=CONDITION_TYPE_PATTERN,
-        description="Ready, Reconciling, Stalled, Running, Succeeded, Failed or Suspended.",
+        description="Ready, Reconciling, Stalled, Running, Succeeded, Failed, Suspended or CheckpointsIgnored.",
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(
@@ -91,6 +95,15 @@ class HistoryPoint(ApiModel):
     eval_loss: Loss | None = Field(None, description="Evaluation loss, where the run evaluated at this step.")
 
 
+class SetupProgress(ApiModel):
+    """What rank 0 does before its first step (downloading, tokenising, loading), and how far it got."""
+
+    stage: str = Field(max_length=64, description="e.g. downloading, tokenising, loading model.")
+    done: int | None = Field(None, ge=0, description="How much of the stage is done, in unit.")
+    total: int | None = Field(None, ge=0, description="How much the stage has to do, in unit, when known.")
+    unit: str | None = Field(None, max_length=16, description="bytes or rows.")
+
+
 class Progress(ApiModel):
     """Training progress of the current run, as last reported by rank 0 (updated at most every ~30 s)."""
 
@@ -105,6 +118,9 @@ class Progress(ApiModel):
     eta: str | None = Field(None, max_length=32, description="Estimated time left, for humans (e.g. 1h12m).")
     eta_seconds: int | None = Field(None, ge=0, description="Estimated time left, in seconds.")
     updated_at: Time | None = Field(None, description="When this progress was reported.")
+    setup: SetupProgress | None = Field(
+        None, description="While the current attempt sets up (before its first step): what it does and how far it got."
+    )
     history: list[HistoryPoint] = Field(
         default_factory=list,
         max_length=MAX_PROGRESS_HISTORY,
@@ -113,6 +129,13 @@ class Progress(ApiModel):
             "(every evaluation kept while they fit in half of them)."
         ),
     )
+
+
+class IgnoredCheckpoint(ApiModel):
+    """Files in the run's checkpoint directory that training neither resumes from nor rotates."""
+
+    path: str = Field(max_length=4096, description="Where they are.")
+    reason: str = Field(max_length=1024, description="Why they are not this training's, e.g. another job's uid.")
 
 
 class CheckpointStatus(ApiModel):
@@ -125,6 +148,15 @@ class CheckpointStatus(ApiModel):
     )
     step: int | None = Field(None, ge=0, description="Optimizer step it was taken at.")
     saved_at: Time | None = Field(None, description="When it was saved.")
+    ignored: list[IgnoredCheckpoint] = Field(
+        default_factory=list,
+        max_length=MAX_IGNORED_CHECKPOINTS,
+        description=(
+            "Checkpoints of another FineTuneJob object, run or spec (or from before checkpoints recorded their "
+            "owner) found where this run keeps its own: left untouched, never resumed from (condition "
+            "CheckpointsIgnored)."
+        ),
+    )
 
 
 class CostStatus(ApiModel):
@@ -222,7 +254,10 @@ class FineTuneJobStatus(ApiModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Ready, Reconciling, Stalled, Running, Succeeded, Failed and Suspended, one entry per type.",
+        description=(
+            "Ready, Reconciling, Stalled, Running, Succeeded, Failed, Suspended and CheckpointsIgnored, one entry "
+            "per type."
+        ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     run: int | None = Field(None, ge=1, description="Number of the current (or last) run.")
@@ -320,6 +355,34 @@ def format_eta(seconds: float) -> str:
     parts = [(total // 86400, "d"), (total % 86400 // 3600, "h"), (total % 3600 // 60, "m"), (total % 60, "s")]
     first = next((i for i, (value, _) in enumerate(parts) if value), len(parts) - 1)
     return "".join(f"{value}{unit}" for value, unit in parts[first : first + 2] if value) or "0s"
+
+
+class SetupLike(Protocol):
+    stage: str
+    done: int | None
+    total: int | None
+    unit: str | None
+
+
+def setup_text(setup: SetupLike) -> str:
+    """A setup stage for humans: "downloading 1.2 GiB of 3.4 GiB", "tokenising 12000 rows", "loading model"."""
+    if setup.done is None:
+        return setup.stage
+    done = _amount(setup.done, setup.unit)
+    return f"{setup.stage} {done} of {_amount(setup.total, setup.unit)}" if setup.total else f"{setup.stage} {done}"
+
+
+def _amount(n: int, unit: str | None) -> str:
+    if unit != "bytes":
+        return f"{n} {unit}" if unit else str(n)
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for suffix in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or suffix == "TiB":
+            break
+    return f"{size:.1f} {suffix}"
 
 
 def progress_percent(step: int, total_steps: int) -> int:

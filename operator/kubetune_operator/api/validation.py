@@ -350,12 +350,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(
             "has(self.claimName) != has(self.volumeClaimTemplate)",
             "spec.checkpoint must set exactly one of claimName (an existing PersistentVolumeClaim, kept when the "
-            "job is deleted) and volumeClaimTemplate (a claim the job creates and owns)",
-        ),
-        Rule(
-            "has(self.everySteps) || has(self.everyMinutes)",
-            "spec.checkpoint needs everySteps, everyMinutes or both: how often to save",
-            reason="FieldValueRequired",
+            "job is deleted) and volumeClaimTemplate (a claim the job creates)",
         ),
     ),
     "spec.checkpoint.claimName": (_name("spec.checkpoint.claimName"),),

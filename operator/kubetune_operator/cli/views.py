@@ -13,8 +13,13 @@ from datetime import datetime
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from kubetune_operator.api import RERUN_ANNOTATION, format_eta
+from kubetune_operator.api import RERUN_ANNOTATION, FineTuneJobSpec, format_eta
+from kubetune_operator.api.spec import DEFAULT_CHECKPOINT_MINUTES
+from kubetune_operator.api.status import SetupProgress, setup_text
+from kubetune_operator.names import claim_name
+from kubetune_operator.storage import output_claim, output_uri, outputs_on_checkpoint_claim
 
 Obj = Mapping[str, Any]
 NONE = "-"
@@ -307,18 +312,26 @@ def _resources(spec: Obj) -> str:
     return f"{_plural(nodes, 'node')} x {_plural(per_node, 'GPU')}{product} = {_plural(nodes * per_node, 'GPU')}{queue}"
 
 
-def _checkpoints(spec: Obj) -> str:
+def _checkpoints(meta: Obj, spec: Obj) -> str:
     c = spec.get("checkpoint") or {}
-    claim = f"claim {c['claimName']}" if c.get("claimName") else "claim from volumeClaimTemplate (owned by the job)"
-    every = " or ".join(
-        s
-        for s in (
-            f"{c['everySteps']} steps" if c.get("everySteps") else "",
-            f"{c['everyMinutes']} min" if c.get("everyMinutes") else "",
+    if c.get("claimName"):
+        claim = f"claim {c['claimName']}"
+    else:
+        outputs = not dig(spec, "output", "claimName")
+        whose = "kept when the job is deleted: it holds the outputs" if outputs else "deleted with the job"
+        claim = f"claim {claim_name(meta['name'])} from volumeClaimTemplate ({whose})"
+    every = (
+        " or ".join(
+            s
+            for s in (
+                f"{c['everySteps']} steps" if c.get("everySteps") else "",
+                f"{c['everyMinutes']} min" if c.get("everyMinutes") else "",
+            )
+            if s
         )
-        if s
+        or f"{DEFAULT_CHECKPOINT_MINUTES} min (default)"
     )
-    return _join(claim, f"every {every}" if every else None, f"keep {c['keepLast']}" if c.get("keepLast") else None)
+    return _join(claim, f"every {every}", f"keep {c['keepLast']}" if c.get("keepLast") else None)
 
 
 def _policy(spec: Obj) -> str:
@@ -358,6 +371,7 @@ def _progress(status: Obj, now: datetime) -> str | None:
     if not p:
         return None
     return _join(
+        _setup(p),
         f"step {steps(p)}",
         f"epoch {p['epoch']:.2f}" if p.get("epoch") is not None else None,
         f"loss {number(p['loss'])}" if p.get("loss") is not None else None,
@@ -376,21 +390,53 @@ def _workers(status: Obj) -> str | None:
     return ", ".join(f"{w.get(k, 0)} {k}" for k in ("active", "ready", "succeeded", "failed"))
 
 
+def _setup(progress: Obj) -> str | None:
+    try:
+        setup = SetupProgress.model_validate(progress["setup"]) if progress.get("setup") else None
+    except ValidationError:
+        return None
+    return f"setting up: {setup_text(setup)}" if setup else None
+
+
 def _checkpoint(status: Obj, now: datetime) -> str | None:
     c = status.get("checkpoint") or {}
+    ignored = len(c.get("ignored") or [])
+    others = f"{ignored} not this training's, left untouched (condition CheckpointsIgnored)" if ignored else None
     if not c.get("latest"):
-        return None
+        return others
     saved = f", saved {ago(c['savedAt'], now)}" if c.get("savedAt") else ""
-    return f"{c['latest']} (step {c.get('step', NONE)}{saved})"
+    return _join(f"{c['latest']} (step {c.get('step', NONE)}{saved})", others)
 
 
-def _output(status: Obj) -> str | None:
-    o = status.get("output") or {}
+def _output(meta: Obj, spec: Obj, status: Obj) -> str | None:
+    """Where the latest output is, or where the current run's will be, and that it outlives the job."""
+    try:
+        parsed: FineTuneJobSpec | None = FineTuneJobSpec.model_validate(spec)
+    except ValidationError:
+        parsed = None
+    home = None
+    if parsed is not None:
+        claim = output_claim(meta["name"], parsed)
+        created = outputs_on_checkpoint_claim(meta["name"], parsed) and parsed.checkpoint.volume_claim_template
+        home = (
+            f"kept when the job is deleted: claim {claim} was created for it without an owner; delete the claim once "
+            "the output is safe"
+            if created
+            else f"kept when the job is deleted: claim {claim} is not the job's"
+        )
+    o, run = status.get("output") or {}, status.get("run")
+    current = next((r for r in status.get("runs") or [] if r.get("run") == run), None)
+    if current is not None and current.get("result") is None and parsed is not None and meta.get("uid") and run:
+        upcoming = output_uri(meta["namespace"], meta["name"], meta["uid"], parsed, run)
+        latest = f"; the latest finished output is {o['path']}" if o.get("path") else ""
+        return f"{upcoming} when run {run} finishes ({home}){latest}"
     if not o.get("path"):
         return None
-    if o.get("promoted") is None:
-        return str(o["path"])
-    return f"{o['path']} ({'promoted' if o['promoted'] else 'not promoted: it failed the evaluation gate'})"
+    verdict = None
+    if o.get("promoted") is not None:
+        verdict = "promoted" if o["promoted"] else "not promoted: it failed the evaluation gate"
+    notes = _join(verdict, home)
+    return f"{o['path']} ({notes})" if notes else str(o["path"])
 
 
 def _event_time(event: Obj) -> str:
@@ -418,14 +464,14 @@ def describe(job: Obj, events: Sequence[Obj], *, now: datetime, max_events: int 
             ("Method", _method(spec)),
             ("Training", _training(spec)),
             ("Resources", _resources(spec)),
-            ("Checkpoints", _checkpoints(spec)),
+            ("Checkpoints", _checkpoints(meta, spec)),
             ("Run policy", _policy(spec)),
             ("Budget", _budget(spec)),
             ("Progress", _progress(status, now)),
             ("Workers", _workers(status)),
             ("Checkpoint", _checkpoint(status, now)),
             ("Cost", _cost(status, spec)),
-            ("Output", _output(status)),
+            ("Output", _output(meta, spec, status)),
         ]
     )
     conditions = [
