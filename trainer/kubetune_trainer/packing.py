@@ -126,6 +126,10 @@ class Batch:
     num_tokens: int  # real tokens (no padding)
     num_targets: int  # tokens that carry the loss
     sum_squared_lengths: int  # for the attention FLOPs of varlen batches
+    # Only the target positions reach the LM head (loss.py): the forward's `logits_to_keep` (positions in a packed
+    # row, a mask over a padded batch) and the labels of those positions, in order.
+    keep: torch.Tensor | None = None
+    target_labels: torch.Tensor | None = None
 
     def to(self, device: torch.device, bounds_on_device: bool = True) -> Batch:
         """On `device`; the sample boundaries stay on the host when the attention slices by them there."""
@@ -143,7 +147,14 @@ class Batch:
             self.num_tokens,
             self.num_targets,
             self.sum_squared_lengths,
+            move(self.keep),
+            move(self.target_labels),
         )
+
+    @property
+    def loss_labels(self) -> torch.Tensor:
+        """The labels of the logits the forward returns: of the kept positions only, when some are kept."""
+        return self.labels if self.target_labels is None else self.target_labels
 
     def model_inputs(self) -> dict[str, object]:
         inputs: dict[str, object] = {"input_ids": self.input_ids}
@@ -158,36 +169,37 @@ class Batch:
                 max_length_q=self.max_length,
                 max_length_k=self.max_length,
             )
+        if self.keep is not None:
+            inputs["logits_to_keep"] = self.keep
         return inputs
 
 
-def collate_packed(samples: Samples, bins: list[list[int]]) -> Batch:
+def collate_packed(samples: Samples, bins: list[list[int]], only_targets: bool = False) -> Batch:
     """Flatten every sample of the given bins into one padding-free row."""
-    ids, labels, positions, lengths = [], [], [], []
-    for b in bins:
-        for i in b:
-            s_ids, s_labels = samples.get(i)
-            ids.append(s_ids)
-            labels.append(s_labels)
-            positions.append(np.arange(len(s_ids)))
-            lengths.append(len(s_ids))
-    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64)
+    starts, ends = samples.offsets[order], samples.offsets[order + 1]
+    lengths = ends - starts
+    cu = np.zeros(len(order) + 1, dtype=np.int32)
     np.cumsum(lengths, out=cu[1:])
-    flat_labels = np.concatenate(labels)
+    gather = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends, strict=True)])
+    flat_labels = samples.labels[gather].astype(np.int64)
+    targets = np.flatnonzero(flat_labels != IGNORE)
     return Batch(
-        input_ids=torch.from_numpy(np.concatenate(ids).astype(np.int64))[None],
-        labels=torch.from_numpy(flat_labels.astype(np.int64))[None],
-        position_ids=torch.from_numpy(np.concatenate(positions).astype(np.int64))[None],
+        input_ids=torch.from_numpy(samples.ids[gather].astype(np.int64))[None],
+        labels=torch.from_numpy(flat_labels)[None],
+        position_ids=torch.from_numpy(np.arange(int(cu[-1])) - np.repeat(cu[:-1].astype(np.int64), lengths))[None],
         attention_mask=None,
         cu_seq_lens=torch.from_numpy(cu),
-        max_length=max(lengths),
+        max_length=int(lengths.max()),
         num_tokens=int(cu[-1]),
-        num_targets=int((flat_labels != IGNORE).sum()),
-        sum_squared_lengths=sum(n * n for n in lengths),
+        num_targets=len(targets),
+        sum_squared_lengths=int((lengths * lengths).sum()),
+        keep=torch.from_numpy(targets) if only_targets else None,
+        target_labels=torch.from_numpy(flat_labels[targets]) if only_targets else None,
     )
 
 
-def collate_padded(samples: Samples, bins: list[list[int]], pad_id: int) -> Batch:
+def collate_padded(samples: Samples, bins: list[list[int]], pad_id: int, only_targets: bool = False) -> Batch:
     """One sample per row, right-padded to the longest (the path for prefix and prompt tuning)."""
     rows = [samples.get(i) for b in bins for i in b]
     width = max(len(r[0]) for r in rows)
@@ -199,6 +211,7 @@ def collate_padded(samples: Samples, bins: list[list[int]], pad_id: int) -> Batc
         labels[k, : len(r_ids)] = r_labels
         mask[k, : len(r_ids)] = 1
     lengths = [len(r[0]) for r in rows]
+    is_target = labels != IGNORE
     return Batch(
         input_ids=torch.from_numpy(ids),
         labels=torch.from_numpy(labels),
@@ -207,6 +220,8 @@ def collate_padded(samples: Samples, bins: list[list[int]], pad_id: int) -> Batc
         cu_seq_lens=None,
         max_length=width,
         num_tokens=int(mask.sum()),
-        num_targets=int((labels != IGNORE).sum()),
+        num_targets=int(is_target.sum()),
         sum_squared_lengths=sum(n * n for n in lengths),
+        keep=torch.from_numpy(is_target) if only_targets else None,
+        target_labels=torch.from_numpy(labels[is_target]) if only_targets else None,
     )

@@ -28,12 +28,12 @@ from types import FrameType
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint, export, mfu, sources
 from .config import TrainerConfig
-from .data import IGNORE, PreparedData, Samples, prepare
+from .data import PreparedData, Samples, prepare
 from .errors import Stopped, Terminated
+from .loss import accepts_logits_to_keep, cross_entropy_sum
 from .modeling import Prepared, build, check_supported, compute_dtype, load_tokenizer
 from .optim import make_optimizer, make_scheduler
 from .packing import (
@@ -50,8 +50,6 @@ from .progress import Progress, rfc3339, serve
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-LOSS_CHUNK = 4096  # tokens per cross-entropy chunk: bounds the fp32 copy of the logits
 
 
 class StopSignal:
@@ -72,17 +70,12 @@ class StopSignal:
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the cross-entropy over target tokens, in fp32, a chunk of tokens at a time."""
-    logits = logits[:, -labels.shape[1] :]  # prompt tuning prepends virtual tokens to the output
-    flat_logits = logits.reshape(-1, logits.shape[-1])
-    flat_labels = labels.reshape(-1)
-    total = flat_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_labels.shape[0], LOSS_CHUNK):
-        end = start + LOSS_CHUNK
-        total = total + F.cross_entropy(
-            flat_logits[start:end].float(), flat_labels[start:end], ignore_index=IGNORE, reduction="sum"
-        )
-    return total
+    """Sum of the cross-entropy over target tokens, in fp32 (loss.py). Either logits of every position, (B, T', V)
+    for labels (B, T) (prompt tuning prepends virtual tokens to the output), or those of the kept target positions
+    only, (..., N, V) for their N labels."""
+    if labels.dim() > 1:
+        logits = logits[:, -labels.shape[1] :]
+    return cross_entropy_sum(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def format_duration(seconds: float) -> str:
@@ -155,6 +148,8 @@ class Run:
         # Same seed on every rank before the adapter exists: identical initial weights everywhere.
         torch.manual_seed(t.seed)
         self.prepared: Prepared = build(cfg, self.tokenizer, rt, self.packed)
+        # Logits of the target positions only (virtual tokens of prefix/prompt tuning shift the positions).
+        self.only_targets = cfg.method.type not in ("prefix", "prompt") and accepts_logits_to_keep(self.prepared.model)
         torch.manual_seed(t.seed + rt.rank)  # dropout differs per rank
         self.optimizer = make_optimizer(self.prepared.model, t, rt.device)
         self.scheduler = make_scheduler(self.optimizer, t, self.plan.total_steps)
@@ -170,9 +165,9 @@ class Run:
 
     def collate(self, samples: Samples, bins: list[list[int]]) -> Batch:
         if self.packed:
-            batch = collate_packed(samples, bins)
+            batch = collate_packed(samples, bins, self.only_targets)
         else:
-            batch = collate_padded(samples, bins, self.tokenizer.pad_token_id)
+            batch = collate_padded(samples, bins, self.tokenizer.pad_token_id, self.only_targets)
         backend = self.prepared.packed_attention
         return batch.to(self.rt.device, bounds_on_device=backend is None or backend.bounds_on_device)
 
@@ -274,7 +269,8 @@ class Run:
             with sync:
                 with torch.autocast(self.rt.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                     logits = module(**batch.model_inputs()).logits
-                loss_sum = token_loss_sum(logits, batch.labels)
+                loss_sum = token_loss_sum(logits, batch.loss_labels)
+                del logits  # the loss keeps its own gradient; the logits need not outlive the forward
                 self.scaler.scale(loss_sum * scale).backward()
             detached = loss_sum.detach()
             interval.loss_sum = detached if interval.loss_sum is None else interval.loss_sum + detached
@@ -307,7 +303,7 @@ class Run:
             with torch.autocast(self.rt.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 logits = module(**batch.model_inputs()).logits
             if real:
-                loss += token_loss_sum(logits, batch.labels).double().cpu()
+                loss += token_loss_sum(logits, batch.loss_labels).double().cpu()
                 count += batch.num_targets
         module.train()
         total, n = self.rt.sum_([loss.item(), float(count)])
