@@ -2,63 +2,106 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trainer_assets as assets
-from kubetune_trainer import attention
-from kubetune_trainer.bench import measure_mfu, synthetic_rows
+from kubetune_trainer import bench
 
 pytestmark = pytest.mark.trainer
 
 
-def test_synthetic_lengths_are_long_tailed() -> None:
-    words = sorted(len(r["completion"].split()) for r in synthetic_rows(400, seed=0))
-    assert words[0] < 20 and words[len(words) // 2] < 100 and words[-1] > 250
+def test_long_workload_is_long_tailed_chat() -> None:
+    rows = bench.read_jsonl(bench.TRAIN_ROWS)
+    chats = bench.conversations(rows, 400, seed=0)
+    turns = sorted(len(c["messages"]) // 2 for c in chats)
+    assert all(m["role"] in ("user", "assistant") for c in chats for m in c["messages"])
+    assert turns[0] == 1 and 2 <= bench.percentile(turns, 0.5) <= 4 and bench.percentile(turns, 0.95) >= 10
+    assert chats == bench.conversations(rows, 400, seed=0)
 
 
-def test_mfu_measurement_runs_on_a_tiny_model() -> None:
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    result = measure_mfu(config, "cpu", seq=64, batch=2, steps=2, warmup=1)
-    assert result["attention"] == attention.REFERENCE
-    assert result["tokens_per_second"] > 0 and result["mfu"] == 0.0  # no peak for a CPU
-    assert 0 < result["trainable"] < result["parameters"] and 0 < result["mean_attention_span"] <= 64
+def result(tps: float, rss: int) -> bench.Result:
+    return bench.Result(tokens=int(tps * 10), seconds=10.0, slots=int(tps * 10), peak_rss=rss, eval_loss=1.0)
 
 
-def test_gpu_mfu_refuses_without_a_gpu() -> None:
-    env = assets.worker_env()  # no visible GPU
-    cmd = [sys.executable, "-m", "kubetune_trainer.bench", "--gpu-mfu"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+def test_ratio_against_the_best_baseline_memory_against_the_leanest(capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {
+        bench.OURS: [result(300, 5), result(330, 6)],
+        "hf-pad": [result(100, 4), result(120, 4)],
+        "hf-group": [result(200, 7), result(180, 7)],
+        "trl-pack": [result(90, 3), result(95, 3)],
+    }
+    stats = bench.summarise(runs)
+    assert stats[bench.OURS]["tps"] == 315 and stats[bench.OURS]["peak_rss"] == 6
+    ratio, within = bench.report("short", stats, runs)
+    assert ratio == pytest.approx(315 / 190) and not within  # best: hf-group; leanest: trl-pack (3 bytes)
+    assert "best baseline (hf-group)" in capsys.readouterr().out
+
+
+def test_padding_counts_the_positions_fed_beyond_the_real_tokens() -> None:
+    r = bench.Result(tokens=75, seconds=1.0, slots=100)
+    assert r.padding == pytest.approx(0.25) and r.tps == 75
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--workloads", "tiny"], "unknown workload 'tiny'"),
+        (["--arms", "hf-magic"], "unknown baseline 'hf-magic'"),
+        (["--steps", "1"], "--steps must be at least 2"),
+        (["--dry-run"], "--dry-run goes with --gpu"),
+        (["--accumulation", "0"], "--accumulation must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_named(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        bench.parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_mode_refuses_without_a_gpu() -> None:
+    cmd = [sys.executable, "-m", "kubetune_trainer.bench", "--gpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=assets.worker_env())
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
 
 
 @pytest.mark.slow
-def test_compare_mode_reports_both_arms() -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "kubetune_trainer.bench",
-        "--samples",
-        "48",
-        "--hidden",
-        "64",
-        "--layers",
-        "1",
-        "--repeat",
-        "1",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=assets.worker_env())
+def test_gpu_mode_dry_run_exercises_both_arms_on_the_cpu() -> None:
+    cmd = [sys.executable, "-m", "kubetune_trainer.bench", "--gpu", "--dry-run"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=assets.worker_env())
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
-    assert any(line.startswith("ours ") for line in lines) and any(line.startswith("baseline ") for line in lines)
-    assert lines[-1].startswith("ratio (ours / baseline tokens/s): ")
+    assert "dry run" in done.stdout and "trl-padding-free (sdpa)" in done.stdout
+    assert "ratio (kubetune / trl tokens/s): " in done.stdout
+
+
+@pytest.mark.slow
+def test_one_arm_trains_and_evaluates_the_real_smollm2(tmp_path: Path) -> None:
+    model = bench.smollm2_dir(tmp_path / "cache")
+    train, held = bench.write_workload("short", tmp_path / "data")
+    spec = bench.Spec(
+        arm=bench.OURS,
+        model=str(model),
+        train=str(train),
+        eval=str(held),
+        out=str(tmp_path / "run"),
+        steps=2,
+        rows_per_micro=2,
+        micro_tokens=256,
+        accumulation=1,
+        learning_rate=1e-3,
+        eval_rows=2,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune_trainer.bench", "--arm-spec", json.dumps(bench.asdict(spec))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=assets.worker_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = bench.Result(**json.loads(done.stdout.strip().splitlines()[-1]))
+    assert r.tokens > 0 and r.seconds > 0 and r.padding == 0.0 and len(r.tokens_per_step) == 2
+    assert 0 < r.eval_loss < 10 and r.peak_rss > 2**28  # a real model: far below ln(49152) = 10.8

@@ -24,7 +24,9 @@ def reference(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cross_entropy_sum_equals_the_plain_loss_and_gradient(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cross_entropy_sum_equals_the_plain_loss_and_gradient(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 3 * 97)  # 3 rows a chunk: 13 rows make 5 chunks, the last short
     torch.manual_seed(0)
     base = (torch.randn(13, 97) * 4).to(dtype)

@@ -437,7 +437,7 @@ def summarise(runs: dict[str, list[Result]]) -> dict[str, dict[str, float]]:
             "padding": statistics.mean(r.padding for r in results),
             "peak_rss": max(r.peak_rss for r in results),
             "eval_loss": statistics.mean(r.eval_loss for r in results),
-            "tokens_per_step": statistics.mean(t for r in results for t in r.tokens_per_step),
+            "tokens_per_step": statistics.mean([t for r in results for t in r.tokens_per_step] or [0]),
         }
     return out
 
@@ -655,6 +655,17 @@ def gpu_kubetune(config: Any, device: str, seq: int, steps: int, warmup: int) ->
     return {"tps": tps, "mfu": mfu.mfu(fpt, tps, peak), "flops_per_token": fpt, "memory": memory}
 
 
+def pad_only_tokenizer() -> Any:
+    """TRL wants a tokenizer for its collator's pad id; the random-weight rows are token ids already."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def gpu_trl(config: Any, device: str, seq: int, steps: int, warmup: int, out: str) -> dict[str, float]:
     """TRL SFTTrainer, padding-free (flash attention when installable, else sdpa with a packed-sequence mask)."""
     from importlib.util import find_spec
@@ -709,7 +720,9 @@ def gpu_trl(config: Any, device: str, seq: int, steps: int, warmup: int, out: st
         report_to="none",
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows))
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=pad_only_tokenizer()
+    )
     collator = trainer.data_collator
 
     def counting(batch_rows: list[dict[str, Any]]) -> Any:
