@@ -61,7 +61,7 @@ crds: venv ## regenerate crds/ and the chart's copies (CRD, dashboard, alerts, A
 	$(PY) -m kubetune_operator.api.crd
 	$(PY) hack/chart_files.py
 
-bench-trainer: venv ## trainer vs HF Trainer+peft: tokens/s, ratio, peak memory (BENCH_ARGS=--gpu-mfu: MFU of an 8B-shaped model on a GPU)
+bench-trainer: venv ## trainer vs HF Trainer and TRL on SmolLM2: tokens/s, ratio, memory, eval loss (BENCH_ARGS=--gpu: 8B-shaped MFU)
 	$(PY) -m kubetune_trainer.bench $(BENCH_ARGS)
 
 bench-operator: venv toolchain ## kubetune vs Kubeflow Trainer+JobSet, 200 and 500 jobs x 4 workers on fake GPU nodes: requests/job, latency, RSS
