@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -19,6 +20,7 @@ from obstore.store import S3Store
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "kt-data"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Run with the server's boto3 while authentication is still off (INITIAL_NO_AUTH_ACTION_COUNT=4 allows these
 # four requests): a user allowed everything, its access key, and the bucket. Prints the key as JSON.
@@ -68,11 +70,20 @@ class S3Server:
         """Object downloads so far, by key (listings and HEADs are not downloads)."""
         counts: dict[str, int] = {}
         marker = f'"GET /{BUCKET}/'
-        for line in self.log.read_text().splitlines():
-            if marker in line:
-                key = line.split(marker, 1)[1].split(" ", 1)[0]
-                counts[key] = counts.get(key, 0) + 1
+        for line in self._requests(marker):
+            key = line.split(marker, 1)[1].split(" ", 1)[0]
+            counts[key] = counts.get(key, 0) + 1
         return counts
+
+    def download_statuses(self, key: str) -> list[int]:
+        """The HTTP status of every download of `key` so far (206: a range was asked for and sent)."""
+        request = f'"GET /{BUCKET}/{key} '
+        return [int(line.split(request, 1)[1].split('" ', 1)[1].split()[0]) for line in self._requests(request)]
+
+    def _requests(self, marker: str) -> list[str]:
+        """The log lines with `marker`, without the colours the server gives some of them (206s, for one)."""
+        lines = (ANSI.sub("", line) for line in self.log.read_text().splitlines())
+        return [line for line in lines if marker in line]
 
     def downloads_since(self, before: dict[str, int]) -> dict[str, int]:
         return {k: n - before.get(k, 0) for k, n in self.downloads().items() if n != before.get(k, 0)}

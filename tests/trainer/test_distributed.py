@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 import trainer_assets as assets
-from kubetune_trainer import checkpoint
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.train import run
 from safetensors.torch import load_file
@@ -82,11 +81,11 @@ def test_fsdp2_full_finetune_shards_resumes_and_matches_one_process(
     launch(two, assets.trainer_config(two, llama_dir, train_jsonl, **sections))
     first = load_file(two / "out" / "model.safetensors")
     assert manifest(two / "out")["kind"] == "model"
-    shards = sorted(p.name for p in (checkpoint.step_dir(two / "ckpt", 3) / "state").iterdir())
+    shards = sorted(p.name for p in (assets.checkpoint_at(two / "ckpt", 3) / "state").iterdir())
     assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
     # Resume the sharded checkpoint at step 3 with two ranks again: the same final weights.
-    shutil.rmtree(checkpoint.step_dir(two / "ckpt", 6))
+    shutil.rmtree(assets.checkpoint_at(two / "ckpt", 6))
     shutil.rmtree(two / "out")
     launch(two, assets.trainer_config(two, llama_dir, train_jsonl, **sections))
     assert manifest(two / "out")["resumedFromStep"] == 3
@@ -101,7 +100,8 @@ def test_fsdp2_full_finetune_shards_resumes_and_matches_one_process(
 
     # The two-rank checkpoint also loads into one process (DCP reshards), with a warning about the data order.
     elastic = tmp_path / "elastic"
-    shutil.copytree(checkpoint.step_dir(two / "ckpt", 3), checkpoint.step_dir(elastic / "ckpt", 3))
+    written = assets.checkpoint_at(two / "ckpt", 3)
+    shutil.copytree(written, elastic / "ckpt" / written.name)
     with caplog.at_level(logging.WARNING):
         result = run(
             TrainerConfig.model_validate(assets.trainer_config(elastic, llama_dir, train_jsonl, **single)),

@@ -192,6 +192,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path: Path, llama_dir: Pat
     assert reason.startswith("stopped by SIGTERM; checkpoint saved at step ")
     step = int(reason.split("step ")[1].split(" ")[0])
     assert step >= progress["step"]
-    saved = checkpoint.step_dir(tmp_path / "ckpt", step)
+    saved = assets.checkpoint_at(tmp_path / "ckpt", step)
     assert checkpoint.problems(saved) is None
     assert json.loads((saved / "trainer_state.json").read_text())["step"] == step

@@ -191,3 +191,39 @@ def test_history_thinning_spreads_evaluations_over_the_run_when_there_are_too_ma
     # the eval curve spans the whole run, evenly: no gap wider than a bucket of 16 steps
     assert evaluated[0] == 2 and evaluated[-1] == 3000
     assert max(b - a for a, b in itertools.pairwise(evaluated)) <= 16
+
+
+def test_setup_reports_each_stage_and_how_far_it_got(
+    tmp_path: Path, llama_dir: Path, train_jsonl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What /progress says while the trainer loads: the stage, and counts where it can count; nothing once it
+    trains. The operator's stall clock reads it."""
+    seen: list[dict[str, Any]] = []
+
+    class Recorded(Progress):
+        def _update(self, **fields: Any) -> None:
+            super()._update(**fields)
+            doc = self.snapshot()
+            seen.append({"state": doc["state"], "setup": doc["setup"]})
+
+    monkeypatch.setattr("kubetune_trainer.train.Progress", Recorded)
+    cfg = TrainerConfig.model_validate(
+        assets.trainer_config(tmp_path, llama_dir, train_jsonl, training={"maxSteps": 2, "logEverySteps": 1})
+    )
+    for first in (True, False):  # the second run resumes from the first one's last checkpoint
+        seen.clear()
+        run(cfg, assets.cpu_runtime())
+        setups = [s["setup"] for s in seen if s["setup"]]
+        assert all(s["state"] == "loading" for s in seen if s["setup"])
+        stages = [stage for stage, _ in itertools.groupby(s["stage"] for s in setups)]
+        resuming = [] if first else ["loading checkpoint"]
+        assert stages == ["tokenising", "loading model", "verifying checkpoints", *resuming]
+        # 160 rows: 144 to train on, 16 held out, counted as one total
+        tokenising = [
+            k
+            for k, _ in itertools.groupby(
+                (s["done"], s["total"], s["unit"]) for s in setups if s["stage"] == "tokenising"
+            )
+        ]
+        assert tokenising == [(144, 160, "rows"), (160, 160, "rows")]
+        assert seen[-1] == {"state": "done", "setup": None}

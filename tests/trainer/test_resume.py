@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -46,12 +48,12 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path: Path, llama_dir:
 
     victim = subprocess.Popen(trainer_cmd(cut_cfg), env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not checkpoint.step_dir(cut_dir / "ckpt", 30).exists():
+    while 30 not in assets.checkpoint_steps(cut_dir / "ckpt"):
         assert victim.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.005)
     victim.kill()
     assert victim.wait() == -9
-    killed_at = max(step for step, _ in checkpoint.list_checkpoints(cut_dir / "ckpt"))
+    killed_at = max(assets.checkpoint_steps(cut_dir / "ckpt"))
     assert killed_at < 120
 
     reference = subprocess.run(trainer_cmd(ref_cfg), env=env, capture_output=True, text=True, timeout=300)
@@ -88,25 +90,30 @@ def test_corrupt_latest_checkpoint_is_skipped(
     train_in_process(tmp_path, llama_dir, train_jsonl, **sections)
     expected = assets.adapter_tensors(tmp_path / "out")
     ckpts = tmp_path / "ckpt"
-    assert [s for s, _ in checkpoint.list_checkpoints(ckpts)] == [5, 10, 15]
-    # Damage the newest (one flipped byte), cut the middle one short, and leave a half-written save behind.
-    shard = checkpoint.step_dir(ckpts, 15) / "state" / "__0_0.distcp"
+    assert assets.checkpoint_steps(ckpts) == [5, 10, 15]
+    # Damage the newest (one flipped byte), cut the middle one short, and leave a half-written save behind: the
+    # old layout's, which recorded no owner (so it is not ours to delete), and one in this attempt's scratch.
+    shard = assets.checkpoint_at(ckpts, 15) / "state" / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    rng = checkpoint.step_dir(ckpts, 10) / "rng-rank00000.pt"
+    rng = assets.checkpoint_at(ckpts, 10) / "rng-rank00000.pt"
     rng.write_bytes(rng.read_bytes()[:-7])
     (ckpts / ".tmp-step-00000020" / "state").mkdir(parents=True)
+    [scratch] = ckpts.glob(".attempt-*-00000001")
+    (scratch / "step-00000020-000000000000" / "state").mkdir(parents=True)
 
     with caplog.at_level(logging.INFO):
         result = train_in_process(tmp_path, llama_dir, train_jsonl, **sections)
     messages = [r.getMessage() for r in caplog.records]
     assert any(
-        "step-00000015 is not valid (state/__0_0.distcp does not match its sha256); skipping it" in m for m in messages
+        re.search(r"step-00000015-\w+ is not valid \(state/__0_0.distcp does not match its sha256\); skipping", m)
+        for m in messages
     )
-    assert any("step-00000010 is not valid (rng-rank00000.pt has" in m for m in messages)
-    assert any("resumed from" in m and "step-00000005 at step 5/15" in m for m in messages)
-    assert not (ckpts / ".tmp-step-00000020").exists()
+    assert any(re.search(r"step-00000010-\w+ is not valid \(rng-rank00000.pt has", m) for m in messages)
+    assert any(re.search(r"resumed from .*step-00000005-\w+ at step 5/15", m) for m in messages)
+    assert any(".tmp-step-00000020: an unfinished save from before checkpoints recorded" in m for m in messages)
+    assert (ckpts / ".tmp-step-00000020").is_dir() and not (scratch / "step-00000020-000000000000").exists()
     assert len(list(ckpts.glob("corrupt-step-00000015-*"))) == 1
     assert result["steps"] == 15
     # Resumed from step 5 of the same run: the same final adapter, bit for bit.
@@ -123,10 +130,15 @@ def test_checkpoint_layout_manifest_and_rotation(tmp_path: Path, llama_dir: Path
         checkpoint={"everySteps": 3, "keepLast": 2},
     )
     ckpts = tmp_path / "ckpt"
-    assert [s for s, _ in checkpoint.list_checkpoints(ckpts)] == [9, 12]
-    latest = checkpoint.step_dir(ckpts, 12)
+    assert assets.checkpoint_steps(ckpts) == [9, 12]
+    latest = assets.checkpoint_at(ckpts, 12)
     manifest = json.loads((latest / "manifest.json").read_text())
     assert manifest["step"] == 12 and manifest["worldSize"] == 1
+    # Who wrote it: the identity (with the attempt), and the lineage its name ends with.
+    identity = {"namespace": "", "name": "", "uid": "", "run": 1, "attempt": 1, "specFingerprint": ""}
+    assert manifest["identity"] == identity
+    assert latest.name == f"step-00000012-{manifest['lineage']}"
+    assert manifest["datasetSha256"] == [hashlib.sha256(train_jsonl.read_bytes()).hexdigest()]
     assert set(manifest["files"]) == {
         "rng-rank00000.pt",
         "scheduler.pt",
@@ -152,4 +164,4 @@ def test_time_based_checkpoints(tmp_path: Path, llama_dir: Path, train_jsonl: Pa
         training={"maxSteps": 7, "logEverySteps": 7},
         checkpoint={"everySteps": None, "everyMinutes": 1e-7, "keepLast": 4},
     )
-    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "ckpt")] == [4, 5, 6, 7]
+    assert assets.checkpoint_steps(tmp_path / "ckpt") == [4, 5, 6, 7]

@@ -19,6 +19,7 @@ import trainer_assets as assets
 from kubetune_trainer import sources
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import EXIT_CONFIG, PermanentError
+from kubetune_trainer.progress import no_report
 from kubetune_trainer.train import run
 from s3_server import BUCKET, S3Server, s3_server
 
@@ -106,7 +107,49 @@ def test_trains_from_s3_downloads_once_and_records_the_etags(
     assert json.loads((second / "out" / "manifest.json").read_text())["sources"] == manifest["sources"]
 
 
-def test_an_unfinished_download_is_redone_and_a_changed_object_fetched_afresh(
+def test_an_interrupted_download_continues_where_it_stopped(tmp_path: Path, s3: S3Server, aws_env: None) -> None:
+    """What a killed attempt downloaded stays: the next asks only for the rest (a range, answered 206), and reports
+    the bytes in place as they grow. A partial file longer than the object is no prefix of it: fetched afresh."""
+    body = "".join(json.dumps({"text": f"row {i} " + "x" * 200}) + "\n" for i in range(12000)).encode()
+    obstore.put(s3.store(), "data/big.jsonl", body)
+    obstore.put(s3.store(), "data/small.jsonl", b'{"text": "small"}\n')
+    cfg = TrainerConfig.model_validate(s3_config(tmp_path, s3))
+    cache = tmp_path / "cache"
+    big = sources.make_plan("dataset", f"s3://{BUCKET}/data/big.jsonl", cfg)
+    small = sources.make_plan("evalDataset", f"s3://{BUCKET}/data/small.jsonl", cfg)
+    cut = len(body) // 2 + 123
+    (cache / f"{big.key}.partial").mkdir(parents=True)
+    (cache / f"{big.key}.partial" / "big.jsonl").write_bytes(body[:cut])
+    (cache / f"{small.key}.partial").mkdir(parents=True)
+    (cache / f"{small.key}.partial" / "small.jsonl").write_bytes(b"x" * 100)
+    reports: list[tuple[Any, ...]] = []
+
+    got = sources.ensure(big, cache, cfg, lambda *report: reports.append(report))
+    assert (got / "big.jsonl").read_bytes() == body and not (cache / f"{big.key}.partial").exists()
+    assert s3.download_statuses("data/big.jsonl") == [206]
+    assert reports[0] == ("downloading", cut, len(body), "bytes") and reports[-1][1] == len(body)
+    assert [r[1] for r in reports] == sorted(r[1] for r in reports)
+
+    got = sources.ensure(small, cache, cfg, no_report)
+    assert (got / "small.jsonl").read_bytes() == b'{"text": "small"}\n'
+    assert s3.download_statuses("data/small.jsonl") == [200]
+
+
+def test_a_partial_download_is_not_continued_from_a_changed_object(tmp_path: Path, s3: S3Server, aws_env: None) -> None:
+    """The rest of a partial file must come from the object its beginning came from (If-Match on the ETag)."""
+    obstore.put(s3.store(), "data/moving.jsonl", b'{"text": "version one, long enough"}\n')
+    cfg = TrainerConfig.model_validate(s3_config(tmp_path, s3))
+    cache = tmp_path / "cache"
+    plan = sources.make_plan("dataset", f"s3://{BUCKET}/data/moving.jsonl", cfg)
+    (cache / f"{plan.key}.partial").mkdir(parents=True)
+    (cache / f"{plan.key}.partial" / "moving.jsonl").write_bytes(b'{"text": "vers')
+    obstore.put(s3.store(), "data/moving.jsonl", b'{"text": "version two, long enough"}\n')
+    with pytest.raises(sources.SourceUnavailable, match=r"data/moving\.jsonl changed during the download"):
+        sources.ensure(plan, cache, cfg, no_report)
+    assert not (cache / plan.key).exists()
+
+
+def test_an_unfinished_download_is_finished_and_a_changed_object_fetched_afresh(
     tmp_path: Path, s3: S3Server, aws_env: None
 ) -> None:
     store = s3.store()

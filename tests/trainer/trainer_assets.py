@@ -175,3 +175,17 @@ def adapter_tensors(out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(out_dir / "adapter_model.safetensors")
+
+
+def checkpoint_at(root: Path, step: int) -> Path:
+    """The one finished checkpoint directory of `step` under a checkpoint root (whatever its lineage)."""
+    from kubetune_trainer.checkpoint import list_checkpoints
+
+    [path] = [p for s, p in list_checkpoints(root) if s == step]
+    return path
+
+
+def checkpoint_steps(root: Path) -> list[int]:
+    from kubetune_trainer.checkpoint import list_checkpoints
+
+    return [s for s, _ in list_checkpoints(root)]

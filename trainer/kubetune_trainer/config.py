@@ -288,6 +288,11 @@ class RunIdentity(Model):
         "", description="Digest of the spec that defines what is trained (model, data, method, training)."
     )
 
+    def owner(self, *, attempt: bool) -> dict[str, str | int]:
+        """Whose files: the identity as checkpoints (with the attempt that wrote them) and outputs record it."""
+        fields = {"namespace", "name", "uid", "run", "spec_fingerprint"} | ({"attempt"} if attempt else set())
+        return self.model_dump(by_alias=True, include=fields)
+
 
 class TrainerConfig(Model):
     model: ModelConfig

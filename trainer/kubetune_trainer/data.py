@@ -25,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 from .config import DatasetConfig, DatasetFormat
 from .errors import PermanentError
 from .files import sha256_file
+from .progress import Report, no_report
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MAX_ERRORS_LOGGED = 20
 ALPACA_PROMPT = "Below is an instruction that describes a task. Write a response that completes the request.\n\n"
+REPORT_ROWS = 1000  # rows read between two progress reports
+RowCount = Callable[[int], None]  # rows done so far
+
+
+def ignore_rows(done: int) -> None:
+    """A RowCount that tells nobody."""
 
 
 class RowError(ValueError):
@@ -368,7 +375,9 @@ def target_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.nda
     return mask
 
 
-def tokenize(rendered: Sequence[Rendered], tokenizer: Any, max_len: int, batch: int = 512) -> Samples:
+def tokenize(
+    rendered: Sequence[Rendered], tokenizer: Any, max_len: int, batch: int = 512, on_rows: RowCount = ignore_rows
+) -> Samples:
     eos = tokenizer.eos_token_id
     ids_parts: list[np.ndarray] = []
     label_parts: list[np.ndarray] = []
@@ -396,6 +405,7 @@ def tokenize(rendered: Sequence[Rendered], tokenizer: Any, max_len: int, batch: 
             ids_parts.append(ids_a)
             label_parts.append(labels)
             lengths.append(len(ids_a))
+        on_rows(start + len(chunk))
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return Samples(
@@ -420,7 +430,9 @@ class PreparedData:
     eval_files: list[SourceFile] = field(default_factory=list)
 
 
-def load_rendered(path: str, fmt: DatasetFormat, tokenizer: Any) -> tuple[list[Rendered], list[SourceFile]]:
+def load_rendered(
+    path: str, fmt: DatasetFormat, tokenizer: Any, on_rows: RowCount = ignore_rows
+) -> tuple[list[Rendered], list[SourceFile]]:
     """Read, validate and render every row under a path; raise PermanentError naming the bad rows."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if fmt in ("messages", "sharegpt") and not has_template:
@@ -436,6 +448,8 @@ def load_rendered(path: str, fmt: DatasetFormat, tokenizer: Any) -> tuple[list[R
                 rendered.append(render(normalize(fmt, row.value, has_template), tokenizer))
             except RowError as e:
                 errors.append(f"dataset {row.source} row {row.number}: {e}")
+            if (len(rendered) + len(errors)) % REPORT_ROWS == 0:
+                on_rows(len(rendered) + len(errors))
         files.append(SourceFile(str(file), fingerprint(file), count))
     if errors:
         for e in errors[:MAX_ERRORS_LOGGED]:
@@ -456,18 +470,29 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(perm[n_eval:]), np.sort(perm[:n_eval])
 
 
-def prepare(cfg: DatasetConfig, tokenizer: Any, seed: int) -> PreparedData:
-    rendered, files = load_rendered(cfg.path, cfg.format, tokenizer)
+def prepare(cfg: DatasetConfig, tokenizer: Any, seed: int, report: Report = no_report) -> PreparedData:
+    """Read, validate, render and tokenise the training (and eval) rows; `report` hears how far it got."""
+    rendered, files = load_rendered(cfg.path, cfg.format, tokenizer, lambda n: report("reading data", n, None, "rows"))
     eval_files: list[SourceFile] = []
     if cfg.eval_path:
         train_rows = rendered
-        eval_rows, eval_files = load_rendered(cfg.eval_path, cfg.format, tokenizer)
+        eval_rows, eval_files = load_rendered(
+            cfg.eval_path, cfg.format, tokenizer, lambda n: report("reading data", len(rendered) + n, None, "rows")
+        )
     else:
         train_idx, eval_idx = split_indices(len(rendered), cfg.eval_split, seed)
         train_rows = [rendered[i] for i in train_idx]
         eval_rows = [rendered[i] for i in eval_idx]
-    train = tokenize(train_rows, tokenizer, cfg.max_seq_length)
-    evaluation = tokenize(eval_rows, tokenizer, cfg.max_seq_length) if eval_rows else None
+    rows = len(train_rows) + len(eval_rows)  # one count over both, so that it only grows
+    train = tokenize(train_rows, tokenizer, cfg.max_seq_length, on_rows=lambda n: report("tokenising", n, rows, "rows"))
+    evaluation = None
+    if eval_rows:
+        evaluation = tokenize(
+            eval_rows,
+            tokenizer,
+            cfg.max_seq_length,
+            on_rows=lambda n: report("tokenising", len(train_rows) + n, rows, "rows"),
+        )
     for name, s in (("train", train), ("eval", evaluation)):
         if s is None:
             continue

@@ -6,15 +6,22 @@ tokenizer files
 merged/                                            output.mergeAdapter: base + adapter merged, with tokenizer
 metrics.jsonl                                      one record per log step (appended while training)
 loss.png                                           training and eval loss curves
-manifest.json                                      written last: base model, dataset hashes, downloaded sources
-                                                   (ETags, commits), config, final metrics, world size, versions,
-                                                   output checksums
+manifest.json                                      written last: who trained it (identity), base model, dataset
+                                                   hashes, downloaded sources (ETags, commits), config, final
+                                                   metrics, world size, versions, output checksums
+.kubetune-owner.json                               the training the directory belongs to, claimed at the start
+
+An output directory belongs to one training (FineTuneJob uid, run, spec fingerprint): the first trainer to find it
+empty claims it; any other finds it taken and stops with a permanent error before training, so no output is ever
+overwritten by, or mixed with, another training's files. The checkpoint directory may live inside the output
+directory (the operator's default layout); it is not part of the output.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -24,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TrainerConfig
+from .config import RunIdentity, TrainerConfig
 from .data import SourceFile
-from .files import sha256_file
+from .files import fsync_dir, sha256_file
 from .modeling import DTYPES, compute_dtype, source_kwargs
 from .progress import rfc3339
 
@@ -36,6 +43,57 @@ METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 MANIFEST = "manifest.json"
 MERGED = "merged"
+OWNER = ".kubetune-owner.json"
+
+
+def _not_output(out_dir: Path, checkpoint_dir: Path) -> set[str]:
+    """Top-level names in `out_dir` that are not part of the output: the owner record, and the checkpoint
+    directory when it lives inside."""
+    names = {OWNER}
+    if checkpoint_dir.resolve().is_relative_to(out_dir.resolve()) and checkpoint_dir.resolve() != out_dir.resolve():
+        names.add(checkpoint_dir.resolve().relative_to(out_dir.resolve()).parts[0])
+    return names
+
+
+def describe_owner(owner: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {owner.get(k) or 'none'}" for k in ("namespace", "name", "uid", "run", "specFingerprint"))
+
+
+def claim_output(out_dir: Path, identity: RunIdentity, checkpoint_dir: Path) -> str | None:
+    """Claim `out_dir` for this training, or say why it cannot be: it holds another training's files (another
+    object of the same name, another run or spec, or files from before outputs recorded their owner)."""
+    mine = identity.owner(attempt=False)
+    record = out_dir / OWNER
+    if not record.exists():
+        if out_dir.is_dir():
+            stray = sorted(p.name for p in out_dir.iterdir() if p.name not in _not_output(out_dir, checkpoint_dir))
+            if stray:
+                shown = ", ".join(stray[:5]) + (", ..." if len(stray) > 5 else "")
+                return (
+                    f"output directory {out_dir} already holds files that no training claimed ({shown}); not writing "
+                    "over them: move them away, or give this run another output path"
+                )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / f"{OWNER}.{os.getpid()}"
+        tmp.write_text(json.dumps(mine, indent=1))
+        try:
+            os.link(tmp, record)  # atomic, and fails if another trainer claimed it meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+        fsync_dir(out_dir)
+    try:
+        theirs = json.loads(record.read_text())
+    except (OSError, ValueError):
+        theirs = None
+    if theirs != mine:
+        owner = describe_owner(theirs) if isinstance(theirs, dict) else "an unreadable owner record"
+        return (
+            f"output directory {out_dir} belongs to another training ({owner}); this one is "
+            f"{describe_owner(mine)}: not writing over it: give each run its own output path"
+        )
+    return None
 
 
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:
@@ -143,11 +201,13 @@ def write_manifest(
     parameters: dict[str, int],
     resumed_from_step: int | None,
     replica_digests: list[str] | None,
+    checkpoint_dir: Path,
 ) -> dict[str, Any]:
+    skip = _not_output(out_dir, checkpoint_dir) | {MANIFEST, METRICS_FILE}
     outputs = {
         str(p.relative_to(out_dir)): sha256_file(p)
         for p in sorted(out_dir.rglob("*"))
-        if p.is_file() and p.name not in (MANIFEST, METRICS_FILE)
+        if p.is_file() and p.relative_to(out_dir).parts[0] not in skip
     }
     manifest = {
         "kind": "adapter" if cfg.method.is_peft else "model",

@@ -31,9 +31,22 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
       "etaSeconds": float | null, "worldSize": int,
       "checkpoint": {"step": int, "path": str, "savedAt": RFC3339} | null,   # latest valid checkpoint
       "resumedFromStep": int | null,
+      "setup": {"stage": str, "done": int | null, "total": int | null, "unit": "bytes" | "rows" | null} | null,
+      "ignoredCheckpoints": [{"path": str, "reason": str}, ...],
       "startedAt": RFC3339, "updatedAt": RFC3339,
       "history": [{"step": int, "loss": float, "evalLoss": float (only where evaluated)}, ...]
     }
+
+`setup` says what rank 0 is doing while `state` is "loading", and how far it got; it is null once training starts.
+Stages, in order (each may be skipped): "downloading" (s3:// and hf:// sources into the cache; bytes for s3://,
+done/total null for the Hub), "reading data" (rows read and rendered; total null), "tokenising" (rows),
+"loading model" (no counts), "verifying checkpoints" (hashing this training's checkpoints; no counts),
+"loading checkpoint" (no counts). `done` only grows within a stage: a change of `stage` or of `done` is progress.
+
+`ignoredCheckpoints` lists the checkpoints in the run's checkpoint directory that this training did not resume
+from and will never rotate: another FineTuneJob object's (another uid), another run's, another spec's or dataset's,
+ones from before checkpoints recorded who wrote them, and own ones that failed verification (moved to corrupt-...).
+At most 20 entries; the logs have them all.
 
 `history` holds at most 500 points evenly spread over the run: past that, the resolution of the training points
 halves (one point per 2, 4, 8... steps). Evaluations are few and make the eval curve: they are thinned separately,
@@ -46,6 +59,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -57,6 +71,14 @@ log = logging.getLogger(__name__)
 STATES = ("loading", "training", "evaluating", "checkpointing", "exporting", "done", "failed")
 MAX_HISTORY = 500
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+# (stage, done, total, unit): what the setup is doing and how far it got; Progress.setup is one.
+Report = Callable[[str, int | None, int | None, str | None], None]
+
+
+def no_report(stage: str, done: int | None = None, total: int | None = None, unit: str | None = None) -> None:
+    """A Report that tells nobody."""
 
 
 def rfc3339(ts: float) -> str:
@@ -117,6 +139,8 @@ class Progress:
             "worldSize": world_size,
             "checkpoint": None,
             "resumedFromStep": None,
+            "setup": None,
+            "ignoredCheckpoints": [],
             "startedAt": rfc3339(now),
             "updatedAt": rfc3339(now),
         }
@@ -152,7 +176,17 @@ class Progress:
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         assert state in STATES, state
-        self._update(state=state, reason=reason)
+        if state == "loading":
+            self._update(state=state, reason=reason)
+        else:
+            self._update(state=state, reason=reason, setup=None)
+
+    def setup(self, stage: str, done: int | None = None, total: int | None = None, unit: str | None = None) -> None:
+        """Where the setup is (state "loading"): a stage, and for stages that can count, how far it got."""
+        self._update(state="loading", setup={"stage": stage, "done": done, "total": total, "unit": unit})
+
+    def ignored(self, checkpoints: list[dict[str, str]]) -> None:
+        self._update(ignoredCheckpoints=checkpoints)
 
     def set_plan(self, total_steps: int) -> None:
         self.total_steps.set(total_steps)

@@ -12,9 +12,14 @@ every rank loads the same bytes even if the source changes meanwhile. A plan nam
 under `sources.cacheDir`: the same objects (same ETags) or the same commit give the same directory, so a restart
 or a later run reuses the download, and a changed object is fetched afresh. Rank 0 downloads into `<dir>.partial`
 and renames it to `<dir>` once every file is written and synced: the directory's existence is the completion
-marker, so a half-finished download is never used (the next attempt starts it over). The other ranks, on every
-node, wait for the directory to appear: the cache is on the checkpoint claim, which every node mounts, so one
-download serves the whole job.
+marker, so a half-finished download is never used. The next attempt continues it: the `.partial` directory is named
+for the exact objects (their ETags), so an S3 object's partial file is a prefix of that object; the rest is fetched
+with a range request that S3 answers only while the object still has that ETag (If-Match), and the file must end
+with the listed size. The other ranks, on every node, wait for the directory to appear: the cache is on the
+checkpoint claim, which every node mounts, so one download serves the whole job.
+
+Progress: `report(stage, done, total, unit)` is told the bytes downloaded so far (S3) as the download advances, so
+that a long download is seen advancing rather than silent.
 
 Errors: a source that cannot work as given (no such bucket, object, repository or revision; access denied; wrong
 or no credentials) is a PermanentError naming the source. Network and server errors are retried with backoff,
@@ -28,7 +33,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -43,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .config import S3Config, TrainerConfig
 from .errors import PermanentError
 from .files import fsync_dir
+from .progress import Report, no_report
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -99,8 +104,8 @@ class Plan(ABC):
         """Where the bytes came from, for the run manifest."""
 
     @abstractmethod
-    def fetch(self, dest: Path, cfg: TrainerConfig) -> None:
-        """Download into `dest` (an empty directory), retrying what may pass."""
+    def fetch(self, dest: Path, cfg: TrainerConfig, report: Report) -> None:
+        """Download into `dest`, continuing what an earlier attempt left there, retrying what may pass."""
 
 
 @dataclass(frozen=True)
@@ -125,15 +130,16 @@ class S3Plan(Plan):
         objects = [{"key": o.key, "size": o.size, "etag": o.etag.strip('"')} for o in self.objects]
         return {"source": self.uri, "path": local, "objects": objects}
 
-    def fetch(self, dest: Path, cfg: TrainerConfig) -> None:
+    def fetch(self, dest: Path, cfg: TrainerConfig, report: Report) -> None:
         store = s3_store(self.bucket, cfg.sources.s3)
         total = sum(o.size for o in self.objects)
+        counter = ByteCounter(total, lambda done: report("downloading", done, total, "bytes"))
         log.info("%s: downloading %d objects (%s) into %s", self.uri, len(self.objects), gigabytes(total), dest)
         start = time.monotonic()
         cancel = threading.Event()
 
         def get(obj: S3Object) -> None:
-            retrying(f"{self.role} source {self.uri}", lambda: self._get(store, obj, dest, cancel))
+            retrying(f"{self.role} source {self.uri}", lambda: self._get(store, obj, dest, cancel, counter))
 
         with ThreadPoolExecutor(max_workers=min(DOWNLOAD_THREADS, len(self.objects))) as pool:
             futures = [pool.submit(get, o) for o in self.objects]
@@ -145,31 +151,79 @@ class S3Plan(Plan):
         if failures:
             raise failures[0]
         seconds = max(time.monotonic() - start, 1e-3)
-        log.info("%s: downloaded %s in %.1f s (%.0f MB/s)", self.uri, gigabytes(total), seconds, total / seconds / 1e6)
+        fetched = counter.fetched
+        log.info(
+            "%s: downloaded %s in %.1f s (%.0f MB/s)%s",
+            self.uri,
+            gigabytes(fetched),
+            seconds,
+            fetched / seconds / 1e6,
+            f"; {gigabytes(total - fetched)} were already there" if fetched < total else "",
+        )
 
-    def _get(self, store: Any, obj: S3Object, dest: Path, cancel: threading.Event) -> None:
+    def _get(self, store: Any, obj: S3Object, dest: Path, cancel: threading.Event, counter: ByteCounter) -> None:
         import obstore
         from obstore.exceptions import PreconditionError
 
         target = dest / obj.local
         target.parent.mkdir(parents=True, exist_ok=True)
+        have = target.stat().st_size if target.exists() else 0
+        if have > obj.size:  # not a prefix of this object: start over
+            target.unlink()
+            have = 0
+        counter.found(target, have)
+        if have == obj.size:
+            return
+        # if_match: the bytes must be the ones rank 0 listed (or the ranks could train on different data), and the
+        # continuation of a partial file must come from the object its beginning came from.
+        options: dict[str, Any] = {"if_match": obj.etag}
+        if have:
+            options["range"] = {"offset": have}
+            log.info("%s: continuing %s from byte %d of %d", self.uri, obj.key, have, obj.size)
         with permanent_errors(s3_failure, self.role, self.uri):
             try:
-                # if_match: the bytes must be the ones rank 0 listed, or the ranks could train on different data.
-                result = obstore.get(store, obj.key, options={"if_match": obj.etag})
+                result = obstore.get(store, obj.key, options=options)  # type: ignore[arg-type]
             except (PreconditionError, FileNotFoundError):
                 # Replaced or deleted since the listing: a new attempt lists again.
                 changed = f"{obj.key} changed during the download; the next attempt starts over"
                 raise SourceUnavailable(f"{self.role} source {self.uri}: {changed}") from None
-            with open(target, "wb") as f:
+            with open(target, "r+b" if have else "wb") as f:
+                f.seek(have)
                 for chunk in result.stream(min_chunk_size=CHUNK_BYTES):
                     if cancel.is_set():
                         raise Cancelled
                     f.write(chunk)
+                    counter.add(target, len(chunk))
+                f.truncate()
                 f.flush()
                 os.fsync(f.fileno())
         if target.stat().st_size != obj.size:
             raise OSError(f"{obj.key}: got {target.stat().st_size} bytes, expected {obj.size}")
+
+
+class ByteCounter:
+    """Bytes in place over every object of a download (shared by the download threads), reported as they grow."""
+
+    def __init__(self, total: int, report: Callable[[int], None]) -> None:
+        self.total = total
+        self.fetched = 0  # bytes downloaded by this process
+        self._report = report
+        self._lock = threading.Lock()
+        self._files: dict[Path, int] = {}
+
+    def found(self, path: Path, size: int) -> None:
+        """A file's bytes already in place (a retry or a new attempt restarts counting it from there)."""
+        with self._lock:
+            self._files[path] = size
+            done = sum(self._files.values())
+        self._report(done)
+
+    def add(self, path: Path, n: int) -> None:
+        with self._lock:
+            self._files[path] = self._files.get(path, 0) + n
+            self.fetched += n
+            done = sum(self._files.values())
+        self._report(done)
 
 
 @dataclass(frozen=True)
@@ -185,10 +239,11 @@ class HubPlan(Plan):
     def record(self, local: str) -> dict[str, Any]:
         return {"source": self.uri, "path": local, "revision": self.revision, "commit": self.commit}
 
-    def fetch(self, dest: Path, cfg: TrainerConfig) -> None:
+    def fetch(self, dest: Path, cfg: TrainerConfig, report: Report) -> None:
         from huggingface_hub import snapshot_download
 
         log.info("%s: downloading dataset %s at %s into %s", self.uri, self.repo_id, self.commit, dest)
+        report("downloading", None, None, None)
         patterns = [self.inner, f"{self.inner}/*"] if self.inner else None
 
         def download() -> None:
@@ -434,21 +489,25 @@ def make_plan(role: str, uri: str, cfg: TrainerConfig) -> Plan:
     return retrying(what, lambda: plan_hub(role, uri, cfg.dataset.revision))
 
 
-def ensure(plan: Plan, cache: Path, cfg: TrainerConfig) -> Path:
-    """Download the plan into the cache unless a complete copy is there; returns the complete directory."""
+def ensure(plan: Plan, cache: Path, cfg: TrainerConfig, report: Report) -> Path:
+    """Download the plan into the cache unless a complete copy is there, continuing an unfinished download;
+    returns the complete directory."""
     final = cache / plan.key
     if final.is_dir():
         log.info("%s: using the copy in %s", plan.uri, final)
         return final
     partial = cache / (plan.key + PARTIAL)
     if partial.exists():
-        log.info("%s: discarding an unfinished download in %s", plan.uri, partial)
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    plan.fetch(partial, cfg)
+        log.info("%s: continuing the unfinished download in %s", plan.uri, partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    plan.fetch(partial, cfg, report)
     (partial / ".kubetune-source.json").write_text(json.dumps(plan.record(str(final)), indent=2))
     fsync_dir(partial)
-    partial.rename(final)
+    try:
+        partial.rename(final)
+    except OSError:
+        if not final.is_dir():  # else a late writer of an older attempt finished the same download first
+            raise
     fsync_dir(cache)
     return final
 
@@ -479,7 +538,7 @@ def remote_sources(cfg: TrainerConfig) -> Iterator[tuple[str, str]]:
             yield role, uri
 
 
-def resolve(cfg: TrainerConfig, rt: Runtime) -> Resolved:
+def resolve(cfg: TrainerConfig, rt: Runtime, report: Report = no_report) -> Resolved:
     """Fetch every s3:// source and hf:// dataset into the cache (rank 0) and point the config at the copies."""
     wanted = list(remote_sources(cfg))
     if not wanted:
@@ -492,7 +551,7 @@ def resolve(cfg: TrainerConfig, rt: Runtime) -> Resolved:
     local: dict[str, str] = {}
     records: dict[str, dict[str, Any]] = {}
     for plan in plans:
-        directory = ensure(plan, cache, cfg) if rt.is_main else wait_for(plan, cache)
+        directory = ensure(plan, cache, cfg, report) if rt.is_main else wait_for(plan, cache)
         local[plan.role] = str(directory / plan.inner) if plan.inner else str(directory)
         records[plan.role] = plan.record(local[plan.role])
     model = cfg.model.model_copy(update={"source": local.get("model", cfg.model.source)})

@@ -32,7 +32,7 @@ import torch
 from . import checkpoint, export, mfu, sources
 from .config import TrainerConfig
 from .data import PreparedData, Samples, prepare
-from .errors import Stopped, Terminated
+from .errors import PermanentError, Stopped, Terminated
 from .loss import accepts_logits_to_keep, cross_entropy_sum
 from .modeling import Prepared, build, check_supported, compute_dtype, load_tokenizer
 from .optim import make_optimizer, make_scheduler
@@ -105,7 +105,7 @@ class Run:
         self.progress = progress
         self.stop = StopSignal()
         self.out_dir = Path(cfg.output.dir)
-        self.ckpt_dir = Path(cfg.checkpoint.dir)
+        self.ckpt = checkpoint.CheckpointManager(cfg.checkpoint, cfg.identity, rt, cfg.method.is_peft)
         self.dtype = compute_dtype(cfg.training.precision)
 
     # -- setup -------------------------------------------------------------------------------------
@@ -113,15 +113,20 @@ class Run:
     def setup(self) -> None:
         cfg, rt = self.cfg, self.rt
         check_supported(cfg, rt.device)
+        # First the fence (late writers of older attempts stop writing), then the output directory: both before
+        # the long part of the setup, so that a run that cannot write its output fails at once.
+        self.ckpt.enter()
+        self.claim_output()
         # s3:// sources and hf:// datasets become local copies (rank 0 downloads them, the others wait); self.cfg
         # keeps the sources as given, for the manifest.
-        self.sources = sources.resolve(cfg, rt)
+        self.sources = sources.resolve(cfg, rt, self.progress.setup)
         cfg = self.sources.config
         self.packed = cfg.dataset.packing and cfg.method.type not in ("prefix", "prompt")
         if cfg.dataset.packing and not self.packed:
             log.info("packing is off for %s tuning: its virtual tokens belong to every sample", cfg.method.type)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.data: PreparedData = prepare(cfg.dataset, self.tokenizer, cfg.training.seed)
+        self.data: PreparedData = prepare(cfg.dataset, self.tokenizer, cfg.training.seed, self.progress.setup)
+        self.ckpt.bind(self._dataset_digests())
         lengths = self.data.train.lengths()
         self.bins = self._bins(self.data.train)
         self.eval_bins = self._bins(self.data.eval)
@@ -146,6 +151,7 @@ class Run:
         )
         self.progress.set_plan(self.plan.total_steps)
         # Same seed on every rank before the adapter exists: identical initial weights everywhere.
+        self.progress.setup("loading model")
         torch.manual_seed(t.seed)
         self.prepared: Prepared = build(cfg, self.tokenizer, rt, self.packed)
         # Logits of the target positions only (virtual tokens of prefix/prompt tuning shift the positions).
@@ -156,6 +162,13 @@ class Run:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=t.precision == "fp16")
         self.params = [p for p in self.prepared.model.parameters() if p.requires_grad]
         self.peak = mfu.peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device.type == "cuda" else None
+
+    def claim_output(self) -> None:
+        """Collective: make sure the output directory is empty or this training's own (PermanentError if not)."""
+        problem = export.claim_output(self.out_dir, self.cfg.identity, self.ckpt.root) if self.rt.is_main else None
+        problem = self.rt.gather_objects(problem)[0]
+        if problem:
+            raise PermanentError(problem)
 
     def _bins(self, samples: Samples | None) -> list[list[int]]:
         if samples is None:
@@ -174,18 +187,22 @@ class Run:
     # -- state -------------------------------------------------------------------------------------
 
     def resume(self) -> None:
+        """Continue from this training's newest valid checkpoint, if it has one; others' are left alone."""
         self.step = 0
         self.tokens_total = 0
         self.train_seconds = 0.0
         self.resumed_from: int | None = None
         self.last_loss: float | None = None
         self.last_eval: tuple[float, float] | None = None
-        path = checkpoint.find_latest_valid(self.ckpt_dir, self.rt)
+        self.progress.setup("verifying checkpoints")
+        path = self.ckpt.resume_point()
+        self.progress.ignored(self.ckpt.ignored_report())
         if path is None:
             if self.rt.is_main:
                 export.keep_metrics_until(self.out_dir, 0)
             return
-        restored = checkpoint.load(path, self.prepared.model, self.optimizer, self.rt, self.cfg.method.is_peft)
+        self.progress.setup("loading checkpoint")
+        restored = self.ckpt.load(path, self.prepared.model, self.optimizer)
         state = restored["trainer"]
         self.scheduler.load_state_dict(restored["extra"]["scheduler"])
         self.scaler.load_state_dict(restored["extra"]["scaler"])
@@ -194,8 +211,6 @@ class Run:
         self.train_seconds = state["trainSeconds"]
         self.last_loss = state["lastLoss"]
         self.last_eval = (state["lastEval"][0], state["lastEval"][1]) if state["lastEval"] else None
-        if state["datasetSha256"] != self._dataset_digests():
-            log.warning("the dataset files changed since %s was written; resuming with the new data", path)
         if state["worldSize"] != self.rt.world_size:
             log.warning(
                 "checkpoint was written by %d processes, this run has %d: resuming, but the data order differs "
@@ -215,10 +230,8 @@ class Run:
     def _checkpoint_info(path: Path, state: dict[str, Any]) -> dict[str, Any]:
         return {"step": state["step"], "path": str(path), "savedAt": rfc3339(state["savedAt"])}
 
-    def save_checkpoint(self) -> Path:
-        self.progress.set_state("checkpointing")
-        started = time.time()
-        state = {
+    def _trainer_state(self, saved_at: float) -> dict[str, Any]:
+        return {
             "step": self.step,
             "epoch": self.plan.epoch_of(self.step),
             "tokensTotal": self.tokens_total,
@@ -228,34 +241,31 @@ class Run:
             "lastLoss": self.last_loss,
             "lastEval": list(self.last_eval) if self.last_eval else None,
             "history": self.progress.history(),
-            "savedAt": started,
+            "savedAt": saved_at,
             "datasetSha256": self._dataset_digests(),
         }
-        extra = {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
-        path = checkpoint.save(
-            self.ckpt_dir,
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step (collective); a step that has a valid checkpoint is not saved again."""
+        known = self.ckpt.saved_at(self.step)
+        if known is not None:
+            return known
+        self.progress.set_state("checkpointing")
+        started = time.time()
+        path = self.ckpt.save(
             self.step,
             self.prepared.train_module if self.prepared.sharded else self.prepared.model,
             self.optimizer,
-            extra,
-            state,
-            self.rt,
-            self.cfg.method.is_peft,
-            self.cfg.checkpoint.keep_last,
+            {"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
+            self._trainer_state(started),
         )
         duration = time.time() - started
-        self.last_checkpoint_step = self.step
-        self.last_checkpoint_time = time.time()
         self.progress.checkpointed(self.step, str(path), started, duration)
         log.info("checkpoint step %d saved to %s in %.1fs", self.step, path, duration)
         self.progress.set_state("training")
         return path
 
     # -- steps -------------------------------------------------------------------------------------
-
-    def _checkpoint_time_due(self) -> bool:
-        minutes = self.cfg.checkpoint.every_minutes
-        return bool(minutes) and self.rt.is_main and time.time() - self.last_checkpoint_time >= minutes * 60
 
     def train_step(self, batches: list[Batch], global_targets: float, interval: Interval) -> None:
         module = self.prepared.train_module
@@ -359,37 +369,36 @@ class Run:
             100 * ratio,
             format_duration(eta),
         )
-        if self.rt.is_main:
-            export.append_metrics(
-                self.out_dir,
-                {
-                    "step": self.step,
-                    "epoch": round(epoch, 4),
-                    "loss": loss,
-                    "learningRate": lr,
-                    "gradNorm": grad_norm,
-                    "tokensPerSecond": tps,
-                    "tokensTotal": self.tokens_total,
-                    "mfu": ratio,
-                    "gpuMemoryPeakBytes": memory,
-                    "time": time.time(),
-                },
-            )
+        self.append_metrics(
+            {
+                "step": self.step,
+                "epoch": round(epoch, 4),
+                "loss": loss,
+                "learningRate": lr,
+                "gradNorm": grad_norm,
+                "tokensPerSecond": tps,
+                "tokensTotal": self.tokens_total,
+                "mfu": ratio,
+                "gpuMemoryPeakBytes": memory,
+                "time": time.time(),
+            }
+        )
         return loss
 
     def record_eval(self, result: tuple[float, float]) -> None:
         self.last_eval = result
-        if self.rt.is_main:
-            export.append_metrics(
-                self.out_dir,
-                {"step": self.step, "evalLoss": result[0], "evalPerplexity": result[1], "time": time.time()},
-            )
+        record = {"step": self.step, "evalLoss": result[0], "evalPerplexity": result[1], "time": time.time()}
+        self.append_metrics(record)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """Rank 0 appends to the output's metrics log, unless a newer attempt took over (it then stops at its next
+        checkpoint)."""
+        if self.rt.is_main and not self.ckpt.superseded():
+            export.append_metrics(self.out_dir, record)
 
     def loop(self) -> None:
         cfg, rt, plan = self.cfg, self.rt, self.plan
         t = cfg.training
-        self.last_checkpoint_step = self.step
-        self.last_checkpoint_time = time.time()
         self.stop.armed = True
         self.progress.set_state("training")
         self.prepared.train_module.train()
@@ -398,18 +407,18 @@ class Run:
             step_start = time.time()
             micro = plan.micro_batches(self.step, rt.rank)
             batches = [self.collate(self.data.train, [self.bins[b] for b in m]) for m in micro]
-            targets, tokens, sum_sq, stop, due = rt.sum_(
+            targets, tokens, sum_sq, stop, time_due = rt.sum_(
                 [
                     sum(b.num_targets for b in batches),
                     sum(b.num_tokens for b in batches),
                     sum(b.sum_squared_lengths for b in batches),
                     float(self.stop.requested),
-                    float(self._checkpoint_time_due()),
+                    float(self.ckpt.time_due(self.step)),
                 ]
             )
             if stop:
                 raise Stopped(self.step, self.save_checkpoint())
-            if due and self.last_checkpoint_step != self.step:
+            if time_due:
                 self.save_checkpoint()
             self.train_step(batches, targets, interval)
             self.step += 1
@@ -431,12 +440,11 @@ class Run:
                 if result:
                     self.record_eval(result)
                 interval.start = time.time()
-            every = cfg.checkpoint.every_steps
-            if (every and self.step % every == 0) or final:
+            if self.ckpt.step_due(self.step, final):
                 self.save_checkpoint()
                 interval.start = time.time()
-        if self.stop.requested:  # arrived during the last steps, after the final checkpoint
-            raise Stopped(self.step, checkpoint.step_dir(self.ckpt_dir, self.step))
+        if self.stop.requested:  # arrived during the last steps: the final checkpoint is there
+            raise Stopped(self.step, self.save_checkpoint())
 
     # -- outputs -----------------------------------------------------------------------------------
 
@@ -459,6 +467,7 @@ class Run:
             result = self.evaluate()
             if result:
                 self.record_eval(result)
+        self.ckpt.check_fence()  # a superseded attempt exports nothing
         self.progress.set_state("exporting")
         export.save_model(self.prepared.model, cfg, self.out_dir, self.prepared.sharded, rt.is_main)
         final = {
@@ -471,6 +480,7 @@ class Run:
             "tokensPerSecond": self.tokens_total / self.train_seconds if self.train_seconds else None,
             "epochs": round(self.plan.epoch_of(self.step), 4),
         }
+        self.ckpt.check_fence()
         if rt.is_main:
             self.tokenizer.save_pretrained(self.out_dir)
             if cfg.output.merge_adapter and cfg.method.is_peft:
@@ -489,6 +499,7 @@ class Run:
                 parameters={"total": c.total, "trainable": c.trainable, "matmul": c.matmul},
                 resumed_from_step=self.resumed_from,
                 replica_digests=digests,
+                checkpoint_dir=self.ckpt.root,
             )
             log.info("outputs written to %s", self.out_dir)
         rt.barrier()
