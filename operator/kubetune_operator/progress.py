@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import aiohttp
+from kubetune_trainer.progress import thin
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -327,21 +328,5 @@ def _points(raw: list[Any]) -> list[HistoryPoint]:
 
 
 def thin_history(points: Sequence[HistoryPoint], limit: int = MAX_PROGRESS_HISTORY) -> list[HistoryPoint]:
-    """At most `limit` points spread evenly over the run, the first and the newest kept. Evaluations are few and
-    make the eval curve, so they get up to half the points; training points fill the rest."""
-    if len(points) <= limit:
-        return list(points)
-    evaluated = [i for i, p in enumerate(points) if p.eval_loss is not None]
-    kept = set(_spread(evaluated, limit // 2))
-    rest = [i for i in range(len(points)) if i not in kept]
-    kept.update(_spread(rest, limit - len(kept)))
-    return [points[i] for i in sorted(kept)]
-
-
-def _spread(items: list[int], n: int) -> list[int]:
-    """`n` of the items, evenly spaced, the first and the last included."""
-    if len(items) <= n:
-        return items
-    if n <= 1:
-        return items[-n:] if n else []
-    return [items[round(k * (len(items) - 1) / (n - 1))] for k in range(n)]
+    """At most `limit` points spread over the run, as the trainer thins its own history (one algorithm for both)."""
+    return thin(points, limit, step=lambda p: p.step, evaluated=lambda p: p.eval_loss is not None)

@@ -85,7 +85,7 @@ def test_a_real_trainer_document_maps_into_the_status() -> None:
         latest=f"{URI}/runs/2/checkpoints/step-1200", step=1200, saved_at=datetime.fromtimestamp(SAVED_AT, UTC)
     )
     # the trainer's 500-point history, thinned for the status: spread over the run, every evaluation kept
-    assert len(doc["history"]) > 300 and len(history) == 100
+    assert len(doc["history"]) > 300 and 50 < len(history) <= 100
     assert history[-1] == HistoryPoint(step=1200, loss=1.234, eval_loss=1.31)
     steps = [p.step for p in history]
     assert steps == sorted(set(steps)) and steps[0] == doc["history"][0]["step"]
@@ -146,7 +146,7 @@ def points(n: int, eval_every: int) -> list[HistoryPoint]:
     [
         (100, 10, 10),  # fits: unchanged
         (500, 25, 20),  # every evaluation kept, training points fill the rest
-        (500, 2, 62),  # half of the points for evaluations; the rest spread over all points, evaluated or not
+        (500, 2, 33),  # at most half of the points for evaluations, spread over the run; training points the rest
         (101, 1000, 0),
     ],
 )
@@ -155,7 +155,8 @@ def test_history_is_thinned_evenly_keeping_the_ends_and_the_evaluations(
 ) -> None:
     thinned = thin_history(points(n, eval_every), limit=100)
     steps = [p.step for p in thinned]
-    assert len(thinned) == min(n, 100)
+    # The trainer's thinning (power-of-two step buckets, stable as the run grows): more than half the room is used.
+    assert min(n, 100) // 2 < len(thinned) <= min(n, 100)
     assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == n
     assert sum(p.eval_loss is not None for p in thinned) == evals_kept
     gaps = [b - a for a, b in itertools.pairwise(steps)]

@@ -59,10 +59,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 STATES = ("loading", "training", "evaluating", "checkpointing", "exporting", "done", "failed")
 MAX_HISTORY = 500
+P = TypeVar("P")
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -85,34 +86,42 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _thin(points: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+def _thin(points: list[P], limit: int, step: Callable[[P], int]) -> list[P]:
     """At most `limit` points evenly spread over the steps: the earliest point of each step bucket, for the
     narrowest power-of-two bucket width that fits, plus the newest point. Buckets only ever merge pairwise as the
     run grows, so a point dropped once would be dropped at any later length too: thinning as the history grows
     gives the same spacing as thinning the whole history at the end."""
+    if len(points) <= limit or limit < 2:
+        return points if len(points) <= limit else points[len(points) - limit :]
     width = 1
-    while len(points) > limit:
-        kept: dict[int, dict[str, Any]] = {}
+    while True:
+        kept: dict[int, P] = {}
         for point in points[:-1]:
-            kept.setdefault(point["step"] // width, point)
+            kept.setdefault(step(point) // width, point)
         thinned = [*kept.values(), points[-1]]
         if len(thinned) <= limit:
             return thinned
         width *= 2
-    return points
+
+
+def thin(points: Sequence[P], limit: int, step: Callable[[P], int], evaluated: Callable[[P], bool]) -> list[P]:
+    """At most `limit` points spanning the whole run, oldest first (points sorted by step, one per step).
+    Evaluations and training points are thinned separately: evaluations keep up to half the points (more when
+    training points leave room), so the eval curve keeps every evaluation of a run of normal length, and spans the
+    run when there are more. The one thinning of loss curves: the trainer's /progress history and the operator's
+    status.progress.history both use it."""
+    if len(points) <= limit:
+        return list(points)
+    evals = [p for p in points if evaluated(p)]
+    train = [p for p in points if not evaluated(p)]
+    evals = _thin(evals, max(limit // 2, limit - len(train)), step)
+    train = _thin(train, limit - len(evals), step)
+    return sorted(evals + train, key=step)
 
 
 def downsample(points: list[dict[str, Any]], limit: int = MAX_HISTORY) -> list[dict[str, Any]]:
-    """At most `limit` points spanning the whole run, oldest first. Evaluations and training points are thinned
-    separately: evaluations keep up to half the points (more when training points leave room), so the eval curve
-    keeps every evaluation of a run of normal length, and spans the run when there are more."""
-    if len(points) <= limit:
-        return points
-    evals = [p for p in points if "evalLoss" in p]
-    train = [p for p in points if "evalLoss" not in p]
-    evals = _thin(evals, max(limit // 2, limit - len(train)))
-    train = _thin(train, limit - len(evals))
-    return sorted(evals + train, key=lambda p: p["step"])
+    """`thin` for the history points of /progress."""
+    return thin(points, limit, step=lambda p: p["step"], evaluated=lambda p: "evalLoss" in p)
 
 
 class Progress:
