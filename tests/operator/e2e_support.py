@@ -278,12 +278,11 @@ class FakeTrainer:
 
     def set_up(self, stage: str, done: int | None = None, total: int | None = None, unit: str | None = None) -> None:
         """Rank 0 before its first step: state loading, how far its setup got (stamped now, as every report)."""
-        # The trainer's document fields, as its progress module writes them while loading.
-        self.progress._update(state="loading", setup={"stage": stage, "done": done, "total": total, "unit": unit})
+        self.progress.setup(stage, done, total, unit)
 
     def ignored(self, checkpoints: list[dict[str, str]]) -> None:
         """Checkpoints rank 0 found and left alone as another training's."""
-        self.progress._update(ignoredCheckpoints=checkpoints)
+        self.progress.ignored(checkpoints)
 
     def close(self) -> None:
         self._server.shutdown()
