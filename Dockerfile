@@ -16,6 +16,8 @@
 # read-only root filesystem in the cluster: nothing is written outside /tmp and the volumes.
 # Every Python package is pinned by constraints.txt; the base image by its exact tag (Debian bookworm).
 # tests/chart/test_dockerfile.py checks the stages, users and entrypoints against the chart and the operator.
+# `make images` builds both targets without a Docker daemon (podman with runc, on a Python base image made from
+# Debian packages, passed as PYTHON_IMAGE) for the local cluster's real nodes: hack/kubetune_dev/images.py.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -44,11 +46,32 @@ COPY trainer/ trainer/
 # No build isolation: the pinned setuptools from the base stage builds it.
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
+# ---- dependencies: the third-party packages of one extra, pinned, without kubetune itself ----------------------
+# Only pyproject.toml and constraints.txt go into these layers, so the large ones (the trainer's: several GB) are
+# rebuilt when the dependencies change, not when the code does; a code change rebuilds the small layers below.
+FROM base AS operator-deps
+COPY pyproject.toml constraints.txt /tmp/deps/
+RUN python -c 'import tomllib; p = tomllib.load(open("/tmp/deps/pyproject.toml", "rb"))["project"]; \
+      print("\n".join(p["dependencies"] + p["optional-dependencies"]["operator"]))' > /tmp/deps/requirements.txt \
+ && pip install --constraint /tmp/deps/constraints.txt --requirement /tmp/deps/requirements.txt \
+ && rm -rf /tmp/deps
+
+FROM base AS trainer-deps
+# A C compiler: Triton (torch.compile, bitsandbytes kernels) builds a small launcher module at run time.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml constraints.txt /tmp/deps/
+RUN python -c 'import tomllib; p = tomllib.load(open("/tmp/deps/pyproject.toml", "rb"))["project"]; \
+      print("\n".join(p["dependencies"] + p["optional-dependencies"]["trainer"]))' > /tmp/deps/requirements.txt \
+ && pip install --constraint /tmp/deps/constraints.txt --requirement /tmp/deps/requirements.txt \
+ && rm -rf /tmp/deps
+
 # ---- operator -----------------------------------------------------------------------------------------------------
-FROM base AS operator
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
-    pip install --constraint /tmp/constraints.txt "kubetune[operator] @ file://$(ls /wheels/kubetune-*.whl)" \
+FROM operator-deps AS operator
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN pip install --no-deps --no-index /tmp/wheels/kubetune-*.whl \
+ && rm -rf /tmp/wheels \
  && python -c "import kubetune_operator.__main__, sys; assert 'torch' not in sys.modules"
 USER 1000:1000
 WORKDIR /tmp
@@ -57,14 +80,10 @@ EXPOSE 8080 9090
 ENTRYPOINT ["kubetune-operator"]
 
 # ---- trainer ------------------------------------------------------------------------------------------------------
-FROM base AS trainer
-# A C compiler: Triton (torch.compile, bitsandbytes kernels) builds a small launcher module at run time.
-RUN apt-get update \
- && apt-get install --yes --no-install-recommends gcc libc6-dev \
- && rm -rf /var/lib/apt/lists/*
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
-    pip install --constraint /tmp/constraints.txt "kubetune[trainer] @ file://$(ls /wheels/kubetune-*.whl)" \
+FROM trainer-deps AS trainer
+COPY --from=wheel /wheels/ /tmp/wheels/
+RUN pip install --no-deps --no-index /tmp/wheels/kubetune-*.whl \
+ && rm -rf /tmp/wheels \
  && python -c "import torch, transformers, peft, accelerate, bitsandbytes, kubetune_trainer.launch"
 USER 1000:1000
 WORKDIR /tmp

@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages venv toolchain cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator bench-chaos demo demo-down
+.PHONY: help setup system-packages venv toolchain images cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator bench-chaos demo demo-down
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,6 +29,9 @@ system-packages: ## install the Debian packages the tests and the demo use (hack
 # Everything the two commands need, prepared side by side (apt and pip wait on the network, Go on the CPU).
 setup: ## Debian packages, the Go-built toolchain and the Python environment (each cached; seconds when warm)
 	@$(MAKE) --no-print-directory -j3 system-packages toolchain venv
+
+images: setup ## the Dockerfile's operator and trainer images, built without a Docker daemon (podman); cached by content
+	@$(PY) -m kubetune_dev.images
 
 demo: setup ## main job: LoRA fine-tune of SmolLM2-135M through the operator on 2 local nodes (CPU, minutes warm)
 	@$(PY) -m kubetune_dev.demo

@@ -1,8 +1,26 @@
-"""Shared pytest wiring: test tiers, the local control plane, and the rule that nothing is skipped.
+"""Shared pytest wiring: test tiers, the local control plane, real nodes, and the rule that nothing is skipped.
 
 Tiers (markers): unit (pure, fast), trainer (real torch on CPU), e2e (a real kube-apiserver), slow.
 The `cluster` fixture starts one local control plane per session, or reuses the one whose state
 directory KUBETUNE_TEST_CLUSTER names (started with `make cluster-up`).
+
+`real_nodes` (session) adds two real nodes to that cluster: kubelet v1.34 + containerd + runc, pod networking,
+cluster DNS, running this checkout's images (`make images`, built on first use; cached by content). Its interface
+(kubetune_dev.realnodes.RealNodes) for tests that need real pods:
+
+    real_nodes.placement                      # pod spec fields for any real node (nodeSelector + toleration);
+    real_nodes.nodes[i].placement             #   or for one node (real-node-0, real-node-1)
+    real_nodes.image("trainer")               # this checkout's images: "trainer", "operator"
+    real_nodes.create_claims(ns, ["data"])    # namespace + RWX claims on hostPath volumes, roots owned by uid 1000
+    real_nodes.claim_dir(ns, "data")          # the host directory behind a claim (read and write it directly)
+    real_nodes.kill(ns, pod, "trainer")       # SIGKILL (or sig=) every process of a container, as a crash would
+    real_nodes.container_pids(ns, pod, "trainer")
+    real_nodes.pod_logs(ns, pod)              # `kubectl logs`
+    real_nodes.operator_settings()            # settings for an operator whose workers run the trainer image
+    real_nodes.install_operator([ns])         # the operator from its image as a pod, installed with the chart
+
+The operator for such tests runs either as a host process (tests/operator/e2e_support.Operator with
+settings=real_nodes.operator_settings(); it reaches pods by their IPs) or in-cluster (install_operator).
 """
 
 from __future__ import annotations
@@ -14,7 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kubetune_dev import realnodes
 from kubetune_dev.cluster import LocalCluster, running_cluster, stop_processes
+from kubetune_dev.realnodes import RealNodes
 from kubetune_operator.api import CRD_NAME
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,12 +65,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def _reap_abandoned_test_clusters() -> None:
-    """Stop clusters left by test sessions that died without tearing down (their pid is gone)."""
+    """Stop clusters left by test sessions that died without tearing down (their pid is gone), their real nodes
+    first; then clean the host state of real nodes whose processes all died (any checkout's)."""
     for state in (REPO / ".cache").glob("test-cluster-*"):
         owner = int(state.name.rsplit("-", 1)[1])
         if not Path(f"/proc/{owner}").exists():
+            realnodes.stop_for_cluster(state)
             stop_processes(state)
             shutil.rmtree(state, ignore_errors=True)
+    realnodes.reap()
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +92,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     finally:
         c.stop()
         shutil.rmtree(c.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def real_nodes(crd_cluster: LocalCluster) -> Iterator[RealNodes]:
+    """Two real nodes in the session's cluster (see the module docstring). The first use in a session takes about
+    a minute (the nodes pull the images), more when `make images` has something to build."""
+    nodes = RealNodes(crd_cluster)
+    try:
+        yield nodes.start()
+    finally:
+        nodes.stop()
 
 
 @pytest.fixture(scope="session")

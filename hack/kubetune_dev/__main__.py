@@ -42,6 +42,10 @@ def cluster_up(args: argparse.Namespace) -> int:
 
 
 def cluster_down(args: argparse.Namespace) -> int:
+    from kubetune_dev.realnodes import stop_for_cluster
+
+    if stop_for_cluster(Path(args.state_dir)):
+        print("stopped the real nodes")
     stopped = stop_processes(Path(args.state_dir))
     print(f"stopped: {', '.join(stopped)}" if stopped else "no cluster was running")
     return 0

@@ -330,7 +330,9 @@ class LocalCluster:
     def _apiserver_args(self, certs: dict[str, Path]) -> list[str]:
         return [
             f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1",
+            # Every address: pods on real nodes reach it at the `kubernetes` Service address through a DNAT rule
+            # to their bridge's gateway (kubetune_dev.realnodes). Clients authenticate (certificates, tokens).
+            "--bind-address=0.0.0.0",
             "--advertise-address=127.0.0.1",
             f"--secure-port={self.ports['apiserver']}",
             f"--cert-dir={self.state_dir / 'pki'}",
@@ -347,6 +349,8 @@ class LocalCluster:
             # a client certificate from the cluster CA, which is all the agent accepts.
             f"--kubelet-client-certificate={certs['admin']}",
             f"--kubelet-client-key={certs['admin-key']}",
+            # Real nodes' names are not in DNS; their InternalIP is their bridge's gateway on this host.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             # The `kubernetes` Service endpoints would point at a loopback address, which is invalid.
             "--endpoint-reconciler-type=none",
             "--profiling=false",

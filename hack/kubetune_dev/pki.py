@@ -71,6 +71,18 @@ class CertificateAuthority:
         self.pair.cert.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
         _write_key(self.key, self.pair.key)
 
+    @classmethod
+    def load(cls, directory: Path, out: Path | None = None) -> CertificateAuthority:
+        """The CA an earlier run made in `directory`; certificates it issues go to `out` (default: the same)."""
+        ca = cls.__new__(cls)
+        ca.directory = out or directory
+        key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        ca.key = key
+        ca.cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+        ca.pair = KeyPair(directory / "ca.crt", directory / "ca.key")
+        return ca
+
     def issue(
         self,
         stem: str,

@@ -4,7 +4,6 @@ build copies."""
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import shlex
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from chart_support import CHART, REPO
+from kubetune_dev import images
 from kubetune_operator.render import CONTAINER, WORKER_UID
 from kubetune_operator.settings import DEFAULT_IMAGE, OperatorSettings
 
@@ -132,17 +132,31 @@ def test_both_images_run_as_the_uid_the_chart_and_the_operator_expect() -> None:
 
 def test_each_image_installs_its_extra_only_against_the_pins() -> None:
     operator, trainer = installs("operator"), installs("trainer")
-    assert '"kubetune[operator] @ file://' in operator and "[trainer]" not in operator
-    assert "torch" not in operator.replace("'torch' not in sys.modules", "")
-    assert '"kubetune[trainer] @ file://' in trainer
+    # The dependency stages install one extra's requirements against the pins, without kubetune itself...
+    assert '["optional-dependencies"]["operator"]' in operator and '["optional-dependencies"]["trainer"]' in trainer
+    assert "trainer" not in operator.replace("kubetune_trainer", "")
+    assert '["optional-dependencies"]["operator"]' not in trainer
     for run in (operator, trainer):
-        assert "--constraint /tmp/constraints.txt" in run
+        assert "pip install --constraint /tmp/deps/constraints.txt --requirement /tmp/deps/requirements.txt" in run
+        # ...and the final stage adds the wheel built from the checkout, with nothing else.
+        assert "pip install --no-deps --no-index /tmp/wheels/kubetune-*.whl" in run
+    assert "torch" not in operator.replace("'torch' not in sys.modules", "")
     # The checks that fail the build: no torch in the operator image; the trainer stack imports.
     assert "assert 'torch' not in sys.modules" in operator
     assert "import torch, transformers, peft, accelerate, bitsandbytes" in trainer
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert not any(dep.startswith("torch") for dep in extras["operator"])
     assert any(dep.startswith("bitsandbytes") for dep in extras["trainer"])
+
+
+def test_the_large_dependency_layers_do_not_depend_on_the_code() -> None:
+    """A code change rebuilds only the small layers: the dependency stages copy nothing but the two files that
+    decide the dependencies, and the targets build on them (a layer cache, or `make images`, keeps them)."""
+    for target in ("operator", "trainer"):
+        deps = STAGES[f"{target}-deps"]
+        assert deps.all("COPY") == ["pyproject.toml constraints.txt /tmp/deps/"]
+        assert STAGES[target].base == f"{target}-deps"
+        assert STAGES[target].all("COPY") == ["--from=wheel /wheels/ /tmp/wheels/"]
 
 
 def test_packaging_tools_are_pinned() -> None:
@@ -178,23 +192,7 @@ def test_image_names_agree_with_the_chart_and_the_operator() -> None:
 
 
 def dockerignore_allows(path: str) -> bool:
-    """Whether .dockerignore lets `path` into the build context (last matching pattern wins)."""
-    allowed = True
-    for raw in (REPO / ".dockerignore").read_text().splitlines():
-        pattern = raw.strip()
-        if not pattern or pattern.startswith("#"):
-            continue
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").rstrip("/")
-        parts = path.split("/")
-        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        matched = any(
-            fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(prefix, pattern.replace("**/", "*/"))
-            for prefix in prefixes
-        ) or (pattern.startswith("**/") and any(fnmatch.fnmatch(part, pattern[3:]) for part in parts))
-        if matched:
-            allowed = negate
-    return allowed
+    return images.dockerignore_allows(path, images.dockerignore_patterns(REPO))
 
 
 def test_the_build_context_is_what_the_build_uses_and_nothing_else() -> None:

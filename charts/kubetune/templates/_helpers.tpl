@@ -54,6 +54,19 @@ app.kubernetes.io/component: worker
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The operator container's resources: the values' own, whole, or the defaults when they give none (null). */}}
+{{- define "kubetune.operatorResources" -}}
+{{- if kindIs "invalid" .Values.resources -}}
+requests:
+  cpu: 100m
+  memory: 256Mi
+limits:
+  memory: 512Mi
+{{- else -}}
+{{- toYaml .Values.resources }}
+{{- end }}
+{{- end }}
+
 {{/* A trainer image; call with (dict "image" .Values.trainerImages.peft "context" $). */}}
 {{- define "kubetune.trainerImage" -}}
 {{- printf "%s:%s" .image.repository (default .context.Chart.AppVersion .image.tag) }}
