@@ -360,11 +360,11 @@ class Registry:
 
     def push(self, image: Image) -> None:
         start = time.monotonic()
-        # zstd: several times quicker than gzip on 2 cores for the trainer's GBs, and containerd unpacks it.
+        # gzip, podman's default: with an explicit --compression-format (zstd would compress quicker) podman 4.3
+        # no longer reuses the registry's copy of an unchanged layer and re-sends the trainer's GBs every time.
         podman(
             "push",
             "--tls-verify=false",
-            "--compression-format=zstd",
             "--quiet",
             image.local,
             f"{self.address}/{image.repository}:{image.key}",
@@ -387,6 +387,24 @@ class Registry:
                 return r.headers.get("Docker-Content-Digest")
         except urllib.error.HTTPError:
             return None
+
+
+def push_port() -> int:
+    """The same loopback port for every push (when free): podman remembers which blobs a registry has by its
+    host and port, and re-sends the trainer's GBs to a registry it does not know."""
+    saved = ROOT / "push-port"
+    if saved.exists():
+        port = int(saved.read_text())
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the registry binds it
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                pass
+    port = free_port()
+    saved.write_text(str(port))
+    return port
 
 
 def in_registry(image: Image) -> bool:
@@ -446,7 +464,7 @@ def ensure_images(targets: tuple[str, ...] = TARGETS, *, pause: bool = False) ->
         missing = [image for image in wanted.values() if not in_registry(image)]
         if not missing:
             return wanted
-        registry = Registry(ROOT / "registry-push").start()
+        registry = Registry(ROOT / "registry-push", port=push_port()).start()
         try:
             for image in missing:
                 if image.target == PAUSE:
