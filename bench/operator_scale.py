@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,7 @@ sys.path.insert(0, str(REPO / "hack"))
 
 import yaml  # noqa: E402
 from kubernetes import config  # noqa: E402
-from kubetune_dev.cluster import GpuNodePool, LocalCluster, audit_requests  # noqa: E402
+from kubetune_dev.cluster import GpuNodePool, LocalCluster, audit_requests, free_port  # noqa: E402
 from kubetune_dev.kubeflow import USERS as KUBEFLOW_USERS  # noqa: E402
 from kubetune_dev.kubeflow import KubeflowTrainer  # noqa: E402
 
@@ -167,6 +168,21 @@ class Api:
         return count == expected and not waiting["items"]
 
 
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the operator exited; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the operator was not ready after {timeout}s; see {log}")
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, load: Load, missed: list[str]) -> None:
     """Until check() holds; after `timeout` seconds, note `what` in `missed` and go on (the phase's figures then
     show how far it got)."""
@@ -263,18 +279,21 @@ def run_kubetune(local: LocalCluster, api: Api, jobs: int, workers: int, args: a
     local.wait_established("finetunejobs.kubetune.io")
     create_namespace(local, namespace, ("ft-checkpoints", "datasets"))
     settings = local.state_dir / "operator-settings.yaml"
-    settings.write_text(yaml.safe_dump({"healthPort": 0, "metricsPort": 0}))
+    health = free_port()
+    settings.write_text(yaml.safe_dump({"healthPort": health, "metricsPort": 0}))
     log = local.state_dir / "operator.log"
     env = {**os.environ, "KUBECONFIG": str(local.user_kubeconfig(OPERATOR_USER)), "PYTHONUNBUFFERED": "1"}
+    profiled = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
     with open(log, "wb") as out:
         operator = subprocess.Popen(
-            [sys.executable, "-m", "kubetune_operator", "-n", namespace, "--settings", str(settings)],
+            [sys.executable, *profiled, "-m", "kubetune_operator", "-n", namespace, "--settings", str(settings)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
     load = Load()
     try:
+        wait_ready(f"http://127.0.0.1:{health}/readyz", operator, log)
         time.sleep(3)  # the operator lists and starts watching before the burst
         path = f"/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs"
         t0 = burst(lambda i: api.call("POST", path, finetunejob(f"ft-{i:04d}", namespace, workers)), jobs)
@@ -464,6 +483,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="give up on a phase after this long")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--keep", action="store_true", help="keep the clusters' state directories (logs, audit log)")
+    parser.add_argument("--profile", type=Path, help="run the operator under cProfile, writing its stats here")
     parser.add_argument("--tools", nargs="+", choices=list(PHASES), default=list(PHASES), help="run only these")
     args = parser.parse_args()
     # Stopped with SIGTERM (e.g. by timeout), still stop the clusters and controllers it started.

@@ -94,10 +94,9 @@ async def apply_children(kube: AsyncKube, job: JobRef, plan: Plan) -> None:
     await asyncio.gather(
         *(kube.merge_patch("PersistentVolumeClaim", job.namespace, claim, release) for claim in plan.release)
     )
-    # The Job last, so its pods find their claim, config and Service; the rest in parallel.
-    first = [m for m in plan.create if m["kind"] != "Job"]
-    await asyncio.gather(*(create_or_adopt(kube, job, m) for m in first))
-    await asyncio.gather(*(create_or_adopt(kube, job, m) for m in plan.create if m["kind"] == "Job"))
+    # All at once: one round trip. The Job's pods need the claim, config and Service, but they are created,
+    # scheduled and started well after those (and would wait for them anyway).
+    await asyncio.gather(*(create_or_adopt(kube, job, m) for m in plan.create))
 
 
 async def _confirm_version(kube: AsyncKube, job: JobRef) -> None:

@@ -22,6 +22,10 @@ from kubetune_operator.kube import (
     resource_path,
 )
 
+# Connections to the API server at most: each TLS connection holds a 256 KiB read buffer (asyncio's), and more
+# requests in flight than this only queue in the API server instead of here.
+MAX_CONNECTIONS = 16
+
 
 class AsyncKube:
     def __init__(self, connection: Connection) -> None:
@@ -47,14 +51,14 @@ class AsyncKube:
         self.requests[f"{method} {resource_of(path)}"] += 1
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT + CONNECT_TIMEOUT, connect=CONNECT_TIMEOUT)
-            self._session = aiohttp.ClientSession(timeout=timeout)
+            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ssl=self._ssl)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         try:
             async with self._session.request(
                 method,
                 self.connection.url(path, query),
                 data=json.dumps(body).encode() if body is not None else None,
                 headers=self.connection.headers(content_type),
-                ssl=self._ssl,
                 proxy=self.connection.proxy,
                 allow_redirects=False,
             ) as response:

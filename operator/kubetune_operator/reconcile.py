@@ -174,8 +174,6 @@ class Pass:
     generation: int
     fingerprint: str
     rerun_token: str | None
-    # The phase the status had before this pass (the Running event is emitted on entering it).
-    phase_before: Phase | None
 
     @classmethod
     def of(cls, ftj: FineTuneJob, observed: Observed, settings: OperatorSettings, now: datetime) -> Pass:
@@ -190,7 +188,6 @@ class Pass:
             generation=int(meta.get("generation") or 1),
             fingerprint=run_fingerprint(ftj.spec),
             rerun_token=(meta.get("annotations") or {}).get(RERUN_ANNOTATION),
-            phase_before=ftj.status.phase if ftj.status else None,
         )
 
     def run_spec(self, run: RunRecord) -> FineTuneJobSpec | None:
@@ -716,7 +713,7 @@ def observe_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outco
     if job is None:
         # Being created (by this pass, or the last one while the cache does not show it yet): the same words as
         # once it shows, so the status is not rewritten just for that.
-        return Step(status), Situation("Pending", "WorkersStarting", f"0 of {workers} workers running{queued}", True)
+        return Step(status), Situation("Pending", "WorkersStarting", f"{workers} workers starting{queued}", True)
     if job.suspended:
         # Kueue holds the Job until it admits all workers; pods it removes on preemption are not failures.
         queue = p.trained(run).resources.queue_name
@@ -745,8 +742,12 @@ def observe_attempt(p: Pass, status: FineTuneJobStatus, run: RunRecord) -> Outco
         return Step(status), Situation(
             "Running", "Finishing", f"{finished_pods} of {workers} workers finished{queued}", True
         )
+    # How many are ready is in status.workers (a running figure, written at its own pace); what one waits for is news.
     return Step(status), Situation(
-        "Pending", "WorkersStarting", f"{ready} of {workers} workers running{_first_wait(pods)}{queued}", True
+        "Pending",
+        "WorkersStarting",
+        f"{workers} workers starting{_first_wait(pods)}{queued}",
+        True,
     )
 
 
@@ -799,10 +800,9 @@ def summarize(p: Pass, status: FineTuneJobStatus, situation: Situation) -> Step:
     }
     if status.attempt is not None and status.run is not None:
         update["workers"] = _workers(p.observed.pods_of(status.run, status.attempt))
-    summarized = status.model_copy(update=update)
-    if summarized.phase == "Running" and p.phase_before != "Running":
-        return p.event(summarized, "Normal", "Running", s.message)
-    return Step(summarized)
+    # No event on entering Running: the Running condition's transition time says when, and an event per job
+    # would be one more API write than anything a reader needs.
+    return Step(status.model_copy(update=update))
 
 
 def children(p: Pass, status: FineTuneJobStatus) -> tuple[list[Manifest], list[Deletion], list[str], Step]:

@@ -86,13 +86,13 @@ def test_the_status_is_written_first_with_the_version_the_plan_was_made_from() -
     applied = run(apply_plan(kube, JOB, current, plan))
     assert kube.calls[0] == ("PATCH", "FineTuneJob/status", "sft")
     assert kube.bodies[0]["metadata"] == {"resourceVersion": "41"}
-    # The claim, config and Service in parallel, then the Job whose pods use them. No events: the caller's.
-    assert sorted(kube.calls[1:4]) == [
+    # Then the children, in parallel. No events: the caller's.
+    assert sorted(kube.calls[1:]) == [
         ("POST", "ConfigMap", "sft-r1"),
         ("POST", "ConfigMap", "sft-r1-a1"),
+        ("POST", "Job", "sft-r1-a1"),
         ("POST", "Service", "sft-r1-a1"),
     ]
-    assert kube.calls[4:] == [("POST", "Job", "sft-r1-a1")]
     assert (applied.replaced_version, applied.written_version) == ("41", "42")
 
 

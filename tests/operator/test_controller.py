@@ -75,3 +75,14 @@ def test_the_watch_event_of_the_operators_own_write_wakes_nothing_unless_a_recon
     controller._echoes[key] = "43"
     controller._waiting.add(key)  # a reconcile was held back until the cache shows the write
     assert not controller.is_echo(key, "43")
+
+
+def test_kopf_builds_no_copy_of_each_object_as_no_handler_detects_changes() -> None:
+    """NoEssence skips kopf's per-event deep copy, which only change-detecting handlers and daemons read."""
+    settings = kopf.OperatorSettings()
+    controller = Controller(cast(AsyncKube, None), OperatorSettings())
+    controller.configure(settings, ["ml"])
+    registry = controller.registry()
+    assert registry._changing.get_all_handlers() == [] and registry._spawning.get_all_handlers() == []
+    assert registry._watching.get_all_handlers() and registry._indexing.get_all_handlers()
+    assert settings.persistence.diffbase_storage.build(body=kopf.Body({"spec": {"a": 1}})) == {}

@@ -70,7 +70,7 @@ def test_children_have_the_expected_shape_and_workers_land_on_gpu_nodes(api: Api
     assert condition(status, "Running")["status"] == "True"
     assert status["workers"] == {"active": 2, "ready": 2, "succeeded": 0, "failed": 0}
     assert status["observedGeneration"] == 1
-    wait_events(api, ns, "shape", {"RunStarted", "Running"})
+    wait_events(api, ns, "shape", {"RunStarted"})
     api.delete_ftj(ns, "shape")
 
 

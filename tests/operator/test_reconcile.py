@@ -115,7 +115,7 @@ def test_all_workers_ready_is_running_with_an_event_once() -> None:
     assert job.status.phase == "Running"
     assert condition(job, "Running") == ("True", "Training", "all 2 workers running")
     assert job.status.workers is not None and (job.status.workers.active, job.status.workers.ready) == (2, 2)
-    assert reasons(plan) == ["Running"]
+    assert reasons(plan) == []  # the condition's transition says it
     plan, _ = step(job, RUNNING, later(30))
     assert reasons(plan) == []
 
@@ -127,7 +127,7 @@ def test_waiting_workers_say_why() -> None:
     status, reason, message = condition(job, "Reconciling")
     assert (status, reason) == ("True", "WorkersStarting")
     why = "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu"
-    assert message == f"1 of 2 workers running; worker 1 waits: {why}"
+    assert message == f"2 workers starting; worker 1 waits: {why}"
 
 
 def test_workers_finishing_before_the_job_is_complete_are_still_running() -> None:
