@@ -29,10 +29,6 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 DNS_LABEL_MAX = 63
 
 
-def run_config_name(job: str, run: int) -> str:
-    return f"{job}-r{run}"
-
-
 def attempt_name(job: str, run: int, attempt: int) -> str:
     """Name of the attempt's Job and of its headless Service (the pods' subdomain)."""
     return f"{job}-r{run}-a{attempt}"

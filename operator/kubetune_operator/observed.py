@@ -36,13 +36,14 @@ class ChildRef:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A run's ConfigMap, with the spec the run was rendered from."""
+    """An attempt's ConfigMap, with the spec its run trains."""
 
     name: str
     owner_uid: str | None
     run: int | None
     spec_json: str | None
     deleting: bool = False
+    attempt: int | None = None
 
     def spec(self) -> FineTuneJobSpec | None:
         return run_spec_from_json(self.spec_json)
@@ -196,8 +197,11 @@ class Observed:
     def job(self, name: str) -> JobState | None:
         return next((j for j in self.jobs if j.name == name), None)
 
-    def run_config(self, name: str) -> RunConfig | None:
-        return next((c for c in self.config_maps if c.name == name), None)
+    def run_spec(self, run: int) -> FineTuneJobSpec | None:
+        """The spec the run trains, as its latest attempt's ConfigMap stores it."""
+        stored = [c for c in self.config_maps if c.run == run and c.spec_json]
+        latest = max(stored, key=lambda c: c.attempt or 0, default=None)
+        return latest.spec() if latest else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +280,7 @@ def summarize_config_map(body: Body) -> RunConfig:
         run=_int_label(meta, LABEL_RUN),
         spec_json=(body.get("data") or {}).get(SPEC_KEY),
         deleting=bool(meta.get("deletionTimestamp")),
+        attempt=_int_label(meta, LABEL_ATTEMPT),
     )
 
 

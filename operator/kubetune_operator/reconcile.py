@@ -77,7 +77,7 @@ from kubetune_operator.api.status import (
 )
 from kubetune_operator.cost import Spend, pods_spend, run_cost
 from kubetune_operator.failures import WorkerFailure, attempt_failure
-from kubetune_operator.names import attempt_name, claim_name, run_config_name
+from kubetune_operator.names import attempt_name, claim_name
 from kubetune_operator.observed import FinalReport, JobState, Observed, PodState
 from kubetune_operator.policies import RunContext, eval_gate, judge, open_attempt
 from kubetune_operator.progress import finite, in_claim, thin_history, to_status
@@ -87,7 +87,6 @@ from kubetune_operator.render import (
     render_attempt_config,
     render_claim,
     render_job,
-    render_run_config,
     render_service,
 )
 from kubetune_operator.settings import OperatorSettings
@@ -194,8 +193,7 @@ class Pass:
         """The spec the run trains: the live spec, or the run's stored copy while a change waits in the queue."""
         if run.spec_hash == self.fingerprint:
             return self.spec
-        stored = self.observed.run_config(run_config_name(self.owner.name, run.run))
-        return stored.spec() if stored else None
+        return self.observed.run_spec(run.run)
 
     def trained(self, run: RunRecord) -> FineTuneJobSpec:
         """What the run's workers look like: its own spec (governance fields always come from the live one)."""
@@ -821,17 +819,18 @@ def children(p: Pass, status: FineTuneJobStatus) -> tuple[list[Manifest], list[D
         if owned and outputs_on_checkpoint_claim(name, p.spec):
             release.append(claim)
 
-    config = ("ConfigMap", run_config_name(name, run.run))
+    # The run's attempts' ConfigMaps hold the spec the run trains: kept with the run (a few, immutable).
+    configs = {("ConfigMap", attempt_name(name, run.run, a.attempt)) for a in status.attempts}
     if attempt is not None:
         attempt_children = attempt_name(name, run.run, attempt.attempt)
-        active[config] = None
         active[("ConfigMap", attempt_children)] = None
         active[("Service", attempt_children)] = None
         active[("Job", attempt_children)] = None
+        kept |= configs
     elif run.result is None:
-        kept.add(config)
+        kept |= configs
     elif not _ttl_expired(p, run):
-        kept.add(config)
+        kept |= configs
         last = status.attempts[-1] if status.attempts else None
         if last is not None and last.reason == "Completed":
             # A Job whose workers finished (run Succeeded, or failed its evaluation gate) and its pods keep
@@ -876,8 +875,6 @@ def _render(p: Pass, kind: str, name: str, run: RunRecord, attempt: AttemptRecor
         assert template is not None
         # A claim that receives the outputs must outlive the job: it gets no owner.
         return render_claim(o, template, owned=not outputs_on_checkpoint_claim(o.name, p.spec))
-    if kind == "ConfigMap" and name == run_config_name(o.name, run.run):
-        return render_run_config(o, spec, run.run)
     assert attempt is not None
     if kind == "ConfigMap":
         return render_attempt_config(o, spec, run.run, attempt.attempt, run.generation, s)

@@ -1,8 +1,8 @@
 """Pure renderers: (FineTuneJob, run, attempt, settings) -> the Kubernetes objects that should exist. No I/O.
 
-Per run: a ConfigMap with the spec the run trains, so later attempts of the run render the same workers even
-after the FineTuneJob's spec moved on. Per attempt: a ConfigMap with the trainer config (its identity names
-the attempt), a headless Service and an Indexed batch/v1 Job whose pods run `kubetune-launch` (torchrun) with
+Per attempt: a ConfigMap with the trainer config (its identity names the attempt) and the spec the run trains,
+so later attempts of the run render the same workers even after the FineTuneJob's spec moved on; a headless
+Service and an Indexed batch/v1 Job whose pods run `kubetune-launch` (torchrun) with
 rank 0 reachable at `<job>-0.<service>`. Per job: the checkpoint claim, when the spec asks for a
 volumeClaimTemplate.
 """
@@ -37,7 +37,6 @@ from kubetune_operator.names import (
     claim_name,
     labels,
     master_address,
-    run_config_name,
 )
 from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.storage import WorkerStorage, worker_storage
@@ -153,22 +152,11 @@ def trainer_config(
     )
 
 
-def render_run_config(owner: Owner, spec: FineTuneJobSpec, run: int) -> Manifest:
-    """The run's ConfigMap: the spec it trains (read back by `run_spec_from_json`)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": owner.metadata(run_config_name(owner.name, run), labels(owner.name, "config", run)),
-        # A run's spec never changes; immutable ConfigMaps are also cheaper for the kubelets.
-        "immutable": True,
-        "data": {SPEC_KEY: spec.model_dump_json(by_alias=True, exclude_none=True)},
-    }
-
-
 def render_attempt_config(
     owner: Owner, spec: FineTuneJobSpec, run: int, attempt: int, generation: int, settings: OperatorSettings
 ) -> Manifest:
-    """The attempt's ConfigMap: the trainer config its workers mount."""
+    """The attempt's ConfigMap: the trainer config its workers mount, and the spec it trains (read back by
+    `run_spec_from_json`: the run's later attempts train it too)."""
     config = trainer_config(owner, spec, run, attempt, generation, settings)
     name = attempt_name(owner.name, run, attempt)
     return {
@@ -176,12 +164,12 @@ def render_attempt_config(
         "kind": "ConfigMap",
         "metadata": owner.metadata(name, labels(owner.name, "config", run, attempt)),
         "immutable": True,
-        "data": {CONFIG_KEY: config.dump()},
+        "data": {CONFIG_KEY: config.dump(), SPEC_KEY: spec.model_dump_json(by_alias=True, exclude_none=True)},
     }
 
 
 def run_spec_from_json(raw: str | None) -> FineTuneJobSpec | None:
-    """The spec a run was rendered from, as stored in its ConfigMap (None when absent or unreadable)."""
+    """The spec a run was rendered from, as stored in an attempt's ConfigMap (None when absent or unreadable)."""
     if not raw:
         return None
     try:

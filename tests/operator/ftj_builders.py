@@ -11,7 +11,7 @@ from kubetune_operator.api import FineTuneJob
 from kubetune_operator.cost import PodUsage
 from kubetune_operator.observed import JobState, Observed, PodState, RunConfig, Termination
 from kubetune_operator.reconcile import Plan, reconcile
-from kubetune_operator.render import Owner, render_run_config
+from kubetune_operator.render import Owner, render_attempt_config
 from kubetune_operator.settings import OperatorSettings
 
 T0 = datetime(2026, 11, 27, 9, 0, 0, tzinfo=UTC)
@@ -129,9 +129,11 @@ def exited(code: int, reason: str = "Error", message: str | None = None, at: dat
     return Termination(exit_code=code, reason=reason, message=message, finished_at=at)
 
 
-def config_map_of(job: FineTuneJob, run: int = 1) -> RunConfig:
-    manifest = render_run_config(owner(job), job.spec, run)
-    return RunConfig(name=manifest["metadata"]["name"], owner_uid=UID, run=run, spec_json=manifest["data"]["spec.json"])
+def config_map_of(job: FineTuneJob, run: int = 1, attempt: int = 1) -> RunConfig:
+    """The ConfigMap of an attempt of the run, as the cache holds it (with the spec the run trains)."""
+    manifest = render_attempt_config(owner(job), job.spec, run, attempt, job.metadata.get("generation", 1), SETTINGS)
+    name, data = manifest["metadata"]["name"], manifest["data"]
+    return RunConfig(name=name, owner_uid=UID, run=run, spec_json=data["spec.json"], attempt=attempt)
 
 
 def step(

@@ -88,7 +88,6 @@ def test_the_status_is_written_first_with_the_version_the_plan_was_made_from() -
     assert kube.bodies[0]["metadata"] == {"resourceVersion": "41"}
     # Then the children, in parallel. No events: the caller's.
     assert sorted(kube.calls[1:]) == [
-        ("POST", "ConfigMap", "sft-r1"),
         ("POST", "ConfigMap", "sft-r1-a1"),
         ("POST", "Job", "sft-r1-a1"),
         ("POST", "Service", "sft-r1-a1"),

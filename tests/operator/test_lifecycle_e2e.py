@@ -18,6 +18,7 @@ from e2e_support import (
     wait_phase,
 )
 from kubetune_dev.cluster import LocalCluster
+from kubetune_operator.api.spec import FineTuneJobSpec
 from kubetune_trainer.config import TrainerConfig
 
 pytestmark = pytest.mark.e2e
@@ -40,7 +41,7 @@ def test_children_have_the_expected_shape_and_workers_land_on_gpu_nodes(api: Api
     assert config.checkpoint.dir == f"/kubetune/job/{uid}/runs/1/checkpoints"
     identity = config.identity
     assert (identity.namespace, identity.name, identity.uid, identity.run, identity.attempt) == (ns, "shape", uid, 1, 1)
-    assert "spec.json" in api.core.read_namespaced_config_map("shape-r1", ns).data
+    assert FineTuneJobSpec.model_validate_json(cm.data["spec.json"]) == FineTuneJobSpec.model_validate(hanging())
 
     [job] = api.jobs(ns, "shape")
     assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism, job.spec.backoff_limit) == (

@@ -67,7 +67,6 @@ def test_a_new_job_starts_run_1_attempt_1_and_creates_its_children_in_order() ->
     [run] = job.status.runs
     assert (run.run, run.generation, run.spec_hash, run.start_time) == (1, 1, run_fingerprint(job.spec), T0)
     assert kinds(plan) == [
-        ("ConfigMap", "sft-r1"),
         ("ConfigMap", "sft-r1-a1"),
         ("Service", "sft-r1-a1"),
         ("Job", "sft-r1-a1"),
@@ -199,7 +198,6 @@ def test_a_failed_worker_ends_the_attempt_and_the_next_resumes_after_a_backoff()
     assert job.status is not None
     assert (job.status.run, job.status.attempt) == (1, 2)
     assert kinds(plan) == [
-        ("ConfigMap", "sft-r1"),
         ("ConfigMap", "sft-r1-a2"),
         ("Service", "sft-r1-a2"),
         ("Job", "sft-r1-a2"),
@@ -417,9 +415,8 @@ def test_a_spec_change_with_restart_replaces_the_run() -> None:
     assert (old.result, old.reason, old.completion_time) == ("Cancelled", "SpecChanged", later(10))
     assert (new.generation, new.result, new.start_time) == (2, None, later(10))
     assert [a.attempt for a in job.status.attempts] == [1]
-    assert {Deletion("Job", "sft-r1-a1"), Deletion("ConfigMap", "sft-r1")} <= set(plan.delete)
+    assert {Deletion("Job", "sft-r1-a1"), Deletion("ConfigMap", "sft-r1-a1")} <= set(plan.delete)
     assert kinds(plan) == [
-        ("ConfigMap", "sft-r2"),
         ("ConfigMap", "sft-r2-a1"),
         ("Service", "sft-r2-a1"),
         ("Job", "sft-r2-a1"),
@@ -439,7 +436,7 @@ def test_a_spec_change_with_queue_waits_for_the_run_and_restarts_it_with_its_own
     assert (job.status.run, job.status.phase, job.status.observed_generation) == (1, "Running", 2)
     assert "generation 2 is queued and starts when run 1 finishes" in condition(job, "Running")[2]
     assert reasons(plan) == ["RunQueued"]
-    assert plan.delete == () and kinds(plan) == [("ConfigMap", "sft-r1-a1"), ("Service", "sft-r1-a1")]
+    assert plan.delete == () and kinds(plan) == [("Service", "sft-r1-a1")]
 
     # Run 1 fails and restarts: its next attempt is rendered from run 1's stored spec (2 nodes, not 4).
     failing = replace(failed_attempt(job, termination=exited(1)), config_maps=(stored,))
@@ -517,7 +514,7 @@ def test_ttl_after_finished_removes_the_workers_and_keeps_the_record() -> None:
     plan, job = step(job, finished, later(101))
     assert plan.requeue_after == pytest.approx(59)
     plan, after = step(job, finished, later(160))
-    assert set(plan.delete) == {Deletion("Job", "sft-r1-a1"), Deletion("ConfigMap", "sft-r1")}
+    assert set(plan.delete) == {Deletion("Job", "sft-r1-a1"), Deletion("ConfigMap", "sft-r1-a1")}
     assert reasons(plan) == ["CleanedUp"]
     assert after.status == job.status
 

@@ -17,7 +17,6 @@ from kubetune_operator.render import (
     render_attempt_config,
     render_claim,
     render_job,
-    render_run_config,
     render_service,
     run_spec_from_json,
     spec_fingerprint,
@@ -362,7 +361,7 @@ def test_the_attempts_config_map_holds_the_trainer_config_with_its_identity() ->
     assert cm["metadata"]["name"] == "sft-r3-a2"
     assert (cm["metadata"]["labels"]["kubetune.io/run"], cm["metadata"]["labels"]["kubetune.io/attempt"]) == ("3", "2")
     assert cm["immutable"] is True
-    assert set(cm["data"]) == {"config.json"}
+    assert set(cm["data"]) == {"config.json", "spec.json"}
     config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
     assert config.model.source == "hf://Qwen/Qwen2.5-0.5B-Instruct"
     assert config.model.cache_dir == "/kubetune/job/cache/huggingface"
@@ -382,11 +381,11 @@ def test_the_attempts_config_map_holds_the_trainer_config_with_its_identity() ->
     assert next(v for v in pod_volumes if v["name"] == "config")["configMap"] == {"name": "sft-r3-a2"}
 
 
-def test_the_runs_config_map_holds_the_spec_it_trains() -> None:
+def test_an_attempts_config_map_holds_the_spec_its_run_trains() -> None:
     job = ftj(spec(training={"maxSteps": 50}))
-    cm = render_run_config(owner(job), job.spec, 3)
-    assert cm["metadata"]["name"] == "sft-r3"
-    assert cm["metadata"]["labels"]["kubetune.io/run"] == "3"
+    cm = render_attempt_config(owner(job), job.spec, 3, 2, 1, SETTINGS)
+    assert cm["metadata"]["name"] == "sft-r3-a2"
+    assert (cm["metadata"]["labels"]["kubetune.io/run"], cm["metadata"]["labels"]["kubetune.io/attempt"]) == ("3", "2")
     assert cm["immutable"] is True
     assert run_spec_from_json(cm["data"]["spec.json"]) == job.spec
 
