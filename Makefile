@@ -52,6 +52,7 @@ lint: venv ## ruff (lint + format) and mypy
 
 test: setup ## everything CI runs: lint, types, and every test tier against a real control plane
 	@$(MAKE) --no-print-directory lint
+	@$(PY) -m kubetune_dev.images >/dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup ## only the fast tier

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 from kubetune_dev import realnodes
 from kubetune_dev.cluster import LocalCluster, running_cluster, stop_processes
+from kubetune_dev.images import ensure_images
 from kubetune_dev.realnodes import RealNodes
 from kubetune_operator.api import CRD_NAME
 
@@ -49,6 +50,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if not tiers & {m.name for m in item.iter_markers()}:
             item.add_marker(pytest.mark.unit)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # The images the real nodes run, built (or found) before any test starts: a cold build takes longer than the
+    # per-test timeout would allow the first test using them.
+    if any("real_nodes" in getattr(item, "fixturenames", ()) for item in session.items):
+        ensure_images(pause=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -51,6 +51,7 @@ REGISTRY = "kubetune.local"
 TARGETS = ("operator", "trainer")
 PAUSE = "pause"  # the pod sandbox image (hack/toolchain/pause), not from the Dockerfile
 KEEP = 4  # tags kept per image, newest first: a few checkouts' worth
+FINAL_LAYERS = 2  # the layers of a target's last stage (the wheel, its install): all a code change rebuilds
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_SOURCES = (
@@ -418,29 +419,50 @@ def in_registry(image: Image) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def _registry_layers(repository: str, tag: Path) -> list[str]:
+    """The layer digests of a tag's manifest, read from the registry's storage."""
+    blobs = REGISTRY_STORAGE / "docker/registry/v2/blobs/sha256"
+    try:
+        digest = (tag / "current" / "link").read_text().split(":", 1)[1]
+        manifest = json.loads((blobs / digest[:2] / digest / "data").read_bytes())
+    except (OSError, IndexError, ValueError):
+        return []
+    return [layer["digest"] for layer in manifest.get("layers", [])]
+
+
 def prune(target: str) -> None:
-    """Keep the newest KEEP tags of the target in the store and the registry; drop what only the rest used."""
+    """Under the build lock: keep, of the target's image, the newest KEEP tags built on the same dependency layers
+    as the newest one (all but its FINAL_LAYERS, which a code change adds), in the store and in the registry; drop
+    the rest and what only they used. A dependency change thus leaves one copy of the trainer's GBs, not two."""
     image_repo = Image(target, "").repository
     listed = podman("images", "--format", "json", f"localhost/{image_repo}").stdout
     local = sorted(json.loads(listed or "[]"), key=lambda i: i.get("Created", 0), reverse=True)
-    old = [name for i in local[KEEP:] for name in i.get("Names") or [] if name.startswith(f"localhost/{image_repo}:")]
+    layers = {
+        i["Id"]: json.loads(podman("image", "inspect", i["Id"]).stdout)[0]["RootFS"]["Layers"][:-FINAL_LAYERS]
+        for i in local
+    }
+    kept = [i for i in local if layers[i["Id"]] == layers[local[0]["Id"]]][:KEEP] if local else []
+    old = [n for i in local if i not in kept for n in i.get("Names") or [] if n.startswith(f"localhost/{image_repo}:")]
     if old:
         podman("rmi", *old, check=False)
         podman("image", "prune", "--force", check=False)
-    tags = REGISTRY_STORAGE / "docker/registry/v2/repositories" / image_repo / "_manifests/tags"
+    repository = REGISTRY_STORAGE / "docker/registry/v2/repositories" / image_repo
+    tags = repository / "_manifests/tags"
     if tags.exists():
         by_age = sorted(tags.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-        for tag in by_age[KEEP:]:
+        newest = _registry_layers(image_repo, by_age[0])[:-FINAL_LAYERS]
+        same = [t for t in by_age if _registry_layers(image_repo, t)[:-FINAL_LAYERS] == newest][:KEEP]
+        stale = [t for t in by_age if t not in same]
+        for tag in stale:
             shutil.rmtree(tag)
-        if by_age[KEEP:]:
+        # Pushes happen under the build lock, which the caller holds: any upload left is an interrupted push's.
+        for upload in (repository / "_uploads").glob("*") if (repository / "_uploads").exists() else []:
+            shutil.rmtree(upload, ignore_errors=True)
+        if stale:
             Registry(ROOT / "registry-gc").command()  # writes the configuration the collector reads
+            config = str(ROOT / "registry-gc" / "registry.json")
             subprocess.run(
-                [
-                    "docker-registry",
-                    "garbage-collect",
-                    "--delete-untagged",
-                    str(ROOT / "registry-gc" / "registry.json"),
-                ],
+                ["docker-registry", "garbage-collect", "--delete-untagged", config],
                 stdout=subprocess.DEVNULL,
                 check=False,
             )

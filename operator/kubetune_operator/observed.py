@@ -239,7 +239,7 @@ def summarize_pod(body: Body) -> PodState:
         disruption = None
     container: Body = next((c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER), {})
     state = container.get("state") or {}
-    terminated = state.get("terminated")
+    terminated = state.get("terminated") or _failed_init(status)
     return PodState(
         name=meta.get("name", ""),
         job_uid=_controller_uid(meta),
@@ -258,6 +258,15 @@ def summarize_pod(body: Body) -> PodState:
         termination=_termination(terminated) if terminated else None,
         waiting=_waiting_text(conditions.get("PodScheduled"), state.get("waiting")),
     )
+
+
+def _failed_init(status: Body) -> Body | None:
+    """How an init container (the claim folders') ended when it failed, so the worker never started."""
+    for init in status.get("initContainerStatuses") or []:
+        terminated = (init.get("state") or {}).get("terminated")
+        if terminated and terminated.get("exitCode"):
+            return dict(terminated)
+    return None
 
 
 def _termination(terminated: Body) -> Termination:

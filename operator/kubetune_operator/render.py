@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,8 @@ from kubetune_operator.storage import WorkerStorage, worker_storage
 Manifest = dict[str, Any]
 
 CONTAINER = "trainer"
+CLAIM_DIRS_CONTAINER = "claim-dirs"  # the init container that makes the job's folders on its claims
+CLAIMS_DIR = "/kubetune/claims"  # where it mounts the writable claims whole
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_KEY = "config.json"
 SPEC_KEY = "spec.json"
@@ -248,9 +251,12 @@ def render_pod_template(
             "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(owner, spec, run, attempt, storage, settings)],
+        "containers": [worker := _container(owner, spec, run, attempt, storage, settings)],
         "volumes": _volumes(owner, run, attempt, storage, spec, settings),
     }
+    claim_dirs = _claim_dirs_container(worker, storage)
+    if claim_dirs:
+        pod_spec["initContainers"] = [claim_dirs]
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
     if res.tolerations:
@@ -349,6 +355,47 @@ def _container(
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
+    }
+
+
+def _claim_dirs_container(worker: Manifest, storage: WorkerStorage) -> Manifest | None:
+    """An init container that creates the job's folders on its writable claims as the workers' user, before they
+    are mounted with subPath. Left to the kubelet, a missing subPath folder is made by root with mode 0755: on a
+    volume that ignores fsGroup (hostPath, many NFS and other ReadWriteMany volumes) the workers (uid 1000) then
+    cannot write their checkpoints or outputs. Such a volume needs its root writable by uid or gid 1000; the
+    message says so when it is not."""
+    volume_of = {claim: _claim_volume(i) for i, (claim, _) in enumerate(storage.claims())}
+    writable = [m for m in storage.mounts if not m.read_only and m.sub_path]
+    if not writable:
+        return None
+    script = [
+        "fail() {",
+        f'  echo "claim $1: the workers (uid {WORKER_UID}) cannot create $2 on it: $3. A volume that ignores fsGroup'
+        f" (hostPath, many NFS and other ReadWriteMany volumes) needs its root writable by uid or gid {WORKER_UID}."
+        '" >&2',
+        "  exit 1",
+        "}",
+    ]
+    for m in writable:
+        path = shlex.quote(f"{CLAIMS_DIR}/{volume_of[m.claim]}/{m.sub_path}")
+        script.append(f'err=$(mkdir -p -- {path} 2>&1) || fail {shlex.quote(m.claim)} {shlex.quote(m.sub_path)} "$err"')
+    resources = {
+        kind: {k: v for k, v in amounts.items() if k != GPU_RESOURCE}
+        for kind, amounts in worker["resources"].items()
+        if any(k != GPU_RESOURCE for k in amounts)
+    }
+    return {
+        "name": CLAIM_DIRS_CONTAINER,
+        "image": worker["image"],
+        "imagePullPolicy": worker["imagePullPolicy"],
+        "command": ["sh", "-c", "\n".join(script)],
+        "resources": resources,
+        "volumeMounts": [
+            {"name": volume_of[claim], "mountPath": f"{CLAIMS_DIR}/{volume_of[claim]}"}
+            for claim in dict.fromkeys(m.claim for m in writable)
+        ],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": worker["securityContext"],
     }
 
 
