@@ -56,8 +56,8 @@ DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # the kubelet's device
 SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service: the first address of cluster.SERVICE_CIDR
 CLUSTER_DOMAIN = "cluster.local"
 NODE_PREFIX = "real-node"
-# Label and taint of the real nodes: pods of other tests, meant for kwok's fake nodes, never land on them.
-NODE_LABEL = "kubetune.io/local-node"
+# Label and taint of the real nodes: pods of other tests (for kwok's fake nodes or the node agent's) never land on them.
+NODE_LABEL = "kubetune.io/real-node"
 NODE_SELECTOR = {NODE_LABEL: "true"}
 NODE_TOLERATION = {"key": NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
 PLACEMENT = {"nodeSelector": NODE_SELECTOR, "tolerations": [NODE_TOLERATION]}

@@ -79,10 +79,10 @@ def output_dir(node: LocalNode, ns: str, status: dict[str, Any]) -> Path:
 
 
 def checkpoint_steps(api: Api, node: LocalNode, ns: str, name: str) -> list[int]:
-    """Steps of the run's finished checkpoints (step-XXXXXXXX directories), oldest first."""
+    """Steps of the run's finished checkpoints (step-<step>-<lineage> directories), oldest first."""
     uid = api.ftj(ns, name)["metadata"]["uid"]
     root = node.claim_dir(ns, "ft-checkpoints") / ns / name / uid / "runs" / "1" / "checkpoints"
-    found = (re.fullmatch(r"step-(\d{8})", p.name) for p in root.iterdir()) if root.exists() else ()
+    found = (re.fullmatch(r"step-(\d{8})-\w+", p.name) for p in root.iterdir()) if root.exists() else ()
     return sorted(int(m.group(1)) for m in found if m)
 
 

@@ -84,7 +84,7 @@ def ns(crd_cluster: LocalCluster, real_nodes: RealNodes) -> Iterator[str]:
 def test_nodes_run_containerd_and_pods_run_the_image_built_from_this_checkout(
     crd_cluster: LocalCluster, real_nodes: RealNodes, ns: str
 ) -> None:
-    nodes = json.loads(crd_cluster.kubectl("get", "nodes", "-l", "kubetune.io/local-node=true", "-o", "json").stdout)
+    nodes = json.loads(crd_cluster.kubectl("get", "nodes", "-l", "kubetune.io/real-node=true", "-o", "json").stdout)
     runtimes = {n["metadata"]["name"]: n["status"]["nodeInfo"]["containerRuntimeVersion"] for n in nodes["items"]}
     assert runtimes == {"real-node-0": "containerd://1.6.20", "real-node-1": "containerd://1.6.20"}
     versions = {n["status"]["nodeInfo"]["kubeletVersion"] for n in nodes["items"]}

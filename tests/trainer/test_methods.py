@@ -124,7 +124,8 @@ def test_fp16_with_a_grad_scaler(tmp_path: Path, llama_dir: Path, train_jsonl: P
     )
     losses = logged_losses(tmp_path / "out")
     assert losses[-1] < losses[0] - 0.2, losses
-    scaler = torch.load(tmp_path / "ckpt" / "step-00000012" / "scheduler.pt", weights_only=False)["scaler"]
+    [last] = (tmp_path / "ckpt").glob("step-00000012-*")  # step-<step>-<lineage>
+    scaler = torch.load(last / "scheduler.pt", weights_only=False)["scaler"]
     assert scaler["scale"] > 0  # the fp16 loss scale is checkpointed with the schedule
 
 
