@@ -278,6 +278,8 @@ def _container(
         {"name": "KUBETUNE_CONFIG", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": "KUBETUNE_NNODES", "value": str(res.num_nodes)},
         {"name": "KUBETUNE_NPROC_PER_NODE", "value": str(max(1, res.gpus_per_node))},
+        # Workers that asked for GPUs and cannot use them fail at once (exit 78) instead of training on the CPU.
+        {"name": "KUBETUNE_GPUS_PER_NODE", "value": str(res.gpus_per_node)},
         {"name": "KUBETUNE_MASTER_ADDR", "value": master_address(owner.name, run, attempt)},
         {"name": "KUBETUNE_MASTER_PORT", "value": str(settings.master_port)},
         {"name": "KUBETUNE_RDZV_TIMEOUT_SECONDS", "value": str(settings.rdzv_timeout_seconds)},

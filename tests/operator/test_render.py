@@ -109,6 +109,7 @@ def test_workers_run_the_launcher_with_the_torchrun_contract() -> None:
         "KUBETUNE_CONFIG": "/etc/kubetune/config.json",
         "KUBETUNE_NNODES": "2",
         "KUBETUNE_NPROC_PER_NODE": "8",
+        "KUBETUNE_GPUS_PER_NODE": "8",
         "KUBETUNE_MASTER_ADDR": "sft-r2-a3-0.sft-r2-a3",
         "KUBETUNE_MASTER_PORT": "29500",
         "KUBETUNE_RDZV_TIMEOUT_SECONDS": "900",
@@ -200,6 +201,7 @@ def test_a_cpu_only_job_requests_no_gpu_and_starts_one_process() -> None:
     job = job_of(spec(resources={"numNodes": 1, "gpusPerNode": 0, "gpuProduct": None}))
     assert "nvidia.com/gpu" not in json.dumps(container(job)["resources"])
     assert env(job)["KUBETUNE_NPROC_PER_NODE"] == "1"
+    assert env(job)["KUBETUNE_GPUS_PER_NODE"] == "0"
     assert "nodeSelector" not in pod_spec(job)
 
 

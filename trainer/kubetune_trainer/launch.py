@@ -9,6 +9,8 @@ Environment:
     KUBETUNE_CONFIG                     trainer config JSON (default /etc/kubetune/config.json)
     KUBETUNE_NNODES                     number of pods (default 1)
     KUBETUNE_NPROC_PER_NODE             worker processes per pod, normally the GPUs per pod (default 1)
+    KUBETUNE_GPUS_PER_NODE              GPUs the pod asked for; the workers stop with exit 78 when they cannot use
+                                        them (runtime.py; default 0: no check)
     JOB_COMPLETION_INDEX                this pod's node rank (set by the Indexed Job; default 0)
     KUBETUNE_MASTER_ADDR                rank 0's address, e.g. <job>-0.<service> (required when NNODES > 1;
                                         default 127.0.0.1)
