@@ -109,3 +109,76 @@ def test_fsdp2_full_finetune_shards_resumes_and_matches_one_process(
         )
     assert result["steps"] == 6 and manifest(elastic / "out")["resumedFromStep"] == 3
     assert any("written by 2 processes, this run has 1" in r.getMessage() for r in caplog.records)
+
+
+def wide_llama_dir(path: Path, hidden: int, layers: int) -> Path:
+    """A random Llama whose weights, not the Python runtime, dominate a process's memory."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = assets.make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_fsdp2_loads_each_ranks_share_and_peak_memory_falls_with_the_ranks(
+    tmp_path: Path, train_jsonl: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir = wide_llama_dir(tmp_path / "model", hidden=1024, layers=12)
+    sections: dict[str, Any] = {
+        "method": {"type": "full"},
+        "dataset": {"maxSeqLength": 64, "evalSplit": 0.0},
+        "training": {"maxSteps": 2, "logEverySteps": 1, "learningRate": 1e-4, "batchSizePerDevice": 1},
+        "checkpoint": {"everySteps": 1000},
+    }
+    runs = {}
+    for ranks in (1, 4):
+        where = tmp_path / f"ranks-{ranks}"
+        # The same 4 sequences per step: one process accumulates them, 4 ranks take one each.
+        training = {**sections["training"], "gradientAccumulationSteps": 4 // ranks}
+        cfg = assets.trainer_config(where, model_dir, train_jsonl, **{**sections, "training": training})
+        launch(where, cfg, nproc=ranks)
+        runs[ranks] = manifest(where / "out")
+    params = runs[1]["parameters"]["total"]
+    whole = params * 4  # fp32
+    [one] = runs[1]["memory"]
+    assert one["parameterBytes"] == whole
+
+    def mib(n: int) -> str:
+        return f"{n / 2**20:.0f} MiB"
+
+    def training(m: dict[str, int]) -> int:
+        """Peak RSS the model and its training added to the process (the Python runtime does not shard)."""
+        return m["peakRssBytesTrained"] - m["peakRssBytesBeforeModel"]
+
+    with capsys.disabled():
+        print(f"\n{params:,} parameters: {mib(whole)} fp32, {mib(4 * whole)} with gradients and Adam moments")
+        for name, m in [("1 process", one)] + [(f"4 ranks, rank {r}", m) for r, m in enumerate(runs[4]["memory"])]:
+            print(
+                f"{name}: {mib(m['parameterBytes'])} of parameters at load; peak RSS "
+                f"{mib(m['peakRssBytesBeforeModel'])} before the model, {mib(m['peakRssBytesTrained'])} trained "
+                f"({mib(training(m))} for the model)"
+            )
+    for m in runs[4]["memory"]:
+        # Each rank holds its quarter of the rows (a few small tensors have fewer rows than ranks).
+        assert m["parameterBytes"] == pytest.approx(whole / 4, rel=0.01)
+        assert training(m) < 0.6 * training(one)
+    # The same weights loaded and trained: the losses of both steps agree whatever the sharding.
+    losses = {
+        ranks: [json.loads(line)["loss"] for line in (tmp_path / f"ranks-{ranks}" / "out" / "metrics.jsonl").open()]
+        for ranks in (1, 4)
+    }
+    assert len(losses[1]) == 2 and losses[4] == pytest.approx(losses[1], rel=1e-4), losses

@@ -202,6 +202,7 @@ def write_manifest(
     resumed_from_step: int | None,
     replica_digests: list[str] | None,
     checkpoint_dir: Path,
+    memory: list[dict[str, int]],
 ) -> dict[str, Any]:
     skip = _not_output(out_dir, checkpoint_dir) | {MANIFEST, METRICS_FILE}
     outputs = {
@@ -225,6 +226,8 @@ def write_manifest(
         "worldSize": world_size,
         "replicaDigests": replica_digests,  # weight checksum on each DDP rank (all equal); null under FSDP
         "parameters": parameters,
+        # Per rank: parameter bytes held, peak RSS before and once the model was built, and after training.
+        "memory": memory,
         "resumedFromStep": resumed_from_step,
         "identity": cfg.identity.model_dump(by_alias=True),
         "versions": _versions(),

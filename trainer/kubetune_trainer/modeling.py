@@ -8,15 +8,23 @@ Distribution: PEFT methods and unsharded full fine-tuning are replicated with DD
 than one process is sharded with FSDP2 `fully_shard` per decoder layer and at the root (unless
 `method.full.sharding` is ddp).
 
+Sharded loading: a model FSDP2 shards is built with its parameters on the meta device (no memory), sharded,
+and only then given storage: each rank's share of each parameter (its rows: FSDP2 shards dim 0). Each rank reads
+its rows straight from the safetensors files (memory-mapped: a rank touches only its own bytes), so no rank
+ever holds the whole model and per-rank memory at load is about 1/world size of it. A source without
+safetensors (a GGUF file, .bin weights) is read whole by rank 0 only and broadcast shard by shard.
+
 Seeding: the caller seeds torch before `build` so adapters start identical on every rank and across retries.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
+import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -155,12 +163,17 @@ def attention_backend(cfg: TrainerConfig, config: Any, device: torch.device, pac
     return backend
 
 
+def load_dtype(cfg: TrainerConfig) -> torch.dtype:
+    """The dtype the weights are held in: a frozen base needs no fp32 master copy; trained weights do."""
+    dtype = compute_dtype(cfg.training.precision)
+    return dtype if (cfg.method.is_peft and dtype is not None) else torch.float32
+
+
 def load_model(cfg: TrainerConfig, config: Any, device: torch.device, backend: attention.Backend | None) -> Any:
     from transformers import AutoModelForCausalLM
 
     where, kwargs = source_kwargs(cfg.model)
     method = cfg.method.type
-    dtype = compute_dtype(cfg.training.precision)
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -174,17 +187,134 @@ def load_model(cfg: TrainerConfig, config: Any, device: torch.device, backend: a
             bnb_4bit_quant_storage=qdtype,
         )
         kwargs["device_map"] = {"": str(device)}
-        load_dtype = qdtype
+        dtype = qdtype
     else:
-        # A frozen base needs no fp32 master copy; trained weights do.
-        load_dtype = dtype if (cfg.method.is_peft and dtype is not None) else torch.float32
+        dtype = load_dtype(cfg)
     implementation = attention.register(backend) if backend else "sdpa"
     with _local_errors_are_permanent(cfg.model, "model"):
         model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=load_dtype, attn_implementation=implementation, **kwargs
+            where, config=config, dtype=dtype, attn_implementation=implementation, **kwargs
         )
     model.config.use_cache = False
     return model if method == "qlora" else model.to(device)
+
+
+def empty_model(cfg: TrainerConfig, config: Any, backend: attention.Backend | None) -> Any:
+    """The model with its parameters on the meta device (no storage); buffers (rotary tables) are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    implementation = attention.register(backend) if backend else "sdpa"
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=load_dtype(cfg),
+            attn_implementation=implementation,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    model.config.use_cache = False
+    return model
+
+
+def safetensors_files(directory: Path) -> dict[str, Path]:
+    """Parameter name -> the safetensors file that holds it, as transformers finds them (an index, or the one
+    model.safetensors); empty when the directory has neither."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows of a dim-0 shard, as FSDP2 splits them (torch.chunk: ceil(rows/world) each, the last ones short)."""
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(start + chunk, rows)
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, files: dict[str, Path], source: str) -> None:
+    """Fill each parameter's local shard (and each persistent buffer) with its rows from the safetensors files."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    targets = dict(model.named_parameters())  # tied weights once, under their first name
+    persistent = set(model.state_dict())
+    targets.update({n: b for n, b in model.named_buffers() if n in persistent})
+    missing = sorted(set(targets) - set(files))
+    if missing:
+        raise PermanentError(f"model.source {source}: the safetensors files lack {', '.join(missing[:5])}")
+    by_file: dict[Path, list[str]] = {}
+    for name in targets:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                target = targets[name]
+                stored = f.get_slice(name)
+                if list(stored.get_shape()) != list(target.shape):
+                    raise PermanentError(
+                        f"model.source {source}: {name} has shape {stored.get_shape()} in {path.name}, the model "
+                        f"config says {list(target.shape)}"
+                    )
+                if isinstance(target, DTensor):
+                    assert target.placements == (Shard(0),), target.placements
+                    mesh = target.device_mesh
+                    start, stop = shard_rows(target.shape[0], mesh.get_local_rank(), mesh.size())
+                    local = target.to_local()
+                    if stop > start:
+                        local.copy_(stored[start:stop])
+                else:
+                    target.copy_(stored[:])
+
+
+@torch.no_grad()
+def broadcast_from_rank0(model: nn.Module, cfg: TrainerConfig, config: Any, rt: Runtime) -> None:
+    """Rank 0 reads the whole model on the CPU and sends each rank its shard; the others hold nothing extra."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    full: dict[str, torch.Tensor] = {}
+    if rt.is_main:
+        full = load_model(cfg, config, torch.device("cpu"), None).state_dict()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
+
+
+def materialize(model: nn.Module, cfg: TrainerConfig, config: Any, rt: Runtime) -> None:
+    """Give a sharded meta model its storage on this rank's device and load this rank's share of the weights."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # to_empty drops them; they are small
+    model.to_empty(device=rt.device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    where, _ = source_kwargs(cfg.model)
+    files = {} if cfg.model.source.startswith(HF_PREFIX) or cfg.model.gguf_file else safetensors_files(Path(where))
+    if files:
+        load_shards(model, files, cfg.model.source)
+    else:
+        log.info("model %s: no safetensors files; rank 0 reads it and sends each rank its shard", cfg.model.source)
+        broadcast_from_rank0(model, cfg, config, rt)
+
+
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds (its shards under FSDP2)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def peft_config(method: MethodConfig) -> Any:
@@ -288,6 +418,7 @@ class Prepared:
     sharded: bool
     counts: ParamCounts
     packed_attention: attention.Backend | None  # None: padded batches
+    loaded: dict[str, int]  # this rank: parameter bytes held, peak RSS before and after the model was built
 
 
 def uses_fsdp(cfg: TrainerConfig, world_size: int) -> bool:
@@ -295,9 +426,11 @@ def uses_fsdp(cfg: TrainerConfig, world_size: int) -> bool:
 
 
 def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prepared:
+    before = peak_rss_bytes()
     config = load_config(cfg.model)
     backend = attention_backend(cfg, config, rt.device, packed)
-    base = load_model(cfg, config, rt.device, backend)
+    sharded = uses_fsdp(cfg, rt.world_size)
+    base = empty_model(cfg, config, backend) if sharded else load_model(cfg, config, rt.device, backend)
     model = apply_method(base, cfg, tokenizer)
     counts = count_params(model, base, cfg.method.is_peft)
     log.info(
@@ -311,13 +444,24 @@ def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prep
     if cfg.training.compile:
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
-    sharded = uses_fsdp(cfg, rt.world_size)
+    train_module: nn.Module = model
     if sharded:
-        return Prepared(shard_with_fsdp(model, compute_dtype(cfg.training.precision)), model, True, counts, backend)
-    if rt.distributed:
+        shard_with_fsdp(model, compute_dtype(cfg.training.precision))
+        materialize(model, cfg, config, rt)
+    elif rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [rt.device.index] if rt.device.type == "cuda" else None
-        ddp = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-        return Prepared(model, ddp, False, counts, backend)
-    return Prepared(model, model, False, counts, backend)
+        train_module = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    loaded = {
+        "parameterBytes": local_bytes(model),
+        "peakRssBytesBeforeModel": before,
+        "peakRssBytesAtLoad": peak_rss_bytes(),
+    }
+    log.info(
+        "model ready on %d rank(s): %.1f MiB of parameters and %.1f MiB peak RSS on rank 0",
+        rt.world_size,
+        loaded["parameterBytes"] / 2**20,
+        loaded["peakRssBytesAtLoad"] / 2**20,
+    )
+    return Prepared(model, train_module, sharded, counts, backend, loaded)

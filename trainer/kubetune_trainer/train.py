@@ -34,7 +34,7 @@ from .config import TrainerConfig
 from .data import PreparedData, Samples, prepare
 from .errors import PermanentError, Stopped, Terminated
 from .loss import accepts_logits_to_keep, cross_entropy_sum
-from .modeling import Prepared, build, check_supported, compute_dtype, load_tokenizer
+from .modeling import Prepared, build, check_supported, compute_dtype, load_tokenizer, peak_rss_bytes
 from .optim import make_optimizer, make_scheduler
 from .packing import (
     Batch,
@@ -463,6 +463,7 @@ class Run:
     def finish(self) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
         digests = self.replica_digests()
+        memory = rt.gather_objects({**self.prepared.loaded, "peakRssBytesTrained": peak_rss_bytes()})
         if self.last_eval is None and self.eval_bins:
             result = self.evaluate()
             if result:
@@ -499,6 +500,7 @@ class Run:
                 parameters={"total": c.total, "trainable": c.trainable, "matmul": c.matmul},
                 resumed_from_step=self.resumed_from,
                 replica_digests=digests,
+                memory=memory,
                 checkpoint_dir=self.ckpt.root,
             )
             log.info("outputs written to %s", self.out_dir)
