@@ -69,6 +69,11 @@ class _Message(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
 
+class FinalSet(_Message):
+    loss: float | None = None
+    base_loss: float | None = None
+
+
 class FinalMetrics(_Message):
     """The run's final figures, as in the trainer's manifest (kubetune_trainer.errors.final_message)."""
 
@@ -76,6 +81,9 @@ class FinalMetrics(_Message):
     train_loss: float | None = None
     eval_loss: float | None = None
     eval_perplexity: float | None = None
+    base_eval_loss: float | None = None
+    # {name: {loss, baseLoss}}: each evaluation set's final and base losses (kubetune_trainer.evalsets.compact)
+    eval_sets: dict[str, FinalSet] = {}
     tokens_total: int | None = None
     tokens_per_second: float | None = None
     epochs: float | None = None

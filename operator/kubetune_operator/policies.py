@@ -11,13 +11,20 @@ and the run's cost up to now.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
 from kubetune_operator.api.spec import Evaluation, FineTuneJobSpec
-from kubetune_operator.api.status import AttemptReason, AttemptRecord, FineTuneJobStatus, format_eta, setup_text
+from kubetune_operator.api.status import (
+    AttemptReason,
+    AttemptRecord,
+    EvalSetResult,
+    FineTuneJobStatus,
+    format_eta,
+    setup_text,
+)
 from kubetune_operator.observed import Observed
 
 # Steps an attempt trains before its pace projects the run's cost (see `projection_counts`): five of the trainer's
@@ -164,15 +171,35 @@ def judge(ctx: RunContext, policies: tuple[Policy, ...] = RUN_POLICIES) -> Rulin
     return Ruling(verdict, min(rechecks) if rechecks else None)
 
 
-def eval_gate(evaluation: Evaluation | None, final_eval_loss: float | None) -> str | None:
-    """Why a finished run fails its evaluation gate (reason EvalGateFailed), or None when it passes: the final
-    evaluation loss is above evaluation.maxEvalLoss, or none was reported although a gate is set (an output
-    that could not be judged is not promoted)."""
-    if evaluation is None or evaluation.max_eval_loss is None:
+def eval_gate(
+    evaluation: Evaluation | None, final_eval_loss: float | None, eval_sets: Sequence[EvalSetResult] = ()
+) -> str | None:
+    """Why a finished run fails its evaluation gates (reason EvalGateFailed), or None when it passes: the final
+    evaluation loss is above evaluation.maxEvalLoss, or an evaluation set's final loss rose more than its
+    maxIncrease above the base model's; a gate whose figures were not reported fails too (an output that could
+    not be judged is not promoted). Every failed gate is named, with its figures."""
+    if evaluation is None:
         return None
+    failed = []
     limit = evaluation.max_eval_loss
-    if final_eval_loss is None or not math.isfinite(final_eval_loss):
-        return f"no final evaluation loss was reported; evaluation.maxEvalLoss is {limit:g}"
-    if final_eval_loss > limit:
-        return f"final evaluation loss {final_eval_loss:.4g} is above evaluation.maxEvalLoss {limit:g}"
-    return None
+    if limit is not None:
+        if final_eval_loss is None or not math.isfinite(final_eval_loss):
+            failed.append(f"no final evaluation loss was reported; evaluation.maxEvalLoss is {limit:g}")
+        elif final_eval_loss > limit:
+            failed.append(f"final evaluation loss {final_eval_loss:.4g} is above evaluation.maxEvalLoss {limit:g}")
+    results = {r.name: r for r in eval_sets}
+    for s in evaluation.sets:
+        if s.max_increase is None:
+            continue
+        gate = f"evaluation.sets[{s.name}].maxIncrease is {s.max_increase:g}"
+        r = results.get(s.name)
+        if r is None or r.loss is None:
+            failed.append(f"no final loss was reported for evaluation set {s.name}; {gate}")
+        elif r.base_loss is None or r.change is None:
+            failed.append(f"the base model's loss on evaluation set {s.name} was not measured; {gate}")
+        elif r.change > s.max_increase:
+            failed.append(
+                f"evaluation set {s.name}: final loss {r.loss:.4g} is {100 * r.change:.1f}% above the base model's "
+                f"{r.base_loss:.4g}; {gate} ({100 * s.max_increase:g}%)"
+            )
+    return "; ".join(failed) or None

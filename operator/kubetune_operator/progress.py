@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import aiohttp
+from kubetune_trainer.config import MAX_EVAL_SETS
 from kubetune_trainer.progress import thin
 from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
@@ -31,6 +32,7 @@ from pydantic.alias_generators import to_camel
 from kubetune_operator.api.status import (
     MAX_PROGRESS_HISTORY,
     CheckpointStatus,
+    EvalSetResult,
     HistoryPoint,
     Progress,
     SetupProgress,
@@ -166,7 +168,12 @@ def _news(old: TrainerReport | None, new: TrainerReport) -> bool:
     wait for the job's next periodic reconcile (status writes stay at one per interval per job)."""
     if old is None:
         return True
-    return (old.state, old.eval_loss, old.checkpoint) != (new.state, new.eval_loss, new.checkpoint)
+    return (old.state, old.eval_loss, old.eval_sets, old.checkpoint) != (
+        new.state,
+        new.eval_loss,
+        new.eval_sets,
+        new.checkpoint,
+    )
 
 
 def advanced(old: TrainerReport, new: TrainerReport) -> bool:
@@ -177,7 +184,7 @@ def advanced(old: TrainerReport, new: TrainerReport) -> bool:
 
 def _progress_mark(r: TrainerReport) -> tuple[Any, ...]:
     setup = (r.setup.stage, r.setup.done) if r.setup else None
-    return (r.state, r.step, r.eval_loss, r.checkpoint.step if r.checkpoint else None, setup)
+    return (r.state, r.step, r.eval_loss, r.eval_sets, r.checkpoint.step if r.checkpoint else None, setup)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,6 +214,13 @@ class ReportedIgnored(_Doc):
     reason: str
 
 
+class ReportedSet(_Doc):
+    loss: float | None = None
+    perplexity: float | None = None
+    base_loss: float | None = None
+    change: float | None = None
+
+
 class TrainerReport(_Doc):
     """The fields of the trainer's /progress document the status uses (the trainer's progress module has the rest).
     History points stay raw here: one odd point must not cost the whole report."""
@@ -217,6 +231,8 @@ class TrainerReport(_Doc):
     epoch: float | None = None
     loss: float | None = None
     eval_loss: float | None = None
+    base_eval_loss: float | None = None
+    eval_sets: dict[str, ReportedSet] = {}
     tokens_per_second: float | None = None
     mfu: float | None = None
     eta_seconds: float | None = None
@@ -275,6 +291,8 @@ def to_status(
         epoch=finite(report.epoch, low=0),
         loss=finite(report.loss),
         eval_loss=finite(report.eval_loss),
+        base_eval_loss=finite(report.base_eval_loss),
+        eval_sets=eval_set_results(report.eval_sets),
         tokens_per_second=finite(report.tokens_per_second, low=0),
         mfu=finite(report.mfu, low=0, high=1),
         eta=format_eta(eta) if eta is not None else None,
@@ -314,6 +332,30 @@ def _setup(reported: ReportedSetup | None) -> SetupProgress | None:
     return SetupProgress(stage=reported.stage[:64], done=done, total=total, unit=unit)
 
 
+def eval_set_results(reported: dict[str, ReportedSet]) -> list[EvalSetResult]:
+    """status.progress.evalSets from the reported figures, by name; names the API would refuse, and sets past the
+    API's bound, left out."""
+    results: list[EvalSetResult] = []
+    for name, f in sorted(reported.items()):
+        if not name or len(name) > 32 or len(results) == MAX_EVAL_SETS:
+            continue
+        results.append(
+            EvalSetResult(
+                name=name,
+                loss=finite(f.loss),
+                perplexity=finite(f.perplexity, low=0),
+                base_loss=finite(f.base_loss),
+                change=finite(f.change),
+            )
+        )
+    return results
+
+
+def _point_sets(raw: dict[str, float] | None) -> dict[str, float] | None:
+    kept = {k: v for k, v in (raw or {}).items() if finite(v) is not None and 0 < len(k) <= 32}
+    return dict(sorted(kept.items())[:MAX_EVAL_SETS]) or None
+
+
 def _points(raw: list[Any]) -> list[HistoryPoint]:
     points = []
     for item in raw:
@@ -321,12 +363,16 @@ def _points(raw: list[Any]) -> list[HistoryPoint]:
             point = HistoryPoint.model_validate(item)
         except ValidationError:
             continue
-        loss, eval_loss = finite(point.loss), finite(point.eval_loss)
-        if loss is not None or eval_loss is not None:
-            points.append(HistoryPoint(step=point.step, loss=loss, eval_loss=eval_loss))
+        loss, eval_loss, sets = finite(point.loss), finite(point.eval_loss), _point_sets(point.eval_sets)
+        if loss is not None or eval_loss is not None or sets:
+            points.append(HistoryPoint(step=point.step, loss=loss, eval_loss=eval_loss, eval_sets=sets))
     return points
+
+
+def evaluated(point: HistoryPoint) -> bool:
+    return point.eval_loss is not None or bool(point.eval_sets)
 
 
 def thin_history(points: Sequence[HistoryPoint], limit: int = MAX_PROGRESS_HISTORY) -> list[HistoryPoint]:
     """At most `limit` points spread over the run, as the trainer thins its own history (one algorithm for both)."""
-    return thin(points, limit, step=lambda p: p.step, evaluated=lambda p: p.eval_loss is not None)
+    return thin(points, limit, step=lambda p: p.step, evaluated=evaluated)

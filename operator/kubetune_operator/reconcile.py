@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from kubetune_trainer import evalsets
+
 from kubetune_operator.api import RERUN_ANNOTATION, FineTuneJob
 from kubetune_operator.api.spec import FineTuneJobSpec
 from kubetune_operator.api.status import (
@@ -80,7 +82,7 @@ from kubetune_operator.failures import WorkerFailure, attempt_failure
 from kubetune_operator.names import attempt_name, claim_name
 from kubetune_operator.observed import FinalReport, JobState, Observed, PodState
 from kubetune_operator.policies import RunContext, eval_gate, judge, open_attempt
-from kubetune_operator.progress import finite, in_claim, thin_history, to_status
+from kubetune_operator.progress import ReportedSet, eval_set_results, finite, in_claim, thin_history, to_status
 from kubetune_operator.render import (
     Manifest,
     Owner,
@@ -485,6 +487,7 @@ def end_run(
             "attempts": status.attempt,
             "final_loss": progress.loss if progress else None,
             "final_eval_loss": progress.eval_loss if progress else None,
+            "final_eval_sets": progress.eval_sets if progress else [],
             "output": output,
             "gpu_hours": cost.gpu_hours if cost else None,
             "cost_usd": cost.usd if cost else None,
@@ -523,7 +526,9 @@ def succeed_run(p: Pass, status: FineTuneJobStatus, run: RunRecord, completed_at
     promoted. Times are the Job's own completion time, so every replica writes the same status."""
     uri = output_uri(p.owner.namespace, p.owner.name, p.owner.uid, p.trained(run), run.run)
     progress = status.progress
-    gate = eval_gate(p.spec.evaluation, progress.eval_loss if progress else None)
+    gate = eval_gate(
+        p.spec.evaluation, progress.eval_loss if progress else None, progress.eval_sets if progress else []
+    )
     if gate is not None:
         kept = status.model_copy(update={"output": OutputStatus(path=uri, promoted=False)})
         message = f"{gate}; the output at {uri} is kept, not promoted"
@@ -920,9 +925,21 @@ def final_progress(final: FinalReport, previous: Progress | None, at: datetime |
     evaluation); the curve so far ends with the final point; MFU stays the last one polled."""
     m = final.final_metrics
     loss, eval_loss = finite(m.train_loss), finite(m.eval_loss)
+    sets = eval_set_results(
+        {
+            name: ReportedSet(
+                loss=f.loss,
+                perplexity=evalsets.perplexity(f.loss) if f.loss is not None else None,
+                base_loss=f.base_loss,
+                change=evalsets.change(f.loss, f.base_loss),
+            )
+            for name, f in m.eval_sets.items()
+        }
+    )
+    point_sets = {r.name: r.loss for r in sets if r.loss is not None} or None
     history = [h for h in previous.history if h.step < m.steps] if previous else []
-    if loss is not None or eval_loss is not None:
-        history.append(HistoryPoint(step=m.steps, loss=loss, eval_loss=eval_loss))
+    if loss is not None or eval_loss is not None or point_sets:
+        history.append(HistoryPoint(step=m.steps, loss=loss, eval_loss=eval_loss, eval_sets=point_sets))
     return Progress(
         step=m.steps,
         total_steps=m.steps,
@@ -930,6 +947,8 @@ def final_progress(final: FinalReport, previous: Progress | None, at: datetime |
         epoch=finite(m.epochs, low=0),
         loss=loss,
         eval_loss=eval_loss,
+        base_eval_loss=finite(m.base_eval_loss),
+        eval_sets=sets,
         tokens_per_second=finite(m.tokens_per_second, low=0),
         mfu=previous.mfu if previous else None,
         eta="0s",

@@ -19,6 +19,8 @@ from kubetune_trainer.config import (
     CheckpointConfig,
     DatasetConfig,
     DatasetOptions,
+    EvalSetConfig,
+    EvaluationConfig,
     MetricsConfig,
     ModelConfig,
     OutputConfig,
@@ -143,6 +145,7 @@ def trainer_config(
             s3=S3Config(endpoint_url=s3.endpoint_url, region=s3.region) if s3 else S3Config(),
         ),
         metrics=MetricsConfig(port=settings.trainer_metrics_port),
+        evaluation=EvaluationConfig(sets=[_eval_set(spec, name, path) for name, path in storage.eval_set_paths]),
         identity=RunIdentity(
             namespace=owner.namespace,
             name=owner.name,
@@ -153,6 +156,12 @@ def trainer_config(
             spec_fingerprint=spec_fingerprint(spec),
         ),
     )
+
+
+def _eval_set(spec: FineTuneJobSpec, name: str, path: str) -> EvalSetConfig:
+    assert spec.evaluation is not None
+    given = next(s for s in spec.evaluation.sets if s.name == name)
+    return EvalSetConfig(name=name, format=given.format, path=path)
 
 
 def render_attempt_config(

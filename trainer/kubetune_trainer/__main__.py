@@ -48,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     # Imported here so that a bad config is reported before torch is even loaded.
     try:
         cfg = load_config(args.config)
+        from .evalsets import message_figures
         from .runtime import init_runtime, shutdown_runtime
         from .train import run
 
         rt = init_runtime()
         final = run(cfg, rt)
         if rt.is_main:
-            report_final(final_message(final, cfg.output.dir))
+            report_final(final_message(message_figures(final), cfg.output.dir))
         shutdown_runtime(rt)
     except PermanentError as e:
         log.error("permanent error, not retrying: %s", e)

@@ -11,10 +11,11 @@ Pure pydantic: importing this module must never import torch.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .errors import PermanentError
@@ -71,6 +72,36 @@ class DatasetOptions(Model):
         ),
     )
     shuffle: bool = Field(True, description="Shuffle training samples every epoch (seeded).")
+
+
+EVAL_SET_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+MAX_EVAL_SETS = 8
+
+
+class EvalSetOptions(Model):
+    """An evaluation set: rows measured (loss and perplexity) before training and at every evaluation."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=32,
+        description=(
+            "Name of the set: at most 32 of a-z, 0-9 and '-', starting and ending with a letter or digit. It labels "
+            "the set's figures in the status, the metrics and the output manifest."
+        ),
+    )
+    format: DatasetFormat | None = Field(
+        None, description="Row format of the set (as dataset.format). Omitted: the training data's format."
+    )
+
+    # The CRD checks the syntax with a CEL rule that says what is allowed; this is the same check for the trainer.
+    @field_validator("name")
+    @classmethod
+    def _name_syntax(cls, name: str) -> str:
+        if not re.match(EVAL_SET_NAME_RE, name):
+            raise ValueError(
+                f"evaluation set name {name!r}: use a-z, 0-9 and '-', starting and ending with a letter or digit"
+            )
+        return name
 
 
 class LoraSettings(Model):
@@ -234,6 +265,38 @@ class DatasetConfig(DatasetOptions):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// dataset sources.")
 
 
+class EvalSetConfig(EvalSetOptions):
+    path: str = Field(description=f"The set's rows: {DATASET_SOURCE_FORMS}.")
+
+
+class EvaluationConfig(Model):
+    sets: list[EvalSetConfig] = Field(
+        default_factory=list,
+        max_length=MAX_EVAL_SETS,
+        description="Named evaluation sets (e.g. out-of-distribution data that measures forgetting).",
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> EvaluationConfig:
+        names = [s.name for s in self.sets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"evaluation set names must be unique: {', '.join(twice)} given more than once")
+        return self
+
+    def sources(self) -> list[tuple[str, str]]:
+        """(role, path) of every source this group reads, for the download of remote ones."""
+        return [(f"evaluation set {s.name}", s.path) for s in self.sets]
+
+    def localised(self, local: dict[str, str]) -> EvaluationConfig:
+        """This group with the sources found in `local` (role -> local copy) replaced by their copies."""
+        roles = [role for role, _ in self.sources()]
+        sets = [
+            s.model_copy(update={"path": local.get(role, s.path)}) for role, s in zip(roles, self.sets, strict=True)
+        ]
+        return self.model_copy(update={"sets": sets})
+
+
 class CheckpointConfig(Model):
     dir: str = Field(description="Directory that holds this run's checkpoints.")
     every_steps: int | None = Field(200, ge=1, description="Save every N optimizer steps.")
@@ -304,6 +367,7 @@ class TrainerConfig(Model):
     sources: SourcesConfig = Field(default_factory=SourcesConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     identity: RunIdentity = Field(default_factory=RunIdentity)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainerConfig:

@@ -7,6 +7,9 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
 
     kubetune_train_loss                      gauge      mean training loss over the last log interval
     kubetune_train_eval_loss                 gauge      latest eval loss
+    kubetune_train_eval_set_loss{set}        gauge      latest loss on each named evaluation set
+    kubetune_train_eval_set_base_loss{set}   gauge      the base model's loss on it (step 0)
+    kubetune_train_eval_set_change_ratio{set}  gauge    (loss - base loss) / base loss: > 0 is worse than the base
     kubetune_train_learning_rate             gauge
     kubetune_train_grad_norm                 gauge      gradient norm before clipping (latest step)
     kubetune_train_global_step               gauge      optimizer steps done
@@ -26,6 +29,8 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
       "reason": str | null,             # why it failed
       "step": int, "totalSteps": int | null, "epoch": float,
       "loss": float | null, "evalLoss": float | null, "evalPerplexity": float | null,
+      "baseEvalLoss": float | null,     # the base model's eval loss (step 0)
+      "evalSets": {name: {"loss", "perplexity", "baseLoss", "change"}},   # latest evaluation of each named set
       "learningRate": float | null, "gradNorm": float | null,
       "tokensTotal": int, "tokensPerSecond": float | null, "mfu": float | null,
       "etaSeconds": float | null, "worldSize": int,
@@ -34,7 +39,8 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
       "setup": {"stage": str, "done": int | null, "total": int | null, "unit": "bytes" | "rows" | null} | null,
       "ignoredCheckpoints": [{"path": str, "reason": str}, ...],
       "startedAt": RFC3339, "updatedAt": RFC3339,
-      "history": [{"step": int, "loss": float, "evalLoss": float (only where evaluated)}, ...]
+      "history": [{"step": int, "loss": float, "evalLoss": float, "evalSets": {name: loss}}, ...]
+                                        # evalLoss and evalSets only where evaluated (step 0: the base model)
     }
 
 `setup` says what rank 0 is doing while `state` is "loading", and how far it got; it is null once training starts.
@@ -121,7 +127,7 @@ def thin(points: Sequence[P], limit: int, step: Callable[[P], int], evaluated: C
 
 def downsample(points: list[dict[str, Any]], limit: int = MAX_HISTORY) -> list[dict[str, Any]]:
     """`thin` for the history points of /progress."""
-    return thin(points, limit, step=lambda p: p["step"], evaluated=lambda p: "evalLoss" in p)
+    return thin(points, limit, step=lambda p: p["step"], evaluated=lambda p: "evalLoss" in p or "evalSets" in p)
 
 
 class Progress:
@@ -139,6 +145,8 @@ class Progress:
             "loss": None,
             "evalLoss": None,
             "evalPerplexity": None,
+            "baseEvalLoss": None,
+            "evalSets": {},
             "learningRate": None,
             "gradNorm": None,
             "tokensTotal": 0,
@@ -158,6 +166,16 @@ class Progress:
         p = "kubetune_train_"
         self.loss = Gauge(p + "loss", "Mean training loss over the last log interval.", registry=r)
         self.eval_loss = Gauge(p + "eval_loss", "Latest loss on the evaluation split.", registry=r)
+        self.set_loss = Gauge(p + "eval_set_loss", "Latest loss on a named evaluation set.", ["set"], registry=r)
+        self.set_base_loss = Gauge(
+            p + "eval_set_base_loss", "The base model's loss on a named evaluation set.", ["set"], registry=r
+        )
+        self.set_change = Gauge(
+            p + "eval_set_change_ratio",
+            "Relative change of a named evaluation set's loss against the base model's (0.1: 10% higher).",
+            ["set"],
+            registry=r,
+        )
         self.learning_rate = Gauge(p + "learning_rate", "Current learning rate.", registry=r)
         self.grad_norm = Gauge(p + "grad_norm", "Gradient norm before clipping at the latest step.", registry=r)
         self.global_step = Gauge(p + "global_step", "Optimizer steps done.", registry=r)
@@ -215,6 +233,18 @@ class Progress:
             resumedFromStep=step, step=step, tokensTotal=tokens_total, evalLoss=last_eval, checkpoint=checkpoint
         )
 
+    def resumed_evaluation(
+        self, eval_loss: float | None, base_eval_loss: float | None, sets: dict[str, dict[str, float | None]]
+    ) -> None:
+        """The latest evaluation a resumed training found in its checkpoint."""
+        self._set_gauges(eval_loss, sets)
+        self._update(
+            evalLoss=eval_loss,
+            evalPerplexity=None,
+            baseEvalLoss=base_eval_loss,
+            evalSets=sets,
+        )
+
     def step_done(self, step: int, epoch: float, duration: float, tokens: int) -> None:
         self.step_duration.observe(duration)
         self.global_step.set(step)
@@ -251,12 +281,38 @@ class Progress:
             etaSeconds=eta_seconds,
         )
 
-    def evaluated(self, step: int, eval_loss: float, perplexity: float) -> None:
-        self.eval_loss.set(eval_loss)
+    def _set_gauges(self, eval_loss: float | None, sets: dict[str, dict[str, float | None]]) -> None:
+        if eval_loss is not None:
+            self.eval_loss.set(eval_loss)
+        for name, f in sets.items():
+            for gauge, key in ((self.set_loss, "loss"), (self.set_base_loss, "baseLoss"), (self.set_change, "change")):
+                value = f.get(key)
+                if value is not None:
+                    gauge.labels(set=name).set(value)
+
+    def evaluated(
+        self,
+        step: int,
+        eval_loss: float | None,
+        perplexity: float | None,
+        sets: dict[str, dict[str, float | None]] | None = None,
+        base_eval_loss: float | None = None,
+    ) -> None:
+        """An evaluation at `step` (0: the base model): the split's loss and each named set's figures
+        (evalsets.figures)."""
+        sets = sets or {}
+        self._set_gauges(eval_loss, sets)
+        point: dict[str, Any] = {}
+        if eval_loss is not None:
+            point["evalLoss"] = eval_loss
+        if sets:
+            point["evalSets"] = {name: f["loss"] for name, f in sets.items()}
         with self._lock:
             if self._history and self._history[-1]["step"] == step:
-                self._history[-1] = {**self._history[-1], "evalLoss": eval_loss}
-        self._update(evalLoss=eval_loss, evalPerplexity=perplexity)
+                self._history[-1] = {**self._history[-1], **point}
+            elif point:
+                self._history = downsample([*self._history, {"step": step, **point}])
+        self._update(evalLoss=eval_loss, evalPerplexity=perplexity, baseEvalLoss=base_eval_loss, evalSets=sets)
 
     def checkpointed(self, step: int, path: str, saved_at: float, duration: float) -> None:
         self.checkpoint_duration.set(duration)

@@ -533,6 +533,7 @@ def remote_sources(cfg: TrainerConfig) -> Iterator[tuple[str, str]]:
         ("model", cfg.model.source),
         ("dataset", cfg.dataset.path),
         ("evalDataset", cfg.dataset.eval_path),
+        *cfg.evaluation.sources(),
     ):
         if uri and is_remote(role, uri):
             yield role, uri
@@ -561,4 +562,5 @@ def resolve(cfg: TrainerConfig, rt: Runtime, report: Report = no_report) -> Reso
             "eval_path": local.get("evalDataset", cfg.dataset.eval_path),
         }
     )
-    return Resolved(cfg.model_copy(update={"model": model, "dataset": dataset}), records)
+    evaluation = cfg.evaluation.localised(local)
+    return Resolved(cfg.model_copy(update={"model": model, "dataset": dataset, "evaluation": evaluation}), records)

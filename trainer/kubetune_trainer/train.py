@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, export, mfu, sources
+from . import checkpoint, evalsets, export, mfu, sources
 from .config import TrainerConfig
 from .data import PreparedData, Samples, prepare
 from .errors import PermanentError, Stopped, Terminated
@@ -85,6 +85,25 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """One evaluation: the loss on the evaluation split (dataset.evalSplit or evalSource) and on each named set."""
+
+    loss: float | None
+    sets: dict[str, float]
+
+    @property
+    def perplexity(self) -> float | None:
+        return evalsets.perplexity(self.loss) if self.loss is not None else None
+
+    def state(self) -> dict[str, Any]:
+        return {"evalLoss": self.loss, "sets": self.sets}
+
+    @staticmethod
+    def from_state(state: dict[str, Any] | None) -> EvalResult | None:
+        return EvalResult(state["evalLoss"], dict(state["sets"])) if state else None
+
+
 @dataclass
 class Interval:
     """Accumulators between two log lines."""
@@ -130,6 +149,8 @@ class Run:
         lengths = self.data.train.lengths()
         self.bins = self._bins(self.data.train)
         self.eval_bins = self._bins(self.data.eval)
+        self.eval_sets = evalsets.load(cfg.evaluation.sets, cfg.dataset, self.tokenizer)
+        self.set_bins = {s.name: self._bins(s.samples) for s in self.eval_sets}
         if self.packed:
             log.info(
                 "packed %d samples into %d sequences of up to %d tokens (%.1f%% full)",
@@ -193,7 +214,9 @@ class Run:
         self.train_seconds = 0.0
         self.resumed_from: int | None = None
         self.last_loss: float | None = None
-        self.last_eval: tuple[float, float] | None = None
+        self.last_eval: EvalResult | None = None
+        # The base model's figures, measured at step 0 (kept in checkpoints: later attempts compare against them).
+        self.base_eval: EvalResult | None = None
         self.progress.setup("verifying checkpoints")
         path = self.ckpt.resume_point()
         self.progress.ignored(self.ckpt.ignored_report())
@@ -210,7 +233,8 @@ class Run:
         self.tokens_total = state["tokensTotal"]
         self.train_seconds = state["trainSeconds"]
         self.last_loss = state["lastLoss"]
-        self.last_eval = (state["lastEval"][0], state["lastEval"][1]) if state["lastEval"] else None
+        self.last_eval = EvalResult.from_state(state.get("lastEvalResult"))
+        self.base_eval = EvalResult.from_state(state.get("baseEval"))
         if state["worldSize"] != self.rt.world_size:
             log.warning(
                 "checkpoint was written by %d processes, this run has %d: resuming, but the data order differs "
@@ -219,6 +243,12 @@ class Run:
                 self.rt.world_size,
             )
         self.progress.resumed(self.step, self.tokens_total, state["history"], self._checkpoint_info(path, state))
+        if self.last_eval is not None:
+            self.progress.resumed_evaluation(
+                self.last_eval.loss,
+                self.base_eval.loss if self.base_eval else None,
+                self.set_figures(self.last_eval),
+            )
         if self.rt.is_main:
             export.keep_metrics_until(self.out_dir, self.step)
         log.info("resumed from %s at step %d/%d", path, self.step, self.plan.total_steps)
@@ -239,7 +269,8 @@ class Run:
             "worldSize": self.rt.world_size,
             "totalSteps": self.plan.total_steps,
             "lastLoss": self.last_loss,
-            "lastEval": list(self.last_eval) if self.last_eval else None,
+            "lastEvalResult": self.last_eval.state() if self.last_eval else None,
+            "baseEval": self.base_eval.state() if self.base_eval else None,
             "history": self.progress.history(),
             "savedAt": saved_at,
             "datasetSha256": self._dataset_digests(),
@@ -296,39 +327,55 @@ class Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_bins) or bool(self.eval_sets)
+
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float] | None:
-        if not self.eval_bins:
-            return None
-        assert self.data.eval is not None
-        self.progress.set_state("evaluating")
+    def measure(self, samples: Samples, sample_bins: list[list[int]]) -> float:
+        """Mean loss over every target token of the samples (collective: every rank takes its share)."""
         module = self.prepared.train_module
-        module.eval()
         loss = torch.zeros((), dtype=torch.float64)
         count = 0
         for bins, real in eval_micro_batches(
-            len(self.eval_bins), self.rt.world_size, self.rt.rank, self.cfg.training.batch_size_per_device
+            len(sample_bins), self.rt.world_size, self.rt.rank, self.cfg.training.batch_size_per_device
         ):
-            batch = self.collate(self.data.eval, [self.eval_bins[b] for b in bins])
+            batch = self.collate(samples, [sample_bins[b] for b in bins])
             with torch.autocast(self.rt.device.type, dtype=self.dtype, enabled=self.dtype is not None):
                 logits = module(**batch.model_inputs()).logits
             if real:
                 loss += token_loss_sum(logits, batch.loss_labels).double().cpu()
                 count += batch.num_targets
-        module.train()
         total, n = self.rt.sum_([loss.item(), float(count)])
-        eval_loss = total / n
-        perplexity = math.exp(min(eval_loss, 50.0))
-        self.progress.evaluated(self.step, eval_loss, perplexity)
-        self.progress.set_state("training")
-        log.info(
-            "eval step %d/%d | eval loss %.4f | perplexity %.3f",
-            self.step,
-            self.plan.total_steps,
-            eval_loss,
-            perplexity,
+        return total / n
+
+    def evaluate(self) -> EvalResult | None:
+        """Measure the evaluation split and every evaluation set (collective); at step 0 these are the base
+        model's figures."""
+        if not self.evaluates:
+            return None
+        self.progress.set_state("evaluating")
+        module = self.prepared.train_module
+        module.eval()
+        loss = self.measure(self.data.eval, self.eval_bins) if self.data.eval is not None and self.eval_bins else None
+        sets = {s.name: self.measure(s.samples, self.set_bins[s.name]) for s in self.eval_sets}
+        module.train()
+        result = EvalResult(loss, sets)
+        if self.step == 0:
+            self.base_eval = result
+        base = self.base_eval
+        figures = evalsets.figures(sets, base.sets if base else None)
+        self.progress.evaluated(
+            self.step, loss, result.perplexity, sets=figures, base_eval_loss=base.loss if base else None
         )
-        return eval_loss, perplexity
+        self.progress.set_state("training")
+        what = "base model" if self.step == 0 else f"step {self.step}/{self.plan.total_steps}"
+        if loss is not None:
+            log.info("eval %s | eval loss %.4f | perplexity %.3f", what, loss, result.perplexity)
+        for name, f in figures.items():
+            vs = f" | {100 * f['change']:+.1f}% against the base model" if f["change"] is not None else ""
+            log.info("eval %s | set %s | loss %.4f | perplexity %.3f%s", what, name, f["loss"], f["perplexity"], vs)
+        return result
 
     def log_interval(self, interval: Interval, now: float) -> float:
         """Publish one log line's worth of figures; return the training loss of the interval."""
@@ -385,10 +432,17 @@ class Run:
         )
         return loss
 
-    def record_eval(self, result: tuple[float, float]) -> None:
+    def record_eval(self, result: EvalResult) -> None:
         self.last_eval = result
-        record = {"step": self.step, "evalLoss": result[0], "evalPerplexity": result[1], "time": time.time()}
-        self.append_metrics(record)
+        record: dict[str, Any] = {"step": self.step}
+        if result.loss is not None:
+            record |= {"evalLoss": result.loss, "evalPerplexity": result.perplexity}
+        if result.sets:
+            record["evalSets"] = self.set_figures(result)
+        self.append_metrics(record | {"time": time.time()})
+
+    def set_figures(self, result: EvalResult) -> dict[str, dict[str, float | None]]:
+        return evalsets.figures(result.sets, self.base_eval.sets if self.base_eval else None)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Rank 0 appends to the output's metrics log, unless a newer attempt took over (it then stops at its next
@@ -402,6 +456,8 @@ class Run:
         self.stop.armed = True
         self.progress.set_state("training")
         self.prepared.train_module.train()
+        if self.step == 0 and self.evaluates:  # the base model, what every later evaluation is compared with
+            self.record_eval(self.evaluate())  # type: ignore[arg-type]
         interval = Interval(start=time.time())
         while self.step < plan.total_steps:
             step_start = time.time()
@@ -435,7 +491,7 @@ class Run:
             if self.step % t.log_every_steps == 0 or eval_due or final:
                 self.last_loss = self.log_interval(interval, now)
                 interval = Interval(start=time.time())
-            if eval_due or (final and self.eval_bins):
+            if eval_due or (final and self.evaluates):
                 result = self.evaluate()
                 if result:
                     self.record_eval(result)
@@ -464,7 +520,7 @@ class Run:
         cfg, rt = self.cfg, self.rt
         digests = self.replica_digests()
         memory = rt.gather_objects({**self.prepared.loaded, "peakRssBytesTrained": peak_rss_bytes()})
-        if self.last_eval is None and self.eval_bins:
+        if self.last_eval is None and self.evaluates:
             result = self.evaluate()
             if result:
                 self.record_eval(result)
@@ -474,13 +530,16 @@ class Run:
         final = {
             "steps": self.step,
             "trainLoss": self.last_loss,
-            "evalLoss": self.last_eval[0] if self.last_eval else None,
-            "evalPerplexity": self.last_eval[1] if self.last_eval else None,
+            "evalLoss": self.last_eval.loss if self.last_eval else None,
+            "evalPerplexity": self.last_eval.perplexity if self.last_eval else None,
+            "baseEvalLoss": self.base_eval.loss if self.base_eval else None,
             "tokensTotal": self.tokens_total,
             "trainSeconds": round(self.train_seconds, 3),
             "tokensPerSecond": self.tokens_total / self.train_seconds if self.train_seconds else None,
             "epochs": round(self.plan.epoch_of(self.step), 4),
         }
+        if self.last_eval is not None and self.last_eval.sets:
+            final["evalSets"] = self.set_figures(self.last_eval)
         self.ckpt.check_fence()
         if rt.is_main:
             self.tokenizer.save_pretrained(self.out_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from kubetune_trainer.config import DatasetOptions, MethodConfig, TrainingConfig
+from kubetune_trainer.config import MAX_EVAL_SETS, DatasetOptions, EvalSetOptions, MethodConfig, TrainingConfig
 from pydantic import Field
 
 from kubetune_operator.api.common import DEFAULTED_GROUP, ApiModel, EmbeddedObject, Quantity
@@ -472,8 +472,31 @@ class Budget(ApiModel):
     max_gpu_hours: float | None = Field(None, gt=0, description="Most GPU-hours the run may use.")
 
 
+class EvaluationSet(EvalSetOptions):
+    """Rows measured before training (the base model) and at every evaluation, reported apart from the evaluation
+    split. A set from another domain than the training data measures forgetting: its loss rising against the base
+    model's means the fine-tune lost general ability."""
+
+    source: str = Field(
+        max_length=2048,
+        description=(
+            f"The set's rows, in the format of the training data unless format says otherwise: {DATASET_SOURCE_FORMS}."
+            " An hf:// source uses spec.dataset.revision."
+        ),
+    )
+    max_increase: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description=(
+            "The run fails (reason EvalGateFailed) and its output is not promoted when the set's final loss is "
+            "more than this fraction above the base model's, e.g. 0.05: at most 5% worse than before training."
+        ),
+    )
+
+
 class Evaluation(ApiModel):
-    """A quality gate on the finished run."""
+    """How the run is evaluated, and the quality gates on the finished run."""
 
     max_eval_loss: float | None = Field(
         None,
@@ -482,6 +505,16 @@ class Evaluation(ApiModel):
             "The run fails (reason EvalGateFailed) and its output is not promoted when the final evaluation "
             "loss is above this. Needs evaluation data (dataset.evalSplit or dataset.evalSource)."
         ),
+    )
+    sets: list[EvaluationSet] = Field(
+        default_factory=list,
+        max_length=MAX_EVAL_SETS,
+        description=(
+            "Named evaluation sets, measured on the base model before training and at every evaluation (every "
+            "training.evalEverySteps, and at the end): loss, perplexity and the change against the base model, in "
+            "status.progress.evalSets, the metrics and the output manifest."
+        ),
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
 
 
@@ -523,4 +556,4 @@ class FineTuneJobSpec(ApiModel):
         json_schema_extra=DEFAULTED_GROUP,
     )
     budget: Budget | None = Field(None, description="Spending limits per run.")
-    evaluation: Evaluation | None = Field(None, description="A quality gate on the finished run.")
+    evaluation: Evaluation | None = Field(None, description="Evaluation sets, and quality gates on the finished run.")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Literal, Protocol
 
+from kubetune_trainer.config import MAX_EVAL_SETS
 from pydantic import AfterValidator, Field
 
 from kubetune_operator.api.common import ApiModel, Time
@@ -93,6 +94,27 @@ class HistoryPoint(ApiModel):
     step: int = Field(ge=0, description="Optimizer step.")
     loss: Loss | None = Field(None, description="Training loss at this step.")
     eval_loss: Loss | None = Field(None, description="Evaluation loss, where the run evaluated at this step.")
+    eval_sets: dict[str, Loss] | None = Field(
+        None,
+        max_length=MAX_EVAL_SETS,
+        description="Loss of each evaluation set (spec.evaluation.sets), where the run evaluated at this step.",
+    )
+
+
+class EvalSetResult(ApiModel):
+    """One evaluation set's figures at the latest evaluation, against the base model's (step 0)."""
+
+    name: str = Field(max_length=32, description="The set's name (spec.evaluation.sets[].name).")
+    loss: Loss | None = Field(None, description="Mean loss over the set's target tokens.")
+    perplexity: float | None = Field(None, ge=0, description="exp(loss).")
+    base_loss: Loss | None = Field(None, description="The base model's loss on the set, before training.")
+    change: float | None = Field(
+        None,
+        description=(
+            "(loss - baseLoss) / baseLoss: 0.12 is 12% worse than the base model, -0.3 is 30% better. On a set "
+            "from another domain than the training data, a rise measures forgetting."
+        ),
+    )
 
 
 class SetupProgress(ApiModel):
@@ -113,6 +135,13 @@ class Progress(ApiModel):
     epoch: float | None = Field(None, ge=0, description="Passes over the training data done, fractional.")
     loss: Loss | None = Field(None, description="Latest training loss.")
     eval_loss: Loss | None = Field(None, description="Latest evaluation loss.")
+    base_eval_loss: Loss | None = Field(None, description="The base model's evaluation loss, before training.")
+    eval_sets: list[EvalSetResult] = Field(
+        default_factory=list,
+        max_length=MAX_EVAL_SETS,
+        description="Each evaluation set's figures at the latest evaluation, against the base model's.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
     tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all workers.")
     mfu: float | None = Field(None, ge=0, le=1, description="Model FLOPs utilisation, 0 to 1.")
     eta: str | None = Field(None, max_length=32, description="Estimated time left, for humans (e.g. 1h12m).")
@@ -210,6 +239,12 @@ class RunRecord(ApiModel):
     attempts: int | None = Field(None, ge=1, description="Attempts the run used.")
     final_loss: Loss | None = Field(None, description="Training loss at the end of the run.")
     final_eval_loss: Loss | None = Field(None, description="Evaluation loss at the end of the run.")
+    final_eval_sets: list[EvalSetResult] = Field(
+        default_factory=list,
+        max_length=MAX_EVAL_SETS,
+        description="Each evaluation set's figures at the end of the run, against the base model's.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
     output: str | None = Field(None, max_length=4096, description="Where the run's output is.")
     gpu_hours: float | None = Field(None, ge=0, description="GPU-hours the run used, once it ended.")
     cost_usd: float | None = Field(

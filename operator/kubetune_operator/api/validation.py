@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kubetune_trainer.config import EVAL_SET_NAME_RE
+
 # ----------------------------------------------------------------------------------------------
 # syntax
 # ----------------------------------------------------------------------------------------------
@@ -31,8 +33,13 @@ RELATIVE_PATH_RE = "^[A-Za-z0-9_][-A-Za-z0-9_.]*(/[A-Za-z0-9_][-A-Za-z0-9_.]*)*$
 REVISION_RE = "^[A-Za-z0-9][-A-Za-z0-9_./]*$"
 ENDPOINT_RE = "^https?://[^/?#[:space:]]+/?$"
 REGION_RE = "^[A-Za-z0-9][-A-Za-z0-9_]*$"
-# Every source of a spec, for the rules that depend on the schemes in use.
-SOURCES = "([self.model.source, self.dataset.source] + (has(self.dataset.evalSource) ? [self.dataset.evalSource] : []))"
+# The evaluation sets' sources, and every source of a spec, for the rules that depend on the schemes in use.
+SET_SOURCES = "(has(self.evaluation) && has(self.evaluation.sets) ? self.evaluation.sets.map(s, s.source) : [])"
+DATASET_SOURCES = (
+    f"([self.dataset.source] + (has(self.dataset.evalSource) ? [self.dataset.evalSource] : []) + {SET_SOURCES})"
+)
+SOURCES = f"([self.model.source] + {DATASET_SOURCES})"
+HAS_SETS = "(has(self.evaluation) && has(self.evaluation.sets) && size(self.evaluation.sets) > 0)"
 
 SOURCE_HELP = "hf://<org>/<name>, pvc://<claim>/<path> or s3://<bucket>/<path>"
 DATASET_SOURCE_HELP = "hf://<org>/<name>[/<path>], pvc://<claim>/<path> or s3://<bucket>/<path>"
@@ -124,10 +131,13 @@ def _only_for(group: str, types: str, allowed: str) -> Rule:
     )
 
 
-def _needs_eval_data(condition: str, field: str, field_path: str) -> Rule:
+def _needs_eval_data(condition: str, field: str, field_path: str, sets: bool = False) -> Rule:
+    """A field that needs the evaluation split (or, with `sets`, any evaluation data: a named set will do)."""
+    alternatives = f" || {HAS_SETS}" if sets else ""
+    wanted = "spec.dataset.evalSplit above 0 or spec.dataset.evalSource"
     return Rule(
-        f"!({condition}) || self.dataset.evalSplit > 0.0 || has(self.dataset.evalSource)",
-        f"{field} needs evaluation data: set spec.dataset.evalSplit above 0 or spec.dataset.evalSource",
+        f"!({condition}) || self.dataset.evalSplit > 0.0 || has(self.dataset.evalSource){alternatives}",
+        f"{field} needs evaluation data: set {wanted}{' or spec.evaluation.sets' if sets else ''}",
         field_path=field_path,
     )
 
@@ -169,7 +179,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
             field_path=".method.prefix.numVirtualTokens",
         ),
         _needs_eval_data(
-            "has(self.training.evalEverySteps)", "spec.training.evalEverySteps", ".training.evalEverySteps"
+            "has(self.training.evalEverySteps)", "spec.training.evalEverySteps", ".training.evalEverySteps", sets=True
         ),
         _needs_eval_data(
             "has(self.evaluation) && has(self.evaluation.maxEvalLoss)",
@@ -192,16 +202,24 @@ RULES: dict[str, tuple[Rule, ...]] = {
         # The Hugging Face token serves the hf:// model and hf:// datasets alike.
         Rule(
             f"!has(self.model.tokenSecretRef) || {SOURCES}.exists(s, s.startsWith('hf://'))",
-            "spec.model.tokenSecretRef applies only when a source (spec.model.source, spec.dataset.source or "
-            "spec.dataset.evalSource) is hf:// (it is the Hugging Face access token)",
+            "spec.model.tokenSecretRef applies only when a source (spec.model.source, spec.dataset.source, "
+            "spec.dataset.evalSource or spec.evaluation.sets[].source) is hf:// (it is the Hugging Face access "
+            "token)",
             field_path=".model.tokenSecretRef",
             reason="FieldValueForbidden",
         ),
         Rule(
             f"!has(self.storage) || !has(self.storage.s3) || {SOURCES}.exists(s, s.startsWith('s3://'))",
-            "spec.storage.s3 applies only when a source (spec.model.source, spec.dataset.source or "
-            "spec.dataset.evalSource) is s3://",
+            "spec.storage.s3 applies only when a source (spec.model.source, spec.dataset.source, "
+            "spec.dataset.evalSource or spec.evaluation.sets[].source) is s3://",
             field_path=".storage.s3",
+            reason="FieldValueForbidden",
+        ),
+        Rule(
+            f"!has(self.dataset.revision) || {DATASET_SOURCES}.exists(s, s.startsWith('hf://'))",
+            "spec.dataset.revision applies only when spec.dataset.source, spec.dataset.evalSource or an "
+            "evaluation set's source is hf:// (a branch, tag or commit of the dataset repository)",
+            field_path=".dataset.revision",
             reason="FieldValueForbidden",
         ),
     ),
@@ -229,14 +247,6 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "spec.dataset.evalSource and spec.dataset.evalSplit are mutually exclusive: hold out a fraction of "
             "the training rows (evalSplit) or give separate evaluation rows (evalSource), not both",
             field_path=".evalSource",
-            reason="FieldValueForbidden",
-        ),
-        Rule(
-            "!has(self.revision) || self.source.startsWith('hf://') "
-            "|| (has(self.evalSource) && self.evalSource.startsWith('hf://'))",
-            "spec.dataset.revision applies only when spec.dataset.source or spec.dataset.evalSource is hf:// (a "
-            "branch, tag or commit of the dataset repository)",
-            field_path=".revision",
             reason="FieldValueForbidden",
         ),
     ),
@@ -374,6 +384,15 @@ RULES: dict[str, tuple[Rule, ...]] = {
             "by '/', none starting with '.' (no leading '/', no '..')",
         ),
     ),
+    # -- evaluation ------------------------------------------------------------------------------
+    "spec.evaluation.sets[].name": (
+        Rule(
+            f"self.matches('{EVAL_SET_NAME_RE}')",
+            "spec.evaluation.sets[].name must be at most 32 of a-z, 0-9 and '-', starting and ending with a letter "
+            "or digit: it labels the set's figures in the status and the metrics",
+        ),
+    ),
+    "spec.evaluation.sets[].source": _dataset_source("spec.evaluation.sets[].source"),
     # -- run policy ------------------------------------------------------------------------------
     "spec.runPolicy": (
         Rule(
