@@ -4,7 +4,8 @@ Reconcile metrics follow controller-runtime's semantics (kubetune_operator_recon
 _errors_total, _time_seconds), so its dashboards and alerts translate. Per-job series are built at scrape time
 from the jobs the operator currently knows (`JobCollector`), so a deleted job leaves no series behind and
 nothing has to be removed by hand. Labels are bounded: namespace and name of a job plus values from small
-fixed sets (phase, condition, status, result) and one value per job (method, model, gpu_product, run).
+fixed sets (phase, condition, status, result), one value per job (method, model, gpu_product, run) and the job's
+evaluation set names (at most 8, spec.evaluation.sets).
 
 The per-job series carry their own `namespace` label: scrape the operator with honor_labels (ServiceMonitor
 `honorLabels: true`, as for kube-state-metrics), or Prometheus renames it `exported_namespace`.
@@ -27,6 +28,10 @@ The per-job series carry their own `namespace` label: scrape the operator with h
     kubetune_job_stall_timeout_seconds                         gauge    spec.runPolicy.stallTimeoutSeconds
     kubetune_job_progress_ratio                                gauge    step / totalSteps, 0-1
     kubetune_job_loss / _eval_loss                             gauge    last reported
+    kubetune_job_base_eval_loss                                gauge    the base model's eval loss (step 0)
+    kubetune_job_eval_set_loss{namespace,name,set}             gauge    each evaluation set's latest loss
+    kubetune_job_eval_set_base_loss{namespace,name,set}        gauge    the base model's loss on it
+    kubetune_job_eval_set_change_ratio{namespace,name,set}     gauge    (loss - base) / base: > 0 is worse
     kubetune_job_tokens_per_second                             gauge    last reported
     kubetune_job_estimated_completion_timestamp_seconds        gauge
     kubetune_job_last_progress_timestamp_seconds               gauge    when rank 0 last reported
@@ -205,12 +210,24 @@ class _Families:
                 ("kubetune_job_progress_ratio", "Optimizer steps done / steps of the run, 0-1."),
                 ("kubetune_job_loss", "Latest training loss reported by rank 0."),
                 ("kubetune_job_eval_loss", "Latest evaluation loss reported by rank 0."),
+                ("kubetune_job_base_eval_loss", "The base model's evaluation loss, before training."),
                 ("kubetune_job_tokens_per_second", "Training throughput over all workers, as last reported."),
                 ("kubetune_job_estimated_completion_timestamp_seconds", "When training is expected to finish."),
                 ("kubetune_job_last_progress_timestamp_seconds", "When rank 0 last reported progress."),
                 ("kubetune_job_last_checkpoint_timestamp_seconds", "When the latest checkpoint was saved."),
                 ("kubetune_job_start_timestamp_seconds", "When the current run started."),
                 ("kubetune_job_completion_timestamp_seconds", "When the current run ended."),
+            )
+        }
+        self.sets = {
+            name: GaugeMetricFamily(name, doc, labels=[*JOB, "set"])
+            for name, doc in (
+                ("kubetune_job_eval_set_loss", "Latest loss on each evaluation set (spec.evaluation.sets)."),
+                ("kubetune_job_eval_set_base_loss", "The base model's loss on each evaluation set, before training."),
+                (
+                    "kubetune_job_eval_set_change_ratio",
+                    "Relative change of each evaluation set's loss against the base model's (0.1: 10% higher).",
+                ),
             )
         }
         self.per_namespace: dict[str, Tally[str]] = {}
@@ -264,9 +281,18 @@ class _Families:
             values |= {
                 "kubetune_job_loss": p.loss,
                 "kubetune_job_eval_loss": p.eval_loss,
+                "kubetune_job_base_eval_loss": p.base_eval_loss,
                 "kubetune_job_tokens_per_second": p.tokens_per_second,
                 "kubetune_job_last_progress_timestamp_seconds": _ts(p.updated_at),
             }
+            for r in p.eval_sets:
+                for metric, value in (
+                    ("kubetune_job_eval_set_loss", r.loss),
+                    ("kubetune_job_eval_set_base_loss", r.base_loss),
+                    ("kubetune_job_eval_set_change_ratio", r.change),
+                ):
+                    if value is not None:
+                        rows.append((self.sets[metric], [*key, r.name], value))
         if status and status.checkpoint:
             values["kubetune_job_last_checkpoint_timestamp_seconds"] = _ts(status.checkpoint.saved_at)
         rows += [(g[name], key, value) for name, value in values.items() if value is not None]
@@ -281,7 +307,7 @@ class _Families:
             for p in PHASES:
                 self.jobs.add_metric([namespace, p], phases[p])
         counters = [self.restarts, self.gpu_seconds, self.cost]
-        return [self.jobs, self.info, self.phase, self.condition, *counters, *self.gauges.values()]
+        return [self.jobs, self.info, self.phase, self.condition, *counters, *self.gauges.values(), *self.sets.values()]
 
 
 def job_metrics(jobs: Iterable[FineTuneJob], errors: Counter | None = None) -> list[Metric]:

@@ -408,15 +408,16 @@ CASES = [
         {"model": {"source": "s3://models/qwen", "tokenSecretRef": {"name": "hf"}}},
         (
             "spec.model.tokenSecretRef: Forbidden: spec.model.tokenSecretRef applies only when a source "
-            "(spec.model.source, spec.dataset.source or spec.dataset.evalSource) is hf://",
+            "(spec.model.source, spec.dataset.source, spec.dataset.evalSource or spec.evaluation.sets[].source) is "
+            "hf://",
         ),
     ),
     Case(
         "dataset-revision-without-hf-source",
         {"dataset": {"revision": "main"}},
         (
-            "spec.dataset.revision: Forbidden: spec.dataset.revision applies only when spec.dataset.source or "
-            "spec.dataset.evalSource is hf://",
+            "spec.dataset.revision: Forbidden: spec.dataset.revision applies only when spec.dataset.source, "
+            "spec.dataset.evalSource or an evaluation set's source is hf://",
         ),
     ),
     Case(
@@ -424,7 +425,7 @@ CASES = [
         {"storage": {"s3": {"region": "eu-west-1"}}},
         (
             "spec.storage.s3: Forbidden: spec.storage.s3 applies only when a source (spec.model.source, "
-            "spec.dataset.source or spec.dataset.evalSource) is s3://",
+            "spec.dataset.source, spec.dataset.evalSource or spec.evaluation.sets[].source) is s3://",
         ),
     ),
     Case(
@@ -492,6 +493,56 @@ CASES = [
             "spec.training.evalEverySteps",
             "needs evaluation data: set spec.dataset.evalSplit above 0 or spec.dataset.evalSource",
         ),
+    ),
+    Case(
+        "eval-set-name-syntax",
+        {"evaluation": {"sets": [{"name": "General_Chat", "source": "pvc://datasets/chat.jsonl"}]}},
+        (
+            "spec.evaluation.sets[0].name",
+            "spec.evaluation.sets[].name must be at most 32 of a-z, 0-9 and '-', starting and ending with a letter "
+            "or digit",
+        ),
+    ),
+    Case(
+        "eval-set-name-too-long",
+        {"evaluation": {"sets": [{"name": "a" * 33, "source": "pvc://datasets/chat.jsonl"}]}},
+        ("spec.evaluation.sets[0].name", "may not be more than 32"),
+    ),
+    Case(
+        "eval-set-source-syntax",
+        {"evaluation": {"sets": [{"name": "chat", "source": "/data/chat.jsonl"}]}},
+        (
+            "spec.evaluation.sets[0].source",
+            "spec.evaluation.sets[].source must be hf://<org>/<name>[/<path>], pvc://<claim>/<path> or "
+            "s3://<bucket>/<path>",
+        ),
+    ),
+    Case(
+        "eval-set-names-unique",
+        {
+            "evaluation": {
+                "sets": [
+                    {"name": "chat", "source": "pvc://datasets/a.jsonl"},
+                    {"name": "chat", "source": "pvc://datasets/b.jsonl"},
+                ]
+            }
+        },
+        ("spec.evaluation.sets[1]: Duplicate value", '"name":"chat"'),
+    ),
+    Case(
+        "eval-set-max-increase-positive",
+        {"evaluation": {"sets": [{"name": "chat", "source": "pvc://datasets/a.jsonl", "maxIncrease": 0}]}},
+        ("spec.evaluation.sets[0].maxIncrease", "should be greater than 0"),
+    ),
+    Case(
+        "eval-set-format",
+        {"evaluation": {"sets": [{"name": "chat", "source": "pvc://datasets/a.jsonl", "format": "csv"}]}},
+        ("spec.evaluation.sets[0].format", "Unsupported value"),
+    ),
+    Case(
+        "eval-sets-at-most-8",
+        {"evaluation": {"sets": [{"name": f"s{i}", "source": "pvc://datasets/a.jsonl"} for i in range(9)]}},
+        ("spec.evaluation.sets", "must have at most 8 items"),
     ),
     Case(
         "eval-gate-without-eval-data",

@@ -10,6 +10,7 @@ from kubetune_operator.api import RERUN_ANNOTATION
 from kubetune_operator.api.status import (
     AttemptRecord,
     CheckpointStatus,
+    EvalSetResult,
     FineTuneJobStatus,
     IgnoredCheckpoint,
     RunRecord,
@@ -137,6 +138,9 @@ def test_describe_after_a_restart_with_events() -> None:
         "  Succeeded   False    NotApplicable   2h",
         "  Failed      False    NotApplicable   2h",
         "  Suspended   False    NotApplicable   2h",
+        "Evaluation (latest, against the base model):",
+        "  SET            LOSS     BASE LOSS   CHANGE   GATE",
+        "  (eval split)   1.0200   -           -        -",
         "Runs:",
         "  RUN   GEN   RESULT    REASON   ATTEMPTS   STARTED   DURATION   LOSS   EVAL LOSS   OUTPUT",
         "  1     1     Running   -        -          2h ago    -          -      -           -",
@@ -149,6 +153,34 @@ def test_describe_after_a_restart_with_events() -> None:
         "  Normal    RunStarted       2h      kubetune-operator   run 1 started",
         "  Warning   AttemptFailed    1h10m   kubetune-operator   attempt 1 failed: OOMKilled",
         "  Normal    AttemptStarted   1h8m    kubetune            attempt 2 started",
+    ]
+
+
+def test_describe_shows_each_evaluation_set_against_the_base_model_and_its_gate() -> None:
+    status = h.training(300, loss=0.95, eval_loss=1.02, tokens_per_second=51000, eta_seconds=900, usd=150)
+    assert status.progress is not None
+    status.progress.base_eval_loss = 1.7
+    status.progress.eval_sets = [
+        EvalSetResult(name="general-chat", loss=2.42, perplexity=11.25, base_loss=2.2, change=0.1),
+        EvalSetResult(name="code", loss=1.1, perplexity=3.0, base_loss=1.25, change=-0.12),
+    ]
+    job = h.job("support-bot", status=status)
+    job["spec"]["evaluation"] = {
+        "maxEvalLoss": 1.2,
+        "sets": [
+            {"name": "general-chat", "source": "pvc://data/chat.jsonl", "maxIncrease": 0.05},
+            {"name": "code", "source": "pvc://data/code.jsonl"},
+            {"name": "math", "source": "pvc://data/math.jsonl"},
+        ],
+    }
+    lines = views.describe(job, [], now=h.NOW).splitlines()
+    start = lines.index("Evaluation (latest, against the base model):")
+    assert lines[start + 1 : start + 6] == [
+        "  SET            LOSS     BASE LOSS   CHANGE   GATE",
+        "  (eval split)   1.0200   1.7000      -40.0%   loss <= 1.2",
+        "  general-chat   2.4200   2.2000      +10.0%   change <= +5%",
+        "  code           1.1000   1.2500      -12.0%   -",
+        "  math           -        -           -        -",
     ]
 
 

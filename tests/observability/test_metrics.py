@@ -29,6 +29,11 @@ def running_status(**overrides: Any) -> dict[str, Any]:
             "totalSteps": 4000,
             "loss": 1.2,
             "evalLoss": 1.3,
+            "baseEvalLoss": 1.9,
+            "evalSets": [
+                {"name": "general", "loss": 2.31, "perplexity": 10.07, "baseLoss": 2.1, "change": 0.1},
+                {"name": "code", "loss": 1.5},
+            ],
             "tokensPerSecond": 4000.0,
             "etaSeconds": 5400,
             "updatedAt": rfc3339(T0),
@@ -87,6 +92,11 @@ def test_a_running_job_has_the_documented_series() -> None:
         "kubetune_job_progress_ratio": 0.3,
         "kubetune_job_loss": 1.2,
         "kubetune_job_eval_loss": 1.3,
+        "kubetune_job_base_eval_loss": 1.9,
+        "kubetune_job_eval_set_loss{set=general}": 2.31,
+        "kubetune_job_eval_set_base_loss{set=general}": 2.1,
+        "kubetune_job_eval_set_change_ratio{set=general}": 0.1,
+        "kubetune_job_eval_set_loss{set=code}": 1.5,  # no base figure yet: no made-up one
         "kubetune_job_tokens_per_second": 4000.0,
         "kubetune_job_estimated_completion_timestamp_seconds": T0.timestamp() + 5400,
         "kubetune_job_last_progress_timestamp_seconds": T0.timestamp(),
@@ -142,6 +152,10 @@ BOUNDED_LABELS = {
     "kubetune_job_info": {"namespace", "name", "method", "model", "gpu_product", "run"},
     "kubetune_job_status_phase": {"namespace", "name", "phase"},
     "kubetune_job_status_condition": {"namespace", "name", "condition", "status"},
+    # at most 8 per job: spec.evaluation.sets
+    "kubetune_job_eval_set_loss": {"namespace", "name", "set"},
+    "kubetune_job_eval_set_base_loss": {"namespace", "name", "set"},
+    "kubetune_job_eval_set_change_ratio": {"namespace", "name", "set"},
 }
 
 

@@ -232,7 +232,9 @@ def play_training(progress: trainer_progress.Progress, stop: threading.Event) ->
                 gpu_memory_peak=61 * 2**30,
             )
         if step % 20 == 0:
-            progress.evaluated(step, eval_loss=1.45 - step / 10_000, perplexity=4.1)
+            ood = 2.1 + step / 100_000
+            sets = {"general": {"loss": ood, "perplexity": math.exp(ood), "baseLoss": 2.1, "change": ood / 2.1 - 1}}
+            progress.evaluated(step, eval_loss=1.45 - step / 10_000, perplexity=4.1, sets=sets, base_eval_loss=1.9)
         if step % 40 == 0:
             progress.checkpointed(step, path % step, time.time(), duration=rng.uniform(2.0, 4.0))
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from ftj_builders import T0, spec
-from kubetune_operator.api.spec import Budget, Evaluation, FineTuneJobSpec
-from kubetune_operator.api.status import AttemptRecord, CostStatus, FineTuneJobStatus, Progress
+from kubetune_operator.api.spec import Budget, Evaluation, EvaluationSet, FineTuneJobSpec
+from kubetune_operator.api.status import AttemptRecord, CostStatus, EvalSetResult, FineTuneJobStatus, Progress
 from kubetune_operator.observed import Observed
 from kubetune_operator.policies import (
     PROJECTION_MIN_STEPS,
@@ -256,3 +256,30 @@ def test_a_stop_beats_a_restart_and_the_earliest_recheck_wins() -> None:
 )
 def test_eval_gate(evaluation: Evaluation | None, eval_loss: float | None, message: str | None) -> None:
     assert eval_gate(evaluation, eval_loss) == message
+
+
+def test_eval_gate_on_evaluation_sets_names_each_failed_set_with_its_figures() -> None:
+    sets = [
+        EvaluationSet(name="general", source="pvc://d/general.jsonl", max_increase=0.1),
+        EvaluationSet(name="code", source="pvc://d/code.jsonl", max_increase=0.2),
+        EvaluationSet(name="math", source="pvc://d/math.jsonl"),  # reported, never gated
+    ]
+    evaluation = Evaluation(max_eval_loss=1.5, sets=sets)
+    fine = [
+        EvalSetResult(name="general", loss=2.2, base_loss=2.1, change=0.2 / 2.1 / 2),
+        EvalSetResult(name="code", loss=1.0, base_loss=1.2, change=-1 / 6),
+        EvalSetResult(name="math", loss=9.0, base_loss=1.0, change=8.0),
+    ]
+    assert eval_gate(evaluation, 1.2, fine) is None
+    forgot = [fine[0].model_copy(update={"loss": 2.52, "change": 0.2}), fine[1], fine[2]]
+    assert eval_gate(evaluation, 1.2, forgot) == (
+        "evaluation set general: final loss 2.52 is 20.0% above the base model's 2.1; "
+        "evaluation.sets[general].maxIncrease is 0.1 (10%)"
+    )
+    # Every failed gate is named, the in-distribution one first; a gate without its figures fails.
+    unmeasured = [fine[0].model_copy(update={"base_loss": None, "change": None})]
+    assert eval_gate(evaluation, 1.73, unmeasured) == (
+        "final evaluation loss 1.73 is above evaluation.maxEvalLoss 1.5; "
+        "the base model's loss on evaluation set general was not measured; evaluation.sets[general].maxIncrease is "
+        "0.1; no final loss was reported for evaluation set code; evaluation.sets[code].maxIncrease is 0.2"
+    )

@@ -43,8 +43,9 @@ def test_adapter_tokenizer_plot_and_metrics_history(finished: tuple[Path, dict[s
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [4, 6, 8, 12]  # log steps plus eval steps
-    assert [r["step"] for r in records if "evalLoss" in r] == [6, 12]
-    first = records[0]
+    assert [r["step"] for r in records if "evalLoss" in r] == [0, 6, 12]  # the base model first
+    assert result["baseEvalLoss"] == records[0]["evalLoss"] > result["evalLoss"]
+    first = next(r for r in records if "loss" in r)
     assert {"loss", "learningRate", "gradNorm", "tokensPerSecond", "tokensTotal", "mfu", "epoch"} <= set(first)
     assert result["evalLoss"] == records[-1]["evalLoss"]
 

@@ -148,7 +148,7 @@ def test_checkpoint_layout_manifest_and_rotation(tmp_path: Path, llama_dir: Path
     }
     assert checkpoint.problems(latest) is None
     state = json.loads((latest / "trainer_state.json").read_text())
-    assert state["step"] == 12 and state["totalSteps"] == 12 and [h["step"] for h in state["history"]] == [4, 8, 12]
+    assert state["step"] == 12 and state["totalSteps"] == 12 and [h["step"] for h in state["history"]] == [0, 4, 8, 12]
     (latest / "scheduler.pt").unlink()
     assert checkpoint.problems(latest) == "scheduler.pt is missing"
     (latest / "manifest.json").write_text("{")

@@ -153,3 +153,60 @@ def test_schedules_warm_up_then_follow_their_shape() -> None:
     assert [round(lr_factor(s, 4, 20, "cosine"), 3) for s in (0, 3, 4, 12, 20)] == [0.2, 0.8, 1.0, 0.5, 0.0]
     assert [lr_factor(s, 0, 10, "linear") for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
     assert {lr_factor(s, 2, 10, "constant") for s in range(2, 10)} == {1.0}
+
+
+def test_evaluation_set_figures_against_the_base_model() -> None:
+    from kubetune_trainer import evalsets
+
+    figures = evalsets.figures({"general": 2.31, "code": 1.5}, {"general": 2.1})
+    assert figures["general"]["change"] == pytest.approx(0.1)
+    assert figures["general"]["perplexity"] == pytest.approx(10.0744, abs=1e-4)
+    assert figures["code"] == {
+        "loss": 1.5,
+        "perplexity": pytest.approx(4.4817, abs=1e-4),
+        "baseLoss": None,
+        "change": None,
+    }
+    assert evalsets.change(float("nan"), 2.0) is None and evalsets.change(1.0, 0.0) is None
+    assert evalsets.perplexity(1000.0) == pytest.approx(5.184705528587072e21)  # capped at e^50, still a number
+    assert evalsets.compact(
+        {"general": {**figures["general"], "loss": 2.312345678}, "nan": {"loss": float("nan")}}
+    ) == {
+        "general": {"loss": 2.3123, "baseLoss": 2.1},
+        "nan": {"loss": None, "baseLoss": None},
+    }
+
+
+def test_the_final_message_holds_the_most_evaluation_sets_the_api_allows() -> None:
+    from kubetune_trainer import evalsets
+    from kubetune_trainer.config import MAX_EVAL_SETS
+
+    sets = {
+        f"{i}-{'x' * 30}": {"loss": 12.345678, "perplexity": 2e5, "baseLoss": 10.123456, "change": 0.22}
+        for i in range(MAX_EVAL_SETS)
+    }
+    final = {
+        "steps": 123456,
+        "trainLoss": 1.2345678901234567,
+        "evalLoss": 1.2345678901234567,
+        "evalPerplexity": 3.4567890123456789,
+        "baseEvalLoss": 2.3456789012345678,
+        "tokensTotal": 123456789012,
+        "trainSeconds": 123456.789,
+        "tokensPerSecond": 12345.678901234567,
+        "epochs": 3.0,
+        "evalSets": sets,
+    }
+    message = errors.final_message(evalsets.message_figures(final), "/kubetune/output/" + "d" * 100)
+    assert len(message) <= errors.MESSAGE_LIMIT
+    assert json.loads(message)["finalMetrics"]["evalSets"][f"7-{'x' * 30}"] == {"loss": 12.3457, "baseLoss": 10.1235}
+
+
+def test_evaluation_set_names_are_checked_and_unique() -> None:
+    from kubetune_trainer.config import EvaluationConfig
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="evaluation set name 'Chat_1': use a-z, 0-9 and '-'"):
+        EvaluationConfig.model_validate({"sets": [{"name": "Chat_1", "path": "/d"}]})
+    with pytest.raises(ValidationError, match="evaluation set names must be unique: chat given more than once"):
+        EvaluationConfig.model_validate({"sets": [{"name": "chat", "path": "/a"}, {"name": "chat", "path": "/b"}]})

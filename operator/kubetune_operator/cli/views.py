@@ -439,6 +439,37 @@ def _output(meta: Obj, spec: Obj, status: Obj) -> str | None:
     return f"{o['path']} ({notes})" if notes else str(o["path"])
 
 
+EVALUATION_HEADERS = ("SET", "LOSS", "BASE LOSS", "CHANGE", "GATE")
+
+
+def change(value: Any) -> str:
+    """A relative change against the base model, e.g. +12.3% (worse) or -40.0% (better)."""
+    return f"{100 * value:+.1f}%" if isinstance(value, int | float) and math.isfinite(value) else NONE
+
+
+def evaluation_rows(spec: Obj, status: Obj) -> list[list[str]]:
+    """The evaluation split and each evaluation set at the latest evaluation, against the base model, with the
+    gate that applies to each."""
+    p = status.get("progress") or {}
+    evaluation = spec.get("evaluation") or {}
+    rows = []
+    if p.get("evalLoss") is not None or p.get("baseEvalLoss") is not None:
+        loss, base = p.get("evalLoss"), p.get("baseEvalLoss")
+        relative = (loss - base) / base if loss is not None and base else None
+        limit = evaluation.get("maxEvalLoss")
+        gate = f"loss <= {limit:g}" if limit is not None else NONE
+        rows.append(["(eval split)", number(loss), number(base), change(relative), gate])
+    reported = {r.get("name"): r for r in p.get("evalSets") or []}
+    for s in evaluation.get("sets") or []:
+        r = reported.get(s.get("name"), {})
+        limit = s.get("maxIncrease")
+        gate = f"change <= {100 * limit:+g}%" if limit is not None else NONE
+        rows.append(
+            [s.get("name", NONE), number(r.get("loss")), number(r.get("baseLoss")), change(r.get("change")), gate]
+        )
+    return rows
+
+
 def _event_time(event: Obj) -> str:
     return str(
         event.get("lastTimestamp")
@@ -490,6 +521,9 @@ def describe(job: Obj, events: Sequence[Obj], *, now: datetime, max_events: int 
         conditions,
         "none yet (has the operator seen this job?)",
     )
+    evaluated = evaluation_rows(spec, status)
+    if evaluated:
+        lines += _section("Evaluation (latest, against the base model)", EVALUATION_HEADERS, evaluated, "")
     runs = [
         [
             str(r.get("run")),
