@@ -480,3 +480,23 @@ def test_every_example_renders(example: Path) -> None:
     manifest = render_job(owner(job), job.spec, 1, 1, SETTINGS)
     assert manifest["spec"]["completions"] == job.spec.resources.num_nodes
     assert len(worker_hostname(job.metadata["name"], 1, 1, job.spec.resources.num_nodes - 1)) <= 63
+
+
+def test_evaluation_sets_reach_the_trainer_from_any_dataset_source() -> None:
+    sets = [
+        {"name": "general-chat", "source": "pvc://datasets/general/chat.jsonl", "format": "messages"},
+        {"name": "code", "source": "s3://eval-data/code/", "maxIncrease": 0.1},
+        {"name": "math", "source": "hf://acme/math-eval/test.jsonl"},
+    ]
+    given = spec(evaluation={"sets": sets})
+    assert mounts(job_of(given))["/kubetune/sources/sets/general-chat/chat.jsonl"] == (
+        "datasets",
+        "general/chat.jsonl",
+        True,
+    )
+    cfg = trainer_config_of(given)
+    assert [s.model_dump(exclude_none=True) for s in cfg.evaluation.sets] == [
+        {"name": "general-chat", "format": "messages", "path": "/kubetune/sources/sets/general-chat/chat.jsonl"},
+        {"name": "code", "path": "s3://eval-data/code/"},  # the trainer downloads it into the job's cache
+        {"name": "math", "path": "hf://acme/math-eval/test.jsonl"},
+    ]
