@@ -527,7 +527,7 @@ CASES = [
                 ]
             }
         },
-        ("spec.evaluation.sets[1]: Duplicate value", '"name":"chat"'),
+        ('.spec.evaluation.sets: duplicate entries for key [name="chat"]',),
     ),
     Case(
         "eval-set-max-increase-positive",
