@@ -30,10 +30,12 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from kubetune_operator.api.status import (
+    MAX_PINNED,
     MAX_PROGRESS_HISTORY,
     CheckpointStatus,
     EvalSetResult,
     HistoryPoint,
+    PinnedSource,
     Progress,
     SetupProgress,
     format_eta,
@@ -209,6 +211,13 @@ class ReportedSetup(_Doc):
     unit: str | None = None
 
 
+class ReportedPin(_Doc):
+    role: str
+    source: str
+    revision: str | None = None
+    commit: str
+
+
 class ReportedIgnored(_Doc):
     path: str
     reason: str
@@ -243,6 +252,8 @@ class TrainerReport(_Doc):
     setup: ReportedSetup | None = None
     # Files in the checkpoint directory that are not this training's (another object, run or spec).
     ignored_checkpoints: list[ReportedIgnored] = []
+    # The commits hf:// sources were resolved to when the run started.
+    pinned: list[ReportedPin] = []
     history: list[Any] = []
 
     @property
@@ -299,6 +310,15 @@ def to_status(
         eta_seconds=round(eta) if eta is not None else None,
         updated_at=report.updated_at,
         setup=_setup(report.setup) if report.state == "loading" else None,
+        pinned=[
+            PinnedSource(
+                role=p.role[:32],
+                source=p.source[:4096],
+                revision=p.revision[:256] if p.revision else None,
+                commit=p.commit[:64],
+            )
+            for p in report.pinned[:MAX_PINNED]
+        ],
         history=thin_history(_points(report.history)),
     )
     reported = report.checkpoint

@@ -125,7 +125,6 @@ def trainer_config(
         model=ModelConfig(
             source=storage.model_source,
             revision=spec.model.revision,
-            cache_dir=storage.cache_dir,
             trust_remote_code=spec.model.trust_remote_code,
         ),
         dataset=DatasetConfig(

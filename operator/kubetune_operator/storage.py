@@ -3,8 +3,7 @@
     <checkpoint claim>/<namespace>/<job>/                      mounted at /kubetune/job (subPath)
         <uid>/runs/<run>/checkpoints/step-...                checkpoints of run <run> of this FineTuneJob object
         <uid>/runs/<run>/                                    outputs, when the output claim is the checkpoint claim
-        cache/huggingface/                                   hub downloads, kept across attempts, runs and objects
-        cache/sources/                                       s3:// sources and hf:// datasets (the trainer's cache)
+        cache/sources/                                       s3:// and hf:// sources (the trainer's download cache)
     <output claim>/<output path>/<namespace>/<job>/<uid>/   mounted at /kubetune/output (when it differs)
         runs/<run>/                                          outputs
     pvc://<claim>/<path> sources                             mounted read-only at /kubetune/sources/<role>/<name>
@@ -53,7 +52,6 @@ class WorkerStorage:
     checkpoint_dir: str
     output_dir: str
     output_uri: str
-    cache_dir: str
     sources_cache_dir: str
     model_source: str
     dataset_path: str
@@ -127,7 +125,6 @@ def worker_storage(namespace: str, job: str, uid: str, spec: FineTuneJobSpec, ru
         checkpoint_dir=f"{JOB_DIR}/{runs}/checkpoints",
         output_dir=output_dir,
         output_uri=output_uri(namespace, job, uid, spec, run),
-        cache_dir=f"{JOB_DIR}/cache/huggingface",
         sources_cache_dir=f"{JOB_DIR}/cache/sources",
         model_source=model,
         dataset_path=dataset,

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from kubetune_operator.api.status import CheckpointStatus, HistoryPoint, Progress
+from kubetune_operator.api.status import CheckpointStatus, HistoryPoint, PinnedSource, Progress
 from kubetune_operator.progress import (
     ProgressPoller,
     fetch_progress,
@@ -40,6 +40,13 @@ URI = "pvc://ft-checkpoints/ml-team/support-bot"
 def trainer_doc() -> dict[str, Any]:
     """What a real rank 0 publishes mid-run, through JSON as on the wire."""
     p = trainer_progress.Progress(world_size=16)
+    # As sources.resolve records them: an hf:// model pinned to a commit, an s3:// dataset (ETags, no commit).
+    p.pinned(
+        {
+            "model": {"source": "hf://Qwen/Qwen2.5-7B", "path": "/c/hf-1", "revision": "main", "commit": "a" * 40},
+            "dataset": {"source": "s3://b/d.jsonl", "path": "/c/s3-2/d.jsonl", "objects": []},
+        }
+    )
     p.set_plan(4000)
     p.set_state("training")
     for step in range(1, 1201):
@@ -79,6 +86,7 @@ def test_a_real_trainer_document_maps_into_the_status() -> None:
         eta="1h30m",
         eta_seconds=5400,
         updated_at=report.updated_at,
+        pinned=[PinnedSource(role="model", source="hf://Qwen/Qwen2.5-7B", revision="main", commit="a" * 40)],
     )
     assert progress.updated_at is not None and abs(progress.updated_at.timestamp() - time.time()) < 60
     assert checkpoint == CheckpointStatus(

@@ -366,7 +366,7 @@ def test_the_attempts_config_map_holds_the_trainer_config_with_its_identity() ->
     assert set(cm["data"]) == {"config.json", "spec.json"}
     config = TrainerConfig.model_validate_json(cm["data"]["config.json"])
     assert config.model.source == "hf://Qwen/Qwen2.5-0.5B-Instruct"
-    assert config.model.cache_dir == "/kubetune/job/cache/huggingface"
+    assert config.sources.cache_dir == "/kubetune/job/cache/sources"
     assert config.dataset.path == "/kubetune/sources/dataset/v3.jsonl"
     assert config.dataset.format == "messages"
     # The run's directories carry the FineTuneJob's uid: a re-created job of the same name never meets them.

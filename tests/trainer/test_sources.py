@@ -280,8 +280,8 @@ def test_source_forms_split_into_their_parts() -> None:
     assert sources.split_s3("s3://b") == ("b", "")
     assert sources.split_hub("hf://acme/support") == ("acme/support", "")
     assert sources.split_hub("hf://acme/support/data/train.jsonl") == ("acme/support", "data/train.jsonl")
-    assert sources.is_remote("dataset", "hf://acme/support") and not sources.is_remote("model", "hf://acme/m")
-    assert sources.is_remote("model", "s3://b/m") and not sources.is_remote("dataset", "/kubetune/sources/d")
+    assert sources.is_remote("hf://acme/support") and sources.is_remote("hf://acme/m")
+    assert sources.is_remote("s3://b/m") and not sources.is_remote("/kubetune/sources/d")
 
 
 def test_a_directory_listing_skips_folder_markers_and_refuses_keys_that_escape() -> None:

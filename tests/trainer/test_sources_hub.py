@@ -1,10 +1,10 @@
-"""hf:// dataset sources, downloaded by the real huggingface_hub client from a stand-in Hub on localhost.
+"""hf:// dataset and model sources, downloaded by the real huggingface_hub client from a stand-in Hub on localhost.
 
-The stand-in serves the three endpoints `snapshot_download` uses, as the Hub answers them: the dataset's info at a
-revision (`/api/datasets/<repo>/revision/<rev>`: its commit and files), the file tree at a commit
-(`/api/datasets/<repo>/tree/<commit>`), and the files (`/datasets/<repo>/resolve/<commit>/<path>`, HEAD and GET,
-with the X-Repo-Commit and ETag headers). It is private: every request needs the token. What it does not
-cover: Xet-stored files, redirects to a CDN, pagination of large trees.
+The stand-in serves the three endpoints `snapshot_download` uses, as the Hub answers them: the repository's info at
+a revision (`/api/datasets/<repo>/revision/<rev>`, `/api/models/<repo>/revision/<rev>`: its commit and files), the
+file tree at a commit (`/api/.../tree/<commit>`), and the files (`/datasets/<repo>/resolve/<commit>/<path>`,
+`/<repo>/resolve/<commit>/<path>`, HEAD and GET, with the X-Repo-Commit and ETag headers). It is private: every
+request needs the token. What it does not cover: Xet-stored files, redirects to a CDN, pagination of large trees.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -43,6 +44,9 @@ COMMITS = {
     MAIN: {"data/train.jsonl": rows(140, seed=3), "data/test.jsonl": rows(10, seed=4), "README.md": b"# support\n"},
 }
 REFS = {"v1": V1, "main": MAIN, V1: V1, MAIN: MAIN}
+MODEL_ID = "acme/tiny-llama"
+MODEL_COMMIT = "3" * 40
+MODEL_FILES: dict[str, bytes] = {}  # the tiny Llama's files, filled by the model_hub fixture
 
 
 class Hub(BaseHTTPRequestHandler):
@@ -68,26 +72,31 @@ class Hub(BaseHTTPRequestHandler):
         path = unquote(urlparse(self.path).path)
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self.error(401, "RepoNotFound", "Repository not found")
-        if m := re.fullmatch(f"/api/datasets/{REPO_ID}/revision/(.+)", path):
-            commit = REFS.get(m.group(1))
-            if commit is None:
-                return self.error(404, "RevisionNotFound", "Invalid rev id")
-            info = {
-                "id": REPO_ID,
-                "sha": commit,
-                "private": True,
-                "siblings": [{"rfilename": f} for f in COMMITS[commit]],
-            }
-            return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
-        if m := re.fullmatch(f"/api/datasets/{REPO_ID}/tree/([0-9a-f]{{40}})", path):
-            files = COMMITS[m.group(1)]
-            tree = [{"type": "file", "path": f, "size": len(b), "oid": blob_id(b)} for f, b in files.items()]
-            return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
-        if (m := re.fullmatch(f"/datasets/{REPO_ID}/resolve/([0-9a-f]{{40}})/(.+)", path)) and m.group(
-            2
-        ) in COMMITS.get(m.group(1), {}):
-            body = COMMITS[m.group(1)][m.group(2)]
-            return self.reply(200, body, {"X-Repo-Commit": m.group(1), "ETag": f'"{blob_id(body)}"'})
+        repos = {
+            ("datasets", REPO_ID): (REFS, COMMITS),
+            ("models", MODEL_ID): ({"main": MODEL_COMMIT, MODEL_COMMIT: MODEL_COMMIT}, {MODEL_COMMIT: MODEL_FILES}),
+        }
+        for (kind, repo), (refs, commits) in repos.items():
+            if m := re.fullmatch(f"/api/{kind}/{repo}/revision/(.+)", path):
+                commit = refs.get(m.group(1))
+                if commit is None:
+                    return self.error(404, "RevisionNotFound", "Invalid rev id")
+                info = {
+                    "id": repo,
+                    "sha": commit,
+                    "private": True,
+                    "siblings": [{"rfilename": f} for f in commits[commit]],
+                }
+                return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+            if m := re.fullmatch(f"/api/{kind}/{repo}/tree/([0-9a-f]{{40}})", path):
+                files = commits[m.group(1)]
+                tree = [{"type": "file", "path": f, "size": len(b), "oid": blob_id(b)} for f, b in files.items()]
+                return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+            prefix = "/datasets" if kind == "datasets" else ""
+            m = re.fullmatch(f"{prefix}/{repo}/resolve/([0-9a-f]{{40}})/(.+)", path)
+            if m and m.group(2) in commits.get(m.group(1), {}):
+                body = commits[m.group(1)][m.group(2)]
+                return self.reply(200, body, {"X-Repo-Commit": m.group(1), "ETag": f'"{blob_id(body)}"'})
         return self.error(404, "EntryNotFound", "Entry not found")
 
     do_HEAD = do_GET
@@ -181,3 +190,56 @@ def test_hub_sources_that_cannot_work_exit_78(
     assert done.returncode == EXIT_CONFIG, done.stderr[-3000:]
     message = (tmp_path / "run" / "termination-log").read_text()
     assert message.startswith(f"dataset source hf://{REPO_ID}/") and reason in message
+
+
+@pytest.mark.slow
+def test_a_hub_model_is_downloaded_once_for_a_two_node_job_and_pinned(
+    tmp_path: Path, hub: str, llama_dir: Path, train_jsonl: Path
+) -> None:
+    MODEL_FILES.update({p.name: p.read_bytes() for p in llama_dir.iterdir() if p.is_file()})
+    Hub.requests.clear()
+    cfg = assets.trainer_config(
+        tmp_path,
+        Path("unused"),
+        train_jsonl,
+        model={"source": f"hf://{MODEL_ID}", "revision": "main"},
+        training={"maxSteps": 2, "logEverySteps": 1, "batchSizePerDevice": 1},
+        sources={"cacheDir": str(tmp_path / "cache")},
+    )
+    path = assets.write_config(tmp_path, cfg)
+    exe = shutil.which("kubetune-launch", path=str(Path(sys.executable).parent))
+    assert exe
+    port = str(assets.free_port())
+    nodes = [
+        subprocess.Popen(
+            [exe],
+            env=assets.worker_env(
+                KUBETUNE_CONFIG=str(path),
+                KUBETUNE_NNODES="2",
+                JOB_COMPLETION_INDEX=str(node),
+                KUBETUNE_MASTER_ADDR="127.0.0.1",
+                KUBETUNE_MASTER_PORT=port,
+                KUBETUNE_TERMINATION_LOG=str(tmp_path / f"termination-log-{node}"),
+                HF_HUB_OFFLINE="0",
+                HF_ENDPOINT=hub,
+                HF_TOKEN=TOKEN,
+                HF_HOME=str(tmp_path / f"hf-home-{node}"),
+            ),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-4000:]
+    # Rank 0 resolved main to a commit once and downloaded each file once, for both nodes.
+    model_requests = [r for r in Hub.requests if MODEL_ID in r]
+    assert model_requests.count(f"GET /api/models/{MODEL_ID}/revision/main") == 1
+    downloads = sorted(r for r in model_requests if r.startswith(f"GET /{MODEL_ID}/resolve/"))
+    assert downloads == sorted(f"GET /{MODEL_ID}/resolve/{MODEL_COMMIT}/{f}" for f in MODEL_FILES)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    record = manifest["sources"]["model"]
+    assert (record["source"], record["revision"], record["commit"]) == (f"hf://{MODEL_ID}", "main", MODEL_COMMIT)
+    assert manifest["baseModel"]["source"] == f"hf://{MODEL_ID}" and manifest["worldSize"] == 2
+    assert Path(record["path"]).parent == tmp_path / "cache"

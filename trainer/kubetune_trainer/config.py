@@ -242,14 +242,13 @@ class TrainingConfig(Model):
 class ModelConfig(Model):
     source: str = Field(
         description=(
-            "A local directory (what a PVC mount gives), an hf://<org>/<name> model id downloaded into cacheDir "
-            "with the token from the HF_TOKEN environment variable, or an s3://<bucket>/<prefix> directory "
-            "downloaded into sources.cacheDir."
+            "A local directory (what a PVC mount gives), an hf://<org>/<name> model repository (with the token from "
+            "the HF_TOKEN environment variable) or an s3://<bucket>/<prefix> directory; remote ones are downloaded "
+            "once into sources.cacheDir by rank 0, at the commit (or ETags) resolved when the run starts."
         )
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// sources.")
     gguf_file: str | None = Field(None, description="GGUF file inside the source directory to load and dequantise.")
-    cache_dir: str | None = Field(None, description="Where hub downloads of the model go.")
     trust_remote_code: bool = Field(False, description="Allow model code from the source to run.")
 
 
@@ -325,7 +324,7 @@ class SourcesConfig(Model):
     cache_dir: str | None = Field(
         None,
         description=(
-            "Where s3:// and hf:// dataset sources are downloaded: a directory every worker of the job sees (the "
+            "Where s3:// and hf:// sources are downloaded: a directory every worker of the job sees (the "
             "operator puts it on the checkpoint claim), so one download serves every node and every later attempt. "
             "Omitted: ~/.cache/kubetune/sources."
         ),

@@ -23,7 +23,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import resource
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,7 +40,6 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-HF_PREFIX = "hf://"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -64,13 +62,11 @@ def check_supported(cfg: TrainerConfig, device: torch.device) -> None:
 
 
 def source_kwargs(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
-    """Where from_pretrained should look, and the arguments every load shares."""
+    """Where from_pretrained should look (a local directory: sources.py fetched any remote model), and the arguments
+    every load shares."""
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
-    if cfg.source.startswith(HF_PREFIX):
-        kwargs.update(revision=cfg.revision, cache_dir=cfg.cache_dir, token=os.environ.get("HF_TOKEN") or None)
-        return cfg.source[len(HF_PREFIX) :], kwargs
     path = Path(cfg.source)
     if not path.is_dir():
         raise PermanentError(f"model.source {cfg.source}: no such directory (use hf://<id> for a hub model)")
@@ -81,12 +77,10 @@ def source_kwargs(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:
 
 @contextmanager
 def _local_errors_are_permanent(cfg: ModelConfig, what: str) -> Iterator[None]:
-    """A local directory that cannot be loaded will not load on a retry either (a hub outage might pass)."""
+    """A local directory that cannot be loaded will not load on a retry either."""
     try:
         yield
     except (OSError, ValueError, KeyError) as e:
-        if cfg.source.startswith(HF_PREFIX):
-            raise
         raise PermanentError(f"model.source {cfg.source}: cannot load the {what}: {e}") from None
 
 
@@ -295,7 +289,7 @@ def materialize(model: nn.Module, cfg: TrainerConfig, config: Any, rt: Runtime) 
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     where, _ = source_kwargs(cfg.model)
-    files = {} if cfg.model.source.startswith(HF_PREFIX) or cfg.model.gguf_file else safetensors_files(Path(where))
+    files = {} if cfg.model.gguf_file else safetensors_files(Path(where))
     if files:
         load_shards(model, files, cfg.model.source)
     else:

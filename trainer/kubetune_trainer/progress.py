@@ -38,6 +38,7 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
       "resumedFromStep": int | null,
       "setup": {"stage": str, "done": int | null, "total": int | null, "unit": "bytes" | "rows" | null} | null,
       "ignoredCheckpoints": [{"path": str, "reason": str}, ...],
+      "pinned": [{"role": "model|dataset|evalDataset", "source": str, "revision": str | null, "commit": str}, ...],
       "startedAt": RFC3339, "updatedAt": RFC3339,
       "history": [{"step": int, "loss": float, "evalLoss": float, "evalSets": {name: loss}}, ...]
                                         # evalLoss and evalSets only where evaluated (step 0: the base model)
@@ -53,6 +54,9 @@ done/total null for the Hub), "reading data" (rows read and rendered; total null
 from and will never rotate: another FineTuneJob object's (another uid), another run's, another spec's or dataset's,
 ones from before checkpoints recorded who wrote them, and own ones that failed verification (moved to corrupt-...).
 At most 20 entries; the logs have them all.
+
+`pinned` names the commit each hf:// source was resolved to when the run started (every rank reads that commit,
+whatever the branch or tag does meanwhile).
 
 `history` holds at most 500 points evenly spread over the run: past that, the resolution of the training points
 halves (one point per 2, 4, 8... steps). Evaluations are few and make the eval curve: they are thinned separately,
@@ -158,6 +162,7 @@ class Progress:
             "resumedFromStep": None,
             "setup": None,
             "ignoredCheckpoints": [],
+            "pinned": [],
             "startedAt": rfc3339(now),
             "updatedAt": rfc3339(now),
         }
@@ -214,6 +219,15 @@ class Progress:
 
     def ignored(self, checkpoints: list[dict[str, str]]) -> None:
         self._update(ignoredCheckpoints=checkpoints)
+
+    def pinned(self, records: dict[str, dict[str, Any]]) -> None:
+        """The commits hf:// sources were resolved to (sources.Resolved.records: role -> record)."""
+        pins = [
+            {"role": role, "source": r["source"], "revision": r.get("revision"), "commit": r["commit"]}
+            for role, r in records.items()
+            if "commit" in r
+        ]
+        self._update(pinned=pins)
 
     def set_plan(self, total_steps: int) -> None:
         self.total_steps.set(total_steps)

@@ -1,11 +1,10 @@
 """Remote sources -> local paths, before anything is loaded.
 
-pvc:// sources arrive as local paths (the operator mounts them) and hf:// models are loaded by transformers
-through the hub cache. This module fetches the rest:
+pvc:// sources arrive as local paths (the operator mounts them). This module fetches the rest:
 
 - s3://<bucket>/<key>: that one object; s3://<bucket>/<prefix>: every object under <prefix>/, as a directory.
-- hf://<org>/<name>[/<path>] as a dataset source: the dataset repository, or the file or directory <path> in it,
-  at `dataset.revision`.
+- hf://<org>/<name>[/<path>]: the model repository (at `model.revision`) or dataset repository (at
+  `dataset.revision`), or the file or directory <path> in it.
 
 Rank 0 plans (lists the objects with their ETags, or resolves the revision to a commit) and shares the plan, so
 every rank loads the same bytes even if the source changes meanwhile. A plan names a content-addressed directory
@@ -228,6 +227,7 @@ class ByteCounter:
 
 @dataclass(frozen=True)
 class HubPlan(Plan):
+    repo_type: str  # "model" or "dataset"
     repo_id: str
     revision: str | None
     commit: str
@@ -242,7 +242,7 @@ class HubPlan(Plan):
     def fetch(self, dest: Path, cfg: TrainerConfig, report: Report) -> None:
         from huggingface_hub import snapshot_download
 
-        log.info("%s: downloading dataset %s at %s into %s", self.uri, self.repo_id, self.commit, dest)
+        log.info("%s: downloading %s %s at %s into %s", self.uri, self.repo_type, self.repo_id, self.commit, dest)
         report("downloading", None, None, None)
         patterns = [self.inner, f"{self.inner}/*"] if self.inner else None
 
@@ -250,7 +250,7 @@ class HubPlan(Plan):
             with permanent_errors(hub_failure, self.role, self.uri):
                 snapshot_download(
                     self.repo_id,
-                    repo_type="dataset",
+                    repo_type=self.repo_type,
                     revision=self.commit,
                     local_dir=dest,
                     allow_patterns=patterns,
@@ -277,9 +277,13 @@ def hf_token() -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def is_remote(role: str, uri: str) -> bool:
-    """Whether this module fetches the source (hf:// models are transformers' business)."""
-    return uri.startswith(S3_PREFIX) or (uri.startswith(HF_PREFIX) and role != "model")
+def is_remote(uri: str) -> bool:
+    """Whether this module fetches the source."""
+    return uri.startswith((S3_PREFIX, HF_PREFIX))
+
+
+def repo_type(role: str) -> str:
+    return "model" if role == "model" else "dataset"
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -415,7 +419,7 @@ def plan_s3(role: str, uri: str, cfg: S3Config) -> S3Plan:
 
 
 # ----------------------------------------------------------------------------------------------
-# Hugging Face Hub datasets
+# Hugging Face Hub models and datasets
 # ----------------------------------------------------------------------------------------------
 
 
@@ -430,14 +434,15 @@ def hub_failure(role: str, uri: str, e: Exception) -> PermanentError | None:
     )
 
     where = f"{role} source {uri}"
+    kind = repo_type(role)
     if isinstance(e, GatedRepoError):
-        return PermanentError(f"{where}: the dataset is gated: the token (HF_TOKEN) must be granted access")
+        return PermanentError(f"{where}: the {kind} is gated: the token (HF_TOKEN) must be granted access")
     if isinstance(e, RepositoryNotFoundError):
-        return PermanentError(f"{where}: no such dataset repository, or it is private and HF_TOKEN is missing or wrong")
+        return PermanentError(f"{where}: no such {kind} repository, or it is private and HF_TOKEN is missing or wrong")
     if isinstance(e, RevisionNotFoundError):
         return PermanentError(f"{where}: no such revision")
     if isinstance(e, EntryNotFoundError):
-        return PermanentError(f"{where}: no such file in the dataset repository")
+        return PermanentError(f"{where}: no such file in the {kind} repository")
     if isinstance(e, OfflineModeIsEnabled):
         return PermanentError(f"{where}: the Hugging Face Hub is unreachable by configuration (HF_HUB_OFFLINE)")
     if isinstance(e, HfHubHTTPError) and e.response is not None:
@@ -451,14 +456,15 @@ def plan_hub(role: str, uri: str, revision: str | None) -> HubPlan:
     from huggingface_hub import HfApi
 
     repo_id, inner = split_hub(uri)
+    kind = repo_type(role)
     with permanent_errors(hub_failure, role, uri):
-        info = HfApi(token=hf_token()).dataset_info(repo_id, revision=revision)
+        info = HfApi(token=hf_token()).repo_info(repo_id, revision=revision, repo_type=kind)
     if not info.sha:
         raise SourceUnavailable(f"{role} source {uri}: the Hub named no commit for revision {revision or 'main'}")
     files = [s.rfilename for s in info.siblings or []]
     if inner and not any(f == inner or f.startswith(inner + "/") for f in files):
         raise PermanentError(f"{role} source {uri}: no file or directory {inner} in {repo_id} at {info.sha[:12]}")
-    return HubPlan(role, uri, inner=inner, repo_id=repo_id, revision=revision, commit=info.sha)
+    return HubPlan(role, uri, inner=inner, repo_type=kind, repo_id=repo_id, revision=revision, commit=info.sha)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,7 +492,8 @@ def make_plan(role: str, uri: str, cfg: TrainerConfig) -> Plan:
     what = f"{role} source {uri}"
     if uri.startswith(S3_PREFIX):
         return retrying(what, lambda: plan_s3(role, uri, cfg.sources.s3))
-    return retrying(what, lambda: plan_hub(role, uri, cfg.dataset.revision))
+    revision = cfg.model.revision if role == "model" else cfg.dataset.revision
+    return retrying(what, lambda: plan_hub(role, uri, revision))
 
 
 def ensure(plan: Plan, cache: Path, cfg: TrainerConfig, report: Report) -> Path:
@@ -535,12 +542,12 @@ def remote_sources(cfg: TrainerConfig) -> Iterator[tuple[str, str]]:
         ("evalDataset", cfg.dataset.eval_path),
         *cfg.evaluation.sources(),
     ):
-        if uri and is_remote(role, uri):
+        if uri and is_remote(uri):
             yield role, uri
 
 
 def resolve(cfg: TrainerConfig, rt: Runtime, report: Report = no_report) -> Resolved:
-    """Fetch every s3:// source and hf:// dataset into the cache (rank 0) and point the config at the copies."""
+    """Fetch every s3:// and hf:// source into the cache (rank 0) and point the config at the copies."""
     wanted = list(remote_sources(cfg))
     if not wanted:
         return Resolved(cfg, {})

@@ -139,6 +139,7 @@ class Run:
         # s3:// sources and hf:// datasets become local copies (rank 0 downloads them, the others wait); self.cfg
         # keeps the sources as given, for the manifest.
         self.sources = sources.resolve(cfg, rt, self.progress.setup)
+        self.progress.pinned(self.sources.records)
         cfg = self.sources.config
         self.packed = cfg.dataset.packing and cfg.method.type not in ("prefix", "prompt")
         if cfg.dataset.packing and not self.packed:

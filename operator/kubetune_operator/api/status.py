@@ -49,6 +49,8 @@ MAX_PROGRESS_HISTORY = 100
 MAX_ATTEMPTS = 101
 # Checkpoints the status lists as ignored (the trainer reports at most 20; its logs have them all).
 MAX_IGNORED_CHECKPOINTS = 20
+# hf:// sources a run can pin: the model, the dataset and the eval dataset.
+MAX_PINNED = 3
 
 # metav1.Condition's own validation (k8s.io/apimachinery/pkg/apis/meta/v1/types.go).
 CONDITION_TYPE_PATTERN = (
@@ -126,6 +128,15 @@ class SetupProgress(ApiModel):
     unit: str | None = Field(None, max_length=16, description="bytes or rows.")
 
 
+class PinnedSource(ApiModel):
+    """An hf:// source and the commit every worker of the run reads, resolved when the run started."""
+
+    role: str = Field(max_length=32, description="model, dataset or evalDataset.")
+    source: str = Field(max_length=4096, description="The source as the spec gives it, e.g. hf://Qwen/Qwen2.5-7B.")
+    revision: str | None = Field(None, max_length=256, description="The revision the spec asked for (branch or tag).")
+    commit: str = Field(max_length=64, description="The commit that revision named when the run started.")
+
+
 class Progress(ApiModel):
     """Training progress of the current run, as last reported by rank 0 (updated at most every ~30 s)."""
 
@@ -149,6 +160,11 @@ class Progress(ApiModel):
     updated_at: Time | None = Field(None, description="When this progress was reported.")
     setup: SetupProgress | None = Field(
         None, description="While the current attempt sets up (before its first step): what it does and how far it got."
+    )
+    pinned: list[PinnedSource] = Field(
+        default_factory=list,
+        max_length=MAX_PINNED,
+        description="The commits the run's hf:// model and datasets were resolved to (also in the run manifest).",
     )
     history: list[HistoryPoint] = Field(
         default_factory=list,
