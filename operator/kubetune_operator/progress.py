@@ -33,6 +33,7 @@ from kubetune_operator.api.status import (
     MAX_PINNED,
     MAX_PROGRESS_HISTORY,
     CheckpointStatus,
+    DataReportSummary,
     EvalSetResult,
     HistoryPoint,
     PinnedSource,
@@ -242,6 +243,8 @@ class TrainerReport(_Doc):
     eval_loss: float | None = None
     base_eval_loss: float | None = None
     eval_sets: dict[str, ReportedSet] = {}
+    # Kept raw: a summary this operator cannot read is no summary, not a lost report.
+    data_report: dict[str, Any] | None = None
     tokens_per_second: float | None = None
     mfu: float | None = None
     eta_seconds: float | None = None
@@ -304,6 +307,7 @@ def to_status(
         eval_loss=finite(report.eval_loss),
         base_eval_loss=finite(report.base_eval_loss),
         eval_sets=eval_set_results(report.eval_sets),
+        data_report=data_summary(report.data_report),
         tokens_per_second=finite(report.tokens_per_second, low=0),
         mfu=finite(report.mfu, low=0, high=1),
         eta=format_eta(eta) if eta is not None else None,
@@ -369,6 +373,13 @@ def eval_set_results(reported: dict[str, ReportedSet]) -> list[EvalSetResult]:
             )
         )
     return results
+
+
+def data_summary(raw: dict[str, Any] | None) -> DataReportSummary | None:
+    try:
+        return DataReportSummary.model_validate(raw) if raw else None
+    except ValidationError:
+        return None
 
 
 def _point_sets(raw: dict[str, float] | None) -> dict[str, float] | None:

@@ -949,6 +949,7 @@ def final_progress(final: FinalReport, previous: Progress | None, at: datetime |
         eval_loss=eval_loss,
         base_eval_loss=finite(m.base_eval_loss),
         eval_sets=sets,
+        data_report=previous.data_report if previous else None,
         tokens_per_second=finite(m.tokens_per_second, low=0),
         mfu=previous.mfu if previous else None,
         eta="0s",

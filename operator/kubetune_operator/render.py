@@ -17,6 +17,7 @@ from typing import Any
 
 from kubetune_trainer.config import (
     CheckpointConfig,
+    DataChecks,
     DatasetConfig,
     DatasetOptions,
     EvalSetConfig,
@@ -144,7 +145,7 @@ def trainer_config(
             s3=S3Config(endpoint_url=s3.endpoint_url, region=s3.region) if s3 else S3Config(),
         ),
         metrics=MetricsConfig(port=settings.trainer_metrics_port),
-        evaluation=EvaluationConfig(sets=[_eval_set(spec, name, path) for name, path in storage.eval_set_paths]),
+        evaluation=_evaluation(spec, storage.eval_set_paths),
         identity=RunIdentity(
             namespace=owner.namespace,
             name=owner.name,
@@ -157,10 +158,16 @@ def trainer_config(
     )
 
 
-def _eval_set(spec: FineTuneJobSpec, name: str, path: str) -> EvalSetConfig:
-    assert spec.evaluation is not None
-    given = next(s for s in spec.evaluation.sets if s.name == name)
-    return EvalSetConfig(name=name, format=given.format, path=path)
+def _evaluation(spec: FineTuneJobSpec, set_paths: tuple[tuple[str, str], ...]) -> EvaluationConfig:
+    ev = spec.evaluation
+    if ev is None:
+        return EvaluationConfig()
+    formats = {s.name: s.format for s in ev.sets}
+    return EvaluationConfig(
+        sets=[EvalSetConfig(name=name, format=formats[name], path=path) for name, path in set_paths],
+        data_report=ev.data_report,
+        data_checks=ev.data_checks or DataChecks(),
+    )
 
 
 def render_attempt_config(

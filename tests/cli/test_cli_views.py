@@ -10,6 +10,7 @@ from kubetune_operator.api import RERUN_ANNOTATION
 from kubetune_operator.api.status import (
     AttemptRecord,
     CheckpointStatus,
+    DataReportSummary,
     EvalSetResult,
     FineTuneJobStatus,
     IgnoredCheckpoint,
@@ -173,7 +174,25 @@ def test_describe_shows_each_evaluation_set_against_the_base_model_and_its_gate(
             {"name": "math", "source": "pvc://data/math.jsonl"},
         ],
     }
+    status.progress.data_report = DataReportSummary(
+        rows=9500,
+        tokens=2_400_000,
+        length_p50=210,
+        length_p99=1900,
+        length_max=5100,
+        truncated_rows=95,
+        skipped_rows=1,
+        exact_duplicate_rows=12,
+        near_duplicate_rows=0,
+        evaluation_rows=700,
+        leaked_rows=2,
+    )
+    job = h.job("support-bot", status=status) | {"spec": job["spec"]}
     lines = views.describe(job, [], now=h.NOW).splitlines()
+    assert (
+        "Data:        9,500 rows, 2,400,000 tokens, length p50 210 / p99 1900 / max 5100, 95 (1.0%) truncated, "
+        "1 (0.0%) skipped, 12 (0.1%) exact and 0 near duplicates, 2 of 700 evaluation rows leaked"
+    ) in lines
     start = lines.index("Evaluation (latest, against the base model):")
     assert lines[start + 1 : start + 6] == [
         "  SET            LOSS     BASE LOSS   CHANGE   GATE",

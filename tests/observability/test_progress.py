@@ -19,7 +19,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from kubetune_operator.api.status import CheckpointStatus, HistoryPoint, PinnedSource, Progress
+from kubetune_operator.api.status import (
+    CheckpointStatus,
+    DataReportSummary,
+    EvalSetResult,
+    HistoryPoint,
+    PinnedSource,
+    Progress,
+)
 from kubetune_operator.progress import (
     ProgressPoller,
     fetch_progress,
@@ -37,6 +44,27 @@ ROOT = "/kubetune/job"
 URI = "pvc://ft-checkpoints/ml-team/support-bot"
 
 
+SUMMARY = {
+    "rows": 9500,
+    "tokens": 2_400_000,
+    "lengthP50": 210,
+    "lengthP99": 1900,
+    "lengthMax": 5100,
+    "truncatedRows": 3,
+    "skippedRows": 1,
+    "exactDuplicateRows": 12,
+    "nearDuplicateRows": 40,
+    "evaluationRows": 700,
+    "leakedRows": 2,
+}
+
+
+def sets(general: float) -> dict[str, dict[str, float | None]]:
+    from kubetune_trainer import evalsets
+
+    return evalsets.figures({"general": general}, {"general": 2.0})
+
+
 def trainer_doc() -> dict[str, Any]:
     """What a real rank 0 publishes mid-run, through JSON as on the wire."""
     p = trainer_progress.Progress(world_size=16)
@@ -48,6 +76,8 @@ def trainer_doc() -> dict[str, Any]:
         }
     )
     p.set_plan(4000)
+    p.data_report(SUMMARY)
+    p.evaluated(0, eval_loss=2.2, perplexity=9.03, sets=sets(2.0), base_eval_loss=2.2)  # the base model
     p.set_state("training")
     for step in range(1, 1201):
         p.step_done(step, epoch=step / 2000, duration=0.5, tokens=4096)
@@ -62,7 +92,8 @@ def trainer_doc() -> dict[str, Any]:
                 gpu_memory_peak=60 * 2**30,
             )
         if step % 100 == 0:
-            p.evaluated(step, eval_loss=1.31 if step == 1200 else 2.1 - step / 1000, perplexity=3.7)
+            loss = 1.31 if step == 1200 else 2.1 - step / 1000
+            p.evaluated(step, eval_loss=loss, perplexity=3.7, sets=sets(2.0 + step / 10_000), base_eval_loss=2.2)
     p.checkpointed(1200, f"{ROOT}/runs/2/checkpoints/step-1200", SAVED_AT, duration=12.0)
     doc: dict[str, Any] = json.loads(json.dumps(p.snapshot()))
     return doc
@@ -81,6 +112,9 @@ def test_a_real_trainer_document_maps_into_the_status() -> None:
         epoch=0.6,
         loss=1.234,
         eval_loss=1.31,
+        base_eval_loss=2.2,
+        eval_sets=[EvalSetResult(name="general", loss=2.12, perplexity=8.3311, base_loss=2.0, change=0.06)],
+        data_report=DataReportSummary.model_validate(SUMMARY),
         tokens_per_second=48210.0,
         mfu=0.41,
         eta="1h30m",
@@ -94,7 +128,8 @@ def test_a_real_trainer_document_maps_into_the_status() -> None:
     )
     # the trainer's 500-point history, thinned for the status: spread over the run, every evaluation kept
     assert len(doc["history"]) > 300 and 50 < len(history) <= 100
-    assert history[-1] == HistoryPoint(step=1200, loss=1.234, eval_loss=1.31)
+    assert history[-1] == HistoryPoint(step=1200, loss=1.234, eval_loss=1.31, eval_sets={"general": 2.12})
+    assert history[0] == HistoryPoint(step=0, eval_loss=2.2, eval_sets={"general": 2.0})  # the base model
     steps = [p.step for p in history]
     assert steps == sorted(set(steps)) and steps[0] == doc["history"][0]["step"]
     evaluated = [h["step"] for h in doc["history"] if "evalLoss" in h]

@@ -218,7 +218,7 @@ def test_setup_reports_each_stage_and_how_far_it_got(
         assert all(s["state"] == "loading" for s in seen if s["setup"])
         stages = [stage for stage, _ in itertools.groupby(s["stage"] for s in setups)]
         resuming = [] if first else ["loading checkpoint"]
-        assert stages == ["tokenising", "loading model", "verifying checkpoints", *resuming]
+        assert stages == ["tokenising", "checking data", "loading model", "verifying checkpoints", *resuming]
         # 160 rows: 144 to train on, 16 held out, counted as one total
         tokenising = [
             k

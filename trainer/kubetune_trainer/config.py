@@ -264,6 +264,36 @@ class DatasetConfig(DatasetOptions):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// dataset sources.")
 
 
+class DataChecks(Model):
+    """Reasons to stop before training (exit 78, the rows named), judged on the data report."""
+
+    max_truncated_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Stop when more than this fraction of the training rows is longer than dataset.maxSeqLength (their "
+            "ends would be cut off), e.g. 0.01."
+        ),
+    )
+    max_duplicate_fraction: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Stop when more than this fraction of the training rows are exact or near duplicates of others "
+            "(copies beyond the first of each group)."
+        ),
+    )
+    fail_on_leakage: bool = Field(
+        False,
+        description=(
+            "Stop when a row of the evaluation data (the held-out split, dataset.evalSource or an evaluation set) "
+            "also appears in the training data, exactly or nearly: its evaluation would measure memory."
+        ),
+    )
+
+
 class EvalSetConfig(EvalSetOptions):
     path: str = Field(description=f"The set's rows: {DATASET_SOURCE_FORMS}.")
 
@@ -274,6 +304,9 @@ class EvaluationConfig(Model):
         max_length=MAX_EVAL_SETS,
         description="Named evaluation sets (e.g. out-of-distribution data that measures forgetting).",
     )
+
+    data_report: bool = Field(True, description="Write the data report before training.")
+    data_checks: DataChecks = Field(default_factory=DataChecks, description="Reasons to stop before training.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> EvaluationConfig:

@@ -89,7 +89,9 @@ def compact(sets: dict[str, dict[str, Any]], digits: int = 4) -> dict[str, dict[
 
 
 def message_figures(final: dict[str, Any]) -> dict[str, Any]:
-    """The final figures as rank 0's termination message carries them: the sets compacted."""
-    if not final.get("evalSets"):
-        return final
-    return {**final, "evalSets": compact(final["evalSets"])}
+    """The final figures as rank 0's termination message carries them: the sets compacted, the data report left
+    to the manifest (the status has it from the progress reports)."""
+    figures = {k: v for k, v in final.items() if k != "dataReport"}
+    if figures.get("evalSets"):
+        figures["evalSets"] = compact(figures["evalSets"])
+    return figures

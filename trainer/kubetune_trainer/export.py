@@ -5,6 +5,7 @@ model.safetensors (or shards) + config.json        full fine-tuning, in the comp
 tokenizer files
 merged/                                            output.mergeAdapter: base + adapter merged, with tokenizer
 metrics.jsonl                                      one record per log step (appended while training)
+data-report.json                                   the data report, written before training (datareport.py)
 loss.png                                           training and eval loss curves
 manifest.json                                      written last: who trained it (identity), base model, dataset
                                                    hashes, downloaded sources (ETags, commits), config, final
@@ -94,6 +95,13 @@ def claim_output(out_dir: Path, identity: RunIdentity, checkpoint_dir: Path) -> 
             f"{describe_owner(mine)}: not writing over it: give each run its own output path"
         )
     return None
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write a JSON document whole or not at all (a temporary file renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
 
 
 def append_metrics(out_dir: Path, record: dict[str, Any]) -> None:

@@ -31,6 +31,8 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
       "loss": float | null, "evalLoss": float | null, "evalPerplexity": float | null,
       "baseEvalLoss": float | null,     # the base model's eval loss (step 0)
       "evalSets": {name: {"loss", "perplexity", "baseLoss", "change"}},   # latest evaluation of each named set
+      "dataReport": {"rows", "tokens", "lengthP50", "lengthP99", "lengthMax", "truncatedRows", "skippedRows",
+                     "exactDuplicateRows", "nearDuplicateRows", "evaluationRows", "leakedRows"} | null,
       "learningRate": float | null, "gradNorm": float | null,
       "tokensTotal": int, "tokensPerSecond": float | null, "mfu": float | null,
       "etaSeconds": float | null, "worldSize": int,
@@ -47,8 +49,9 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
 `setup` says what rank 0 is doing while `state` is "loading", and how far it got; it is null once training starts.
 Stages, in order (each may be skipped): "downloading" (s3:// and hf:// sources into the cache; bytes for s3://,
 done/total null for the Hub), "reading data" (rows read and rendered; total null), "tokenising" (rows),
-"loading model" (no counts), "verifying checkpoints" (hashing this training's checkpoints; no counts),
-"loading checkpoint" (no counts). `done` only grows within a stage: a change of `stage` or of `done` is progress.
+"checking data" (the data report; no counts), "loading model" (no counts), "verifying checkpoints" (hashing this
+training's checkpoints; no counts), "loading checkpoint" (no counts). `done` only grows within a stage: a change of
+`stage` or of `done` is progress.
 
 `ignoredCheckpoints` lists the checkpoints in the run's checkpoint directory that this training did not resume
 from and will never rotate: another FineTuneJob object's (another uid), another run's, another spec's or dataset's,
@@ -151,6 +154,7 @@ class Progress:
             "evalPerplexity": None,
             "baseEvalLoss": None,
             "evalSets": {},
+            "dataReport": None,
             "learningRate": None,
             "gradNorm": None,
             "tokensTotal": 0,
@@ -327,6 +331,10 @@ class Progress:
             elif point:
                 self._history = downsample([*self._history, {"step": step, **point}])
         self._update(evalLoss=eval_loss, evalPerplexity=perplexity, baseEvalLoss=base_eval_loss, evalSets=sets)
+
+    def data_report(self, summary: dict[str, Any]) -> None:
+        """The data report's summary (datareport.summary), measured before training."""
+        self._update(dataReport=summary)
 
     def checkpointed(self, step: int, path: str, saved_at: float, duration: float) -> None:
         self.checkpoint_duration.set(duration)

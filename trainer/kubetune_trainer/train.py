@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, evalsets, export, mfu, sources
+from . import checkpoint, datareport, evalsets, export, mfu, sources
 from .config import TrainerConfig
 from .data import PreparedData, Samples, prepare
 from .errors import PermanentError, Stopped, Terminated
@@ -152,6 +152,7 @@ class Run:
         self.eval_bins = self._bins(self.data.eval)
         self.eval_sets = evalsets.load(cfg.evaluation.sets, cfg.dataset, self.tokenizer)
         self.set_bins = {s.name: self._bins(s.samples) for s in self.eval_sets}
+        self.data_summary = self.check_data()
         if self.packed:
             log.info(
                 "packed %d samples into %d sequences of up to %d tokens (%.1f%% full)",
@@ -184,6 +185,32 @@ class Run:
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=t.precision == "fp16")
         self.params = [p for p in self.prepared.model.parameters() if p.requires_grad]
         self.peak = mfu.peak_flops(torch.cuda.get_device_name(rt.device)) if rt.device.type == "cuda" else None
+
+    def check_data(self) -> dict[str, Any] | None:
+        """Collective: rank 0 writes the data report (datareport.py) into the output directory and judges
+        evaluation.dataChecks; a failed check stops every rank (PermanentError naming the rows). Returns the
+        report's summary (rank 0) or None."""
+        ev = self.cfg.evaluation
+        checks = ev.data_checks
+        wanted = ev.data_report or checks != type(checks)()
+        if not wanted:
+            return None
+        summary, problems = None, None
+        if self.rt.is_main:
+            self.progress.setup("checking data")
+            cfg = self.sources.config
+            train, evaluation = datareport.read(cfg.dataset, cfg.evaluation.sets, self.tokenizer, cfg.training.seed)
+            report = datareport.build(train, evaluation, cfg.dataset.max_seq_length)
+            export.write_json(self.out_dir / datareport.REPORT_FILE, report)
+            summary = datareport.summary(report)
+            self.progress.data_report(summary)
+            log.info("data report: %s", ", ".join(f"{k} {v}" for k, v in summary.items()))
+            problems = datareport.problems(report, checks)
+        problems = self.rt.gather_objects(problems)[0]
+        if problems:
+            reasons = "; ".join(problems)
+            raise PermanentError(f"the data fails evaluation.dataChecks (see {datareport.REPORT_FILE}): {reasons}")
+        return summary
 
     def claim_output(self) -> None:
         """Collective: make sure the output directory is empty or this training's own (PermanentError if not)."""
@@ -541,6 +568,8 @@ class Run:
         }
         if self.last_eval is not None and self.last_eval.sets:
             final["evalSets"] = self.set_figures(self.last_eval)
+        if self.data_summary is not None:
+            final["dataReport"] = self.data_summary
         self.ckpt.check_fence()
         if rt.is_main:
             self.tokenizer.save_pretrained(self.out_dir)

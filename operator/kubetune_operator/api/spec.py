@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from kubetune_trainer.config import MAX_EVAL_SETS, DatasetOptions, EvalSetOptions, MethodConfig, TrainingConfig
+from kubetune_trainer.config import (
+    MAX_EVAL_SETS,
+    DataChecks,
+    DatasetOptions,
+    EvalSetOptions,
+    MethodConfig,
+    TrainingConfig,
+)
 from pydantic import Field
 
 from kubetune_operator.api.common import DEFAULTED_GROUP, ApiModel, EmbeddedObject, Quantity
@@ -515,6 +522,18 @@ class Evaluation(ApiModel):
             "status.progress.evalSets, the metrics and the output manifest."
         ),
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    data_report: bool = Field(
+        True,
+        description=(
+            "Before training, report on the data (data-report.json in the output, a summary in "
+            "status.progress.dataReport): rows, tokens, length percentiles, truncated and skipped rows, exact and near "
+            "duplicates, and evaluation rows that also appear in the training data. Rank 0 reads the data once more "
+            "for it."
+        ),
+    )
+    data_checks: DataChecks | None = Field(
+        None, description="Reasons to stop before training (exit code 78, the rows named), judged on the data report."
     )
 
 

@@ -18,7 +18,7 @@ from kubetune_operator.api.common import ApiModel, Time
 
 # Losses are kept to 4 decimals: the status is read by people (`kubectl get ftj` prints the number as stored),
 # and digits past the fourth are noise from run to run anyway.
-Loss = Annotated[float, AfterValidator(lambda value: round(value, 4))]
+Loss = Annotated[float, AfterValidator(lambda value: round(value, 4))]  # and other figures of a loss: perplexity
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -108,15 +108,32 @@ class EvalSetResult(ApiModel):
 
     name: str = Field(max_length=32, description="The set's name (spec.evaluation.sets[].name).")
     loss: Loss | None = Field(None, description="Mean loss over the set's target tokens.")
-    perplexity: float | None = Field(None, ge=0, description="exp(loss).")
+    perplexity: Loss | None = Field(None, ge=0, description="exp(loss).")
     base_loss: Loss | None = Field(None, description="The base model's loss on the set, before training.")
-    change: float | None = Field(
+    change: Loss | None = Field(
         None,
         description=(
             "(loss - baseLoss) / baseLoss: 0.12 is 12% worse than the base model, -0.3 is 30% better. On a set "
             "from another domain than the training data, a rise measures forgetting."
         ),
     )
+
+
+class DataReportSummary(ApiModel):
+    """The data report of the training rows, measured before training (data-report.json in the output has every
+    row it names)."""
+
+    rows: int = Field(ge=0, description="Training rows.")
+    tokens: int = Field(ge=0, description="Their tokens, after truncation to maxSeqLength.")
+    length_p50: int = Field(ge=0, description="Median row length in tokens, before truncation.")
+    length_p99: int = Field(ge=0, description="99th percentile of the row lengths in tokens.")
+    length_max: int = Field(ge=0, description="Longest row in tokens.")
+    truncated_rows: int = Field(ge=0, description="Rows longer than maxSeqLength: their ends are not trained on.")
+    skipped_rows: int = Field(ge=0, description="Rows with no target token within maxSeqLength: not trained on.")
+    exact_duplicate_rows: int = Field(ge=0, description="Copies of other rows (same text once normalised).")
+    near_duplicate_rows: int = Field(ge=0, description="Rows nearly equal to others (MinHash, Jaccard >= 0.8).")
+    evaluation_rows: int = Field(0, ge=0, description="Rows of the evaluation split, evalSource and sets.")
+    leaked_rows: int = Field(0, ge=0, description="Evaluation rows that also appear in the training data.")
 
 
 class SetupProgress(ApiModel):
@@ -152,6 +169,9 @@ class Progress(ApiModel):
         max_length=MAX_EVAL_SETS,
         description="Each evaluation set's figures at the latest evaluation, against the base model's.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    data_report: DataReportSummary | None = Field(
+        None, description="The data report of the run's training data, measured before training."
     )
     tokens_per_second: float | None = Field(None, ge=0, description="Training throughput over all workers.")
     mfu: float | None = Field(None, ge=0, le=1, description="Model FLOPs utilisation, 0 to 1.")

@@ -383,6 +383,27 @@ def _progress(status: Obj, now: datetime) -> str | None:
     )
 
 
+def data_report(status: Obj) -> str | None:
+    """The data report's summary in one line (data-report.json in the output names every row)."""
+    d = dig(status, "progress", "dataReport")
+    if not d:
+        return None
+    rows = d.get("rows") or 0
+
+    def share(n: Any) -> str:
+        return f"{n} ({n / rows:.1%})" if rows and n else str(n or 0)
+
+    return _join(
+        f"{rows:,} rows",
+        f"{d.get('tokens', 0):,} tokens",
+        f"length p50 {d.get('lengthP50')} / p99 {d.get('lengthP99')} / max {d.get('lengthMax')}",
+        f"{share(d.get('truncatedRows'))} truncated",
+        f"{share(d.get('skippedRows'))} skipped",
+        f"{share(d.get('exactDuplicateRows'))} exact and {share(d.get('nearDuplicateRows'))} near duplicates",
+        f"{d.get('leakedRows', 0)} of {d.get('evaluationRows', 0)} evaluation rows leaked",
+    )
+
+
 def _workers(status: Obj) -> str | None:
     w = status.get("workers")
     if not w:
@@ -498,6 +519,7 @@ def describe(job: Obj, events: Sequence[Obj], *, now: datetime, max_events: int 
             ("Checkpoints", _checkpoints(meta, spec)),
             ("Run policy", _policy(spec)),
             ("Budget", _budget(spec)),
+            ("Data", data_report(status)),
             ("Progress", _progress(status, now)),
             ("Workers", _workers(status)),
             ("Checkpoint", _checkpoint(status, now)),
