@@ -545,6 +545,11 @@ CASES = [
         ("spec.evaluation.sets", "must have at most 8 items"),
     ),
     Case(
+        "data-checks-fraction",
+        {"evaluation": {"dataChecks": {"maxTruncatedFraction": 1.5}}},
+        ("spec.evaluation.dataChecks.maxTruncatedFraction", "should be less than or equal to 1"),
+    ),
+    Case(
         "eval-gate-without-eval-data",
         {"evaluation": {"maxEvalLoss": 1.5}},
         ("spec.evaluation.maxEvalLoss", "needs evaluation data"),
