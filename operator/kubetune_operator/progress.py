@@ -263,7 +263,7 @@ class TrainerReport(_Doc):
     def finishing(self) -> bool:
         """Past the last step: evaluating for the last time, exporting, or done."""
         last = self.total_steps is not None and 0 < self.total_steps <= self.step
-        return last or self.state in ("exporting", "done")
+        return last or self.state in ("exporting", "sampling", "done")
 
 
 def parse_report(doc: dict[str, Any]) -> TrainerReport | None:

@@ -27,6 +27,8 @@ from kubetune_trainer.config import (
     OutputConfig,
     RunIdentity,
     S3Config,
+    SamplesConfig,
+    SamplesOptions,
     SourcesConfig,
     TrainerConfig,
 )
@@ -145,7 +147,7 @@ def trainer_config(
             s3=S3Config(endpoint_url=s3.endpoint_url, region=s3.region) if s3 else S3Config(),
         ),
         metrics=MetricsConfig(port=settings.trainer_metrics_port),
-        evaluation=_evaluation(spec, storage.eval_set_paths),
+        evaluation=_evaluation(spec, storage),
         identity=RunIdentity(
             namespace=owner.namespace,
             name=owner.name,
@@ -158,13 +160,18 @@ def trainer_config(
     )
 
 
-def _evaluation(spec: FineTuneJobSpec, set_paths: tuple[tuple[str, str], ...]) -> EvaluationConfig:
+def _evaluation(spec: FineTuneJobSpec, storage: WorkerStorage) -> EvaluationConfig:
     ev = spec.evaluation
     if ev is None:
         return EvaluationConfig()
     formats = {s.name: s.format for s in ev.sets}
+    samples = None
+    if ev.samples is not None and storage.samples_path is not None:
+        options = ev.samples.model_dump(include=set(SamplesOptions.model_fields))
+        samples = SamplesConfig(**options, path=storage.samples_path)
     return EvaluationConfig(
-        sets=[EvalSetConfig(name=name, format=formats[name], path=path) for name, path in set_paths],
+        sets=[EvalSetConfig(name=name, format=formats[name], path=path) for name, path in storage.eval_set_paths],
+        samples=samples,
         data_report=ev.data_report,
         data_checks=ev.data_checks or DataChecks(),
     )

@@ -7,7 +7,7 @@
     <output claim>/<output path>/<namespace>/<job>/<uid>/   mounted at /kubetune/output (when it differs)
         runs/<run>/                                          outputs
     pvc://<claim>/<path> sources                             mounted read-only at /kubetune/sources/<role>/<name>
-                                                             (role: model, dataset, eval, sets/<set name>)
+                                                             (role: model, dataset, eval, sets/<set name>, samples)
 
 <uid> is the FineTuneJob's metadata.uid: a job deleted and applied again under the same name (kubectl replace,
 an Argo CD or Flux re-create) is a new object with a new uid, so it never resumes from, rotates or overwrites the
@@ -58,6 +58,7 @@ class WorkerStorage:
     eval_path: str | None
     # (name, path) of each evaluation set, as the worker sees it
     eval_set_paths: tuple[tuple[str, str], ...] = ()
+    samples_path: str | None = None
 
     def claims(self) -> list[tuple[str, bool]]:
         """Each claim once, in order of first use, with whether every mount of it is read-only."""
@@ -120,6 +121,8 @@ def worker_storage(namespace: str, job: str, uid: str, spec: FineTuneJobSpec, ru
     eval_path = source("eval", spec.dataset.eval_source) if spec.dataset.eval_source else None
     sets = spec.evaluation.sets if spec.evaluation else []
     eval_set_paths = tuple((s.name, source(f"sets/{s.name}", s.source)) for s in sets)
+    samples = spec.evaluation.samples if spec.evaluation else None
+    samples_path = source("samples", samples.source) if samples else None
     return WorkerStorage(
         mounts=tuple(mounts),
         checkpoint_dir=f"{JOB_DIR}/{runs}/checkpoints",
@@ -130,6 +133,7 @@ def worker_storage(namespace: str, job: str, uid: str, spec: FineTuneJobSpec, ru
         dataset_path=dataset,
         eval_path=eval_path,
         eval_set_paths=eval_set_paths,
+        samples_path=samples_path,
     )
 
 

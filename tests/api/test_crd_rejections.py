@@ -408,8 +408,8 @@ CASES = [
         {"model": {"source": "s3://models/qwen", "tokenSecretRef": {"name": "hf"}}},
         (
             "spec.model.tokenSecretRef: Forbidden: spec.model.tokenSecretRef applies only when a source "
-            "(spec.model.source, spec.dataset.source, spec.dataset.evalSource or spec.evaluation.sets[].source) is "
-            "hf://",
+            "(spec.model.source, spec.dataset.source, spec.dataset.evalSource, spec.evaluation.sets[].source or "
+            "spec.evaluation.samples.source) is hf://",
         ),
     ),
     Case(
@@ -417,7 +417,7 @@ CASES = [
         {"dataset": {"revision": "main"}},
         (
             "spec.dataset.revision: Forbidden: spec.dataset.revision applies only when spec.dataset.source, "
-            "spec.dataset.evalSource or an evaluation set's source is hf://",
+            "spec.dataset.evalSource or an evaluation source (sets, samples) is hf://",
         ),
     ),
     Case(
@@ -425,7 +425,8 @@ CASES = [
         {"storage": {"s3": {"region": "eu-west-1"}}},
         (
             "spec.storage.s3: Forbidden: spec.storage.s3 applies only when a source (spec.model.source, "
-            "spec.dataset.source, spec.dataset.evalSource or spec.evaluation.sets[].source) is s3://",
+            "spec.dataset.source, spec.dataset.evalSource, spec.evaluation.sets[].source or "
+            "spec.evaluation.samples.source) is s3://",
         ),
     ),
     Case(
@@ -543,6 +544,16 @@ CASES = [
         "eval-sets-at-most-8",
         {"evaluation": {"sets": [{"name": f"s{i}", "source": "pvc://datasets/a.jsonl"} for i in range(9)]}},
         ("spec.evaluation.sets", "must have at most 8 items"),
+    ),
+    Case(
+        "samples-source-syntax",
+        {"evaluation": {"samples": {"source": "prompts.jsonl"}}},
+        ("spec.evaluation.samples.source must be hf://<org>/<name>[/<path>], pvc://<claim>/<path> or s3://",),
+    ),
+    Case(
+        "samples-max-new-tokens",
+        {"evaluation": {"samples": {"source": "pvc://datasets/prompts.jsonl", "maxNewTokens": 0}}},
+        ("spec.evaluation.samples.maxNewTokens", "should be greater than or equal to 1"),
     ),
     Case(
         "data-checks-fraction",

@@ -7,6 +7,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import cli_helpers as h
 import pytest
@@ -69,9 +70,11 @@ def attempt_job(job: str, attempt: int, *, workers: int, placement: dict[str, ob
     }
 
 
-def wait_for_phase(cluster: LocalCluster, namespace: str, rank: int, phase: str, timeout: float = 30) -> None:
+def wait_for_phase(
+    cluster: LocalCluster, namespace: str, rank: int, phase: str, timeout: float = 30, job: str = "support-bot"
+) -> None:
     """Until the worker of `rank` (of the only attempt with such a worker) is in `phase`."""
-    selector = f"{LABEL_JOB}=support-bot,{COMPLETION_INDEX_LABEL}={rank}"
+    selector = f"{LABEL_JOB}={job},{COMPLETION_INDEX_LABEL}={rank}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)
@@ -155,3 +158,52 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
         waiting.kill()
         waiting.wait()
     assert (waiting.returncode, out, err) == (0, "rank 0: loaded 2 shards\nrank 0: step 10 loss 1.5000\n", "")
+
+
+# Rank 0 of a finished run leaves its samples in its log as the trainer logs them (kubetune_trainer.samples).
+ANSWERING_WORKER = """
+import json
+rows = [
+    {"row": "/kubetune/sources/samples/prompts.jsonl row 1", "prompt": "What do bees make?", "reference": "Honey.",
+     "base": "Bees make a sweet substance called nectar, which they collect", "tuned": "Honey.",
+     "truncated": {"base": True, "tuned": False}},
+]
+print("2026-12-05 10:00:00,000 [rank 0] INFO kubetune_trainer.train: step 10/10 | loss 1.2")
+for r in rows:
+    print("2026-12-05 10:00:01,000 [rank 0] INFO kubetune_trainer.samples: kubetune-sample " + json.dumps(r))
+"""
+
+
+def test_samples_of_a_finished_run_side_by_side_from_rank_0s_log(
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, node: LocalNode, tmp_path: Path
+) -> None:
+    samples = {"evaluation": {"samples": {"source": "pvc://datasets/prompts.jsonl"}}}
+    h.apply(crd_cluster, namespace, h.manifest("answers", **samples))
+    h.apply(crd_cluster, namespace, h.manifest("no-prompts"))
+    h.set_status(crd_cluster, namespace, "no-prompts", h.succeeded())
+    assert error(cli("samples", "no-prompts", "-n", namespace)) == (
+        'FineTuneJob "no-prompts" has no spec.evaluation.samples: give it prompts to answer'
+    )
+    h.set_status(crd_cluster, namespace, "answers", h.succeeded())
+    job = attempt_job("answers", 1, workers=1, placement=node.placement)
+    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["python", "-c", ANSWERING_WORKER]  # type: ignore[index]
+    job["spec"]["template"]["spec"]["volumes"] = []  # type: ignore[index]
+    job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = []  # type: ignore[index]
+    h.apply(crd_cluster, namespace, job)
+    wait_for_phase(crd_cluster, namespace, 0, "Succeeded", job="answers")
+    assert ok(cli("samples", "answers", "-n", namespace, "--width", "80")).splitlines() == [
+        "[1] /kubetune/sources/samples/prompts.jsonl row 1",
+        "  prompt:    What do bees make?",
+        "  reference: Honey.",
+        "  BASE                                  | TUNED",
+        "  Bees make a sweet substance called    | Honey.",
+        "  nectar, which they collect [...]      |",
+    ]
+    # the same from an output directory's samples.jsonl
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"row": "r", "prompt": "p", "base": "b", "tuned": "t"}) + "\n")
+    assert ok(cli("samples", "--from-dir", str(tmp_path), "--width", "40")).splitlines() == [
+        "[1] r",
+        "  prompt:    p",
+        "  BASE                 | TUNED",
+        "  b                    | t",
+    ]

@@ -294,6 +294,17 @@ class DataChecks(Model):
     )
 
 
+class SamplesOptions(Model):
+    """Sample answers of the base and the fine-tuned model, side by side."""
+
+    max_new_tokens: int = Field(128, ge=1, le=4096, description="Longest answer, in tokens (greedy decoding).")
+    max_prompts: int = Field(32, ge=1, le=256, description="Prompts answered: the first rows of the source.")
+
+
+class SamplesConfig(SamplesOptions):
+    path: str = Field(description=f"The prompts: {DATASET_SOURCE_FORMS}.")
+
+
 class EvalSetConfig(EvalSetOptions):
     path: str = Field(description=f"The set's rows: {DATASET_SOURCE_FORMS}.")
 
@@ -306,6 +317,7 @@ class EvaluationConfig(Model):
     )
 
     data_report: bool = Field(True, description="Write the data report before training.")
+    samples: SamplesConfig | None = Field(None, description="Answer these prompts with the base and tuned model.")
     data_checks: DataChecks = Field(default_factory=DataChecks, description="Reasons to stop before training.")
 
     @model_validator(mode="after")
@@ -318,15 +330,16 @@ class EvaluationConfig(Model):
 
     def sources(self) -> list[tuple[str, str]]:
         """(role, path) of every source this group reads, for the download of remote ones."""
-        return [(f"evaluation set {s.name}", s.path) for s in self.sets]
+        sets = [(f"evaluation set {s.name}", s.path) for s in self.sets]
+        return sets + ([("samples", self.samples.path)] if self.samples else [])
 
     def localised(self, local: dict[str, str]) -> EvaluationConfig:
         """This group with the sources found in `local` (role -> local copy) replaced by their copies."""
-        roles = [role for role, _ in self.sources()]
-        sets = [
-            s.model_copy(update={"path": local.get(role, s.path)}) for role, s in zip(roles, self.sets, strict=True)
-        ]
-        return self.model_copy(update={"sets": sets})
+        sets = [s.model_copy(update={"path": local.get(f"evaluation set {s.name}", s.path)}) for s in self.sets]
+        samples = (
+            self.samples.model_copy(update={"path": local.get("samples", self.samples.path)}) if self.samples else None
+        )
+        return self.model_copy(update={"sets": sets, "samples": samples})
 
 
 class CheckpointConfig(Model):

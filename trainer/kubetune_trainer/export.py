@@ -6,6 +6,7 @@ tokenizer files
 merged/                                            output.mergeAdapter: base + adapter merged, with tokenizer
 metrics.jsonl                                      one record per log step (appended while training)
 data-report.json                                   the data report, written before training (datareport.py)
+samples.jsonl                                      base and fine-tuned answers to evaluation.samples (samples.py)
 loss.png                                           training and eval loss curves
 manifest.json                                      written last: who trained it (identity), base model, dataset
                                                    hashes, downloaded sources (ETags, commits), config, final

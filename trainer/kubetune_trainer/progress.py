@@ -25,7 +25,7 @@ Prometheus metrics (no labels; the scrape target adds namespace and name):
 `/progress` (camelCase JSON):
 
     {
-      "state": "loading|training|evaluating|checkpointing|exporting|done|failed",
+      "state": "loading|training|evaluating|checkpointing|exporting|sampling|done|failed",
       "reason": str | null,             # why it failed
       "step": int, "totalSteps": int | null, "epoch": float,
       "loss": float | null, "evalLoss": float | null, "evalPerplexity": float | null,
@@ -81,7 +81,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 log = logging.getLogger(__name__)
 
-STATES = ("loading", "training", "evaluating", "checkpointing", "exporting", "done", "failed")
+STATES = ("loading", "training", "evaluating", "checkpointing", "exporting", "sampling", "done", "failed")
 MAX_HISTORY = 500
 P = TypeVar("P")
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

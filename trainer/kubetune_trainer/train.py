@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, datareport, evalsets, export, mfu, sources
+from . import checkpoint, datareport, evalsets, export, mfu, samples, sources
 from .config import TrainerConfig
 from .data import PreparedData, Samples, prepare
 from .errors import PermanentError, Stopped, Terminated
@@ -153,6 +153,7 @@ class Run:
         self.eval_sets = evalsets.load(cfg.evaluation.sets, cfg.dataset, self.tokenizer)
         self.set_bins = {s.name: self._bins(s.samples) for s in self.eval_sets}
         self.data_summary = self.check_data()
+        self.check_samples()
         if self.packed:
             log.info(
                 "packed %d samples into %d sequences of up to %d tokens (%.1f%% full)",
@@ -211,6 +212,26 @@ class Run:
             reasons = "; ".join(problems)
             raise PermanentError(f"the data fails evaluation.dataChecks (see {datareport.REPORT_FILE}): {reasons}")
         return summary
+
+    def check_samples(self) -> None:
+        """Rank 0: a prompts source that cannot be read fails now, not after training."""
+        if self.cfg.evaluation.samples is not None and self.rt.is_main:
+            config = self.sources.config
+            assert config.evaluation.samples is not None
+            samples.read_prompts(config.evaluation.samples, config.dataset.format, self.tokenizer)
+
+    def answer_samples(self) -> None:
+        """Rank 0, once the outputs are written: the base and the fine-tuned model answer the prompts."""
+        if self.cfg.evaluation.samples is None:
+            return
+        if self.prepared.sharded:
+            log.warning("samples skipped: the model was sharded over the ranks, and they answer on one device")
+            return
+        self.progress.set_state("sampling")
+        found = samples.generate(self.sources.config, self.out_dir, self.tokenizer, self.rt.device)
+        log.info(
+            "samples: %d prompts answered by the base and the fine-tuned model (%s)", len(found), samples.SAMPLES_FILE
+        )
 
     def claim_output(self) -> None:
         """Collective: make sure the output directory is empty or this training's own (PermanentError if not)."""
@@ -575,6 +596,7 @@ class Run:
             self.tokenizer.save_pretrained(self.out_dir)
             if cfg.output.merge_adapter and cfg.method.is_peft:
                 export.merge_adapter(self.sources.config, self.out_dir, self.tokenizer)
+            self.answer_samples()
             records = export.read_metrics(self.out_dir)
             export.plot_loss(records, self.out_dir / export.LOSS_PLOT, f"{cfg.method.type} fine-tuning")
             c = self.prepared.counts

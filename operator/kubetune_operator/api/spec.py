@@ -15,6 +15,7 @@ from kubetune_trainer.config import (
     DatasetOptions,
     EvalSetOptions,
     MethodConfig,
+    SamplesOptions,
     TrainingConfig,
 )
 from pydantic import Field
@@ -502,6 +503,21 @@ class EvaluationSet(EvalSetOptions):
     )
 
 
+class EvaluationSamples(SamplesOptions):
+    """Prompts the base model and the fine-tuned one answer at the end of the run, greedily: samples.jsonl beside
+    the adapter, shown side by side by `kubectl finetune samples NAME`."""
+
+    source: str = Field(
+        max_length=2048,
+        description=(
+            f"The prompts, one per row: {DATASET_SOURCE_FORMS}. Rows are {{prompt}} (with an optional completion, "
+            "kept as the reference answer), {messages} or {conversations} (a last assistant turn is the reference), "
+            "{instruction, input?, output?} or {text}; with a chat-style training format a prompt goes through "
+            "the chat template as training renders it."
+        ),
+    )
+
+
 class Evaluation(ApiModel):
     """How the run is evaluated, and the quality gates on the finished run."""
 
@@ -531,6 +547,9 @@ class Evaluation(ApiModel):
             "duplicates, and evaluation rows that also appear in the training data. Rank 0 reads the data once more "
             "for it."
         ),
+    )
+    samples: EvaluationSamples | None = Field(
+        None, description="Prompts the base and the fine-tuned model answer at the end of the run, side by side."
     )
     data_checks: DataChecks | None = Field(
         None, description="Reasons to stop before training (exit code 78, the rows named), judged on the data report."

@@ -34,7 +34,10 @@ REVISION_RE = "^[A-Za-z0-9][-A-Za-z0-9_./]*$"
 ENDPOINT_RE = "^https?://[^/?#[:space:]]+/?$"
 REGION_RE = "^[A-Za-z0-9][-A-Za-z0-9_]*$"
 # The evaluation sets' sources, and every source of a spec, for the rules that depend on the schemes in use.
-SET_SOURCES = "(has(self.evaluation) && has(self.evaluation.sets) ? self.evaluation.sets.map(s, s.source) : [])"
+SET_SOURCES = (
+    "(has(self.evaluation) && has(self.evaluation.sets) ? self.evaluation.sets.map(s, s.source) : []) + "
+    "(has(self.evaluation) && has(self.evaluation.samples) ? [self.evaluation.samples.source] : [])"
+)
 DATASET_SOURCES = (
     f"([self.dataset.source] + (has(self.dataset.evalSource) ? [self.dataset.evalSource] : []) + {SET_SOURCES})"
 )
@@ -203,22 +206,22 @@ RULES: dict[str, tuple[Rule, ...]] = {
         Rule(
             f"!has(self.model.tokenSecretRef) || {SOURCES}.exists(s, s.startsWith('hf://'))",
             "spec.model.tokenSecretRef applies only when a source (spec.model.source, spec.dataset.source, "
-            "spec.dataset.evalSource or spec.evaluation.sets[].source) is hf:// (it is the Hugging Face access "
-            "token)",
+            "spec.dataset.evalSource, spec.evaluation.sets[].source or spec.evaluation.samples.source) is hf:// "
+            "(it is the Hugging Face access token)",
             field_path=".model.tokenSecretRef",
             reason="FieldValueForbidden",
         ),
         Rule(
             f"!has(self.storage) || !has(self.storage.s3) || {SOURCES}.exists(s, s.startsWith('s3://'))",
             "spec.storage.s3 applies only when a source (spec.model.source, spec.dataset.source, "
-            "spec.dataset.evalSource or spec.evaluation.sets[].source) is s3://",
+            "spec.dataset.evalSource, spec.evaluation.sets[].source or spec.evaluation.samples.source) is s3://",
             field_path=".storage.s3",
             reason="FieldValueForbidden",
         ),
         Rule(
             f"!has(self.dataset.revision) || {DATASET_SOURCES}.exists(s, s.startsWith('hf://'))",
             "spec.dataset.revision applies only when spec.dataset.source, spec.dataset.evalSource or an "
-            "evaluation set's source is hf:// (a branch, tag or commit of the dataset repository)",
+            "evaluation source (sets, samples) is hf:// (a branch, tag or commit of the dataset repository)",
             field_path=".dataset.revision",
             reason="FieldValueForbidden",
         ),
@@ -393,6 +396,7 @@ RULES: dict[str, tuple[Rule, ...]] = {
         ),
     ),
     "spec.evaluation.sets[].source": _dataset_source("spec.evaluation.sets[].source"),
+    "spec.evaluation.samples.source": _dataset_source("spec.evaluation.samples.source"),
     # -- run policy ------------------------------------------------------------------------------
     "spec.runPolicy": (
         Rule(

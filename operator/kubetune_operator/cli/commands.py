@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 
+from kubetune_trainer.samples import SAMPLES_FILE
+
 from kubetune_operator.api import RERUN_ANNOTATION
 from kubetune_operator.cli import manifest, plot, views, workers
 from kubetune_operator.cli.cluster import Cluster
@@ -188,6 +190,40 @@ def plot_loss(s: Session) -> int:
     out = Path(args.output or f"{args.name or 'loss'}.png")
     plot.render(train, evaluation, title, out)
     print_line(f"wrote {out}: {len(train)} train loss and {len(evaluation)} eval loss points")
+    return 0
+
+
+def samples(s: Session) -> int:
+    args = s.args
+    width = args.width or shutil.get_terminal_size().columns
+    if args.from_dir:
+        path = Path(args.from_dir) / SAMPLES_FILE
+        try:
+            found = views.samples_from_jsonl(path.read_text())
+        except FileNotFoundError:
+            raise CliError(f"{path}: no such file (the run writes it when its spec has evaluation.samples)") from None
+    elif args.name:
+        name, namespace = args.name, s.namespace
+        job = s.cluster.get_job(namespace, name)
+        status = job.get("status") or {}
+        run, attempt = status.get("run"), status.get("attempt")
+        if not run or not attempt:
+            raise CliError(f'FineTuneJob "{name}" has not started any workers yet')
+        if not views.dig(job, "spec", "evaluation", "samples"):
+            raise CliError(f'FineTuneJob "{name}" has no spec.evaluation.samples: give it prompts to answer')
+        where = f"run {run} attempt {attempt} of {name}"
+        pod = workers.pick_worker(s.cluster.attempt_pods(namespace, name, run, attempt), 0, where=where)
+        log = b"".join(s.cluster.pod_log(namespace, pod["metadata"]["name"], workers.log_container(pod), follow=False))
+        found = views.samples_from_log(log.decode(errors="replace"))
+        if not found:
+            output = views.dig(status, "output", "path") or "the run's output"
+            raise CliError(
+                f"no samples in the log of {where} yet: they come at the end of the run. Once the workers are gone, "
+                f"read {SAMPLES_FILE} in {output} with --from-dir DIR"
+            )
+    else:
+        raise CliError("give a FineTuneJob NAME, or --from-dir DIR")
+    print_line(views.samples_text(found, width))
     return 0
 
 

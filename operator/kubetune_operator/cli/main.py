@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--from-dir", metavar="DIR", help="a run's output directory (with metrics.jsonl) instead")
     p.add_argument("-o", "--output", metavar="FILE", help="PNG to write (default: NAME.png)")
     command("cost", commands.cost, "GPU-hours and cost per job, with totals per namespace", many=True)
+    p = command("samples", commands.samples, "the base and the fine-tuned model's answers to the sample prompts")
+    p.add_argument("name", metavar="NAME", nargs="?", help="the FineTuneJob (read from rank 0's log of its run)")
+    p.add_argument("--from-dir", metavar="DIR", help="a run's output directory (with samples.jsonl) instead")
+    p.add_argument("--width", type=int, help="line width (default: the terminal's)")
     return top
 
 

@@ -6,13 +6,16 @@ a newer operator never breaks an older CLI. `now` is a parameter, so every view 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import yaml
+from kubetune_trainer.samples import SAMPLE_LOG_PREFIX
 from pydantic import ValidationError
 
 from kubetune_operator.api import RERUN_ANNOTATION, FineTuneJobSpec, format_eta
@@ -697,3 +700,52 @@ def result_line(job: Obj) -> str:
     why = f"{reason}: {message}" if reason and message else reason or message
     tries = f" after {attempts} attempt{'s' if attempts != 1 else ''}" if attempts else ""
     return f"Failed: {what}{tries} ({why or 'no reason given'})" + (f"; {summary}" if summary else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# samples: base and fine-tuned answers side by side
+
+
+def samples_from_log(text: str) -> list[dict[str, Any]]:
+    """The samples rank 0 logged at the end of its run (kubetune_trainer.samples.SAMPLE_LOG_PREFIX lines)."""
+    found = []
+    for line in text.splitlines():
+        _, marker, doc = line.partition(SAMPLE_LOG_PREFIX)
+        if not marker:
+            continue
+        try:
+            sample = json.loads(doc)
+        except ValueError:
+            continue
+        if isinstance(sample, dict):
+            found.append(sample)
+    return found
+
+
+def samples_from_jsonl(text: str) -> list[dict[str, Any]]:
+    """The samples of an output directory's samples.jsonl."""
+    return [s for s in (json.loads(line) for line in text.splitlines() if line.strip()) if isinstance(s, dict)]
+
+
+def _wrapped(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width) or [""]
+
+
+def samples_text(samples: Sequence[Obj], width: int = 120) -> str:
+    """Each prompt, its reference answer if any, then the base and the fine-tuned answer in two columns."""
+    column = max(20, (width - 5) // 2)
+    lines: list[str] = []
+    for i, s in enumerate(samples, 1):
+        lines.append(f"[{i}] {s.get('row') or ''}".rstrip())
+        lines += ["  prompt:    " + line for line in _wrapped(str(s.get("prompt") or ""), width - 13)]
+        if s.get("reference"):
+            lines += ["  reference: " + line for line in _wrapped(str(s["reference"]), width - 13)]
+        cut = s.get("truncated") or {}
+        base = str(s.get("base") or "") + (" [...]" if cut.get("base") else "")
+        tuned = str(s.get("tuned") or "") + (" [...]" if cut.get("tuned") else "")
+        left, right = _wrapped(base, column), _wrapped(tuned, column)
+        lines.append(f"  {'BASE':<{column}} | TUNED")
+        for a, b in itertools.zip_longest(left, right, fillvalue=""):
+            lines.append(f"  {a:<{column}} | {b}".rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
