@@ -15,13 +15,14 @@ from kubetune_operator.api.status import (
     MAX_ATTEMPTS,
     CheckpointStatus,
     CostStatus,
+    EvalSetResult,
     HistoryPoint,
     OutputStatus,
     Progress,
     SetupProgress,
 )
 from kubetune_operator.cost import PodUsage, Pricing
-from kubetune_operator.observed import FinalMetrics, FinalReport, Observed
+from kubetune_operator.observed import FinalMetrics, FinalReport, FinalSet, Observed
 from kubetune_operator.progress import TrainerReport, TrainerView, parse_report
 from kubetune_operator.reconcile import Deletion, with_running_figures
 from kubetune_operator.settings import OperatorSettings
@@ -456,3 +457,37 @@ def test_checkpoints_the_trainer_ignored_are_listed_named_in_a_condition_and_ann
     _, job = step(edited(job, spec(training={"epochs": 2})), Observed(), later(120))
     assert job.status is not None and job.status.checkpoint is None
     assert condition(job, "CheckpointsIgnored")[0] == "False"
+
+
+FORGETTING_GATE = spec(
+    evaluation={"sets": [{"name": "general", "source": "pvc://datasets/general.jsonl", "maxIncrease": 0.1}]}
+)
+
+
+def test_an_evaluation_set_that_rose_past_its_limit_fails_the_run_naming_the_set_and_figures() -> None:
+    base = {"general": {"loss": 2.0, "perplexity": 7.389, "baseLoss": 2.0, "change": 0.0}}
+    _, job = step(started(FORGETTING_GATE), polled(report(evalLoss=None, evalSets=base)), later(60))
+    assert job.status is not None and job.status.progress is not None
+    assert job.status.progress.eval_sets == [
+        EvalSetResult(name="general", loss=2.0, perplexity=7.389, base_loss=2.0, change=0.0)
+    ]
+    ended = final(eval_loss=None, eval_sets={"general": FinalSet(loss=2.5, base_loss=2.0)})
+    _, job = step(job, completed(later(120), ended), later(121))
+    assert job.status is not None and job.status.phase == "Failed"
+    assert condition(job, "Failed")[1:] == (
+        "EvalGateFailed",
+        "evaluation set general: final loss 2.5 is 25.0% above the base model's 2; "
+        f"evaluation.sets[general].maxIncrease is 0.1 (10%); the output at {OUTPUT} is kept, not promoted",
+    )
+    run = job.status.runs[0]
+    assert run.final_eval_sets == [
+        EvalSetResult(name="general", loss=2.5, perplexity=12.1825, base_loss=2.0, change=0.25)
+    ]
+    assert job.status.progress is not None and job.status.progress.history[-1].eval_sets == {"general": 2.5}
+
+
+def test_an_evaluation_set_within_its_limit_passes() -> None:
+    _, job = step(started(FORGETTING_GATE), polled(report(evalLoss=None)), later(60))
+    ended = final(eval_loss=None, eval_sets={"general": FinalSet(loss=2.1, base_loss=2.0)})
+    _, job = step(job, completed(later(120), ended), later(121))
+    assert job.status is not None and job.status.phase == "Succeeded"
