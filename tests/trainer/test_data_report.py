@@ -127,3 +127,14 @@ def test_a_missing_row_error_is_still_the_preparations(tmp_path: Path, llama_dir
     cfg: dict[str, Any] = assets.trainer_config(tmp_path, llama_dir, data)
     with pytest.raises(PermanentError, match='row 1: field "completion" is missing'):
         run(TrainerConfig.model_validate(cfg), assets.cpu_runtime())
+
+
+def test_thousands_of_look_alike_rows_form_one_group_without_comparing_every_pair() -> None:
+    import time
+
+    shared = " ".join(f"word{i}" for i in range(60))
+    rows = rows_of([f"{shared} ticket {i}" for i in range(3000)])
+    started = time.monotonic()
+    d = datareport.duplicates(rows)
+    assert (d["nearGroups"], d["nearRows"], d["exactRows"]) == (1, 2999, 0)
+    assert time.monotonic() - started < 60  # all 4.5 million pairs would take far longer

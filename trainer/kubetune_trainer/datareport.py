@@ -5,10 +5,12 @@ rows, tokens, length percentiles, rows truncated by maxSeqLength, rows skipped a
 within maxSeqLength); for the training rows, exact and near duplicates; and leakage: evaluation rows that also
 appear in the training data, exactly or nearly, which makes an evaluation measure memory instead of skill.
 
-Rows are compared as rendered (chat template applied), normalised: lower case, punctuation dropped, whitespace
-collapsed. Exact duplicates share a normalised text. Near duplicates are found with MinHash over word 3-grams
-(character 5-grams for texts of few words) and locality-sensitive hashing, then confirmed by the Jaccard similarity
-of their shingle sets (at least NEAR_THRESHOLD). Every row is named by its file and 1-based row number.
+Rows are compared by what they say (the text, prompt and completion, or the turns of a conversation; not the chat
+template around it, whose fixed parts would make short conversations look alike), normalised: lower case,
+punctuation dropped, whitespace collapsed. Exact duplicates share a normalised text. Near duplicates are found
+with MinHash over word 3-grams (character 5-grams for texts of few words) and locality-sensitive hashing, then
+confirmed by the Jaccard similarity of their shingle sets (at least NEAR_THRESHOLD). Every row is named by its
+file and 1-based row number.
 
 The full report is `data-report.json` in the output directory; `summary` is what the status carries. `problems`
 turns evaluation.dataChecks into the reasons to stop before training (exit 78), naming the rows.
@@ -20,6 +22,7 @@ row came from); the rest are pure functions.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import unicodedata
 import zlib
@@ -51,7 +54,7 @@ class Row:
     """One row as training sees it."""
 
     where: str  # "<file> row <n>"
-    text: str  # rendered
+    text: str  # what the row says, without the chat template
     tokens: int  # before truncation, special tokens included
     has_target: bool  # some target token within maxSeqLength (else the row is skipped)
 
@@ -67,11 +70,13 @@ def read_rows(path: str, fmt: DatasetFormat, tokenizer: Any, max_len: int) -> li
     from . import data
 
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    where, rendered = [], []
+    where, said, rendered = [], [], []
     for file in data.discover(path):
         for row in data.read_rows(file):
+            item = data.normalize(fmt, row.value, has_template)
             where.append(f"{row.source} row {row.number}")
-            rendered.append(data.render(data.normalize(fmt, row.value, has_template), tokenizer))
+            said.append(content(item))
+            rendered.append(data.render(item, tokenizer))
     rows = []
     for start in range(0, len(rendered), 512):
         chunk = rendered[start : start + 512]
@@ -82,8 +87,18 @@ def read_rows(path: str, fmt: DatasetFormat, tokenizer: Any, max_len: int) -> li
             if not chat and tokenizer.eos_token_id is not None:
                 target = np.append(target, True)
             # label i is token i + 1: a target among tokens 1 .. max_len - 1 survives truncation
-            rows.append(Row(where[start + i], r.text, len(target), bool(target[1:max_len].any())))
+            rows.append(Row(where[start + i], said[start + i], len(target), bool(target[1:max_len].any())))
     return rows
+
+
+def content(item: Any) -> str:
+    """What a normalised row says: its text, prompt and completion, or its turns (data.Plain, PromptCompletion,
+    Chat)."""
+    if hasattr(item, "messages"):
+        return "\n".join(m["content"] for m in item.messages)
+    if hasattr(item, "completion"):
+        return f"{item.prompt}\n{item.completion}"
+    return str(item.text)
 
 
 def read(
@@ -156,7 +171,10 @@ def similar_pairs(texts: Sequence[str], threshold: float = NEAR_THRESHOLD) -> li
         for i, sig in enumerate(signatures[:, band * width : (band + 1) * width]):
             buckets[sig.tobytes()].append(i)
         for members in buckets.values():
-            candidates.update((a, b) for k, a in enumerate(members) for b in members[k + 1 :])
+            # Each member against the first and its predecessor, not every pair: a bucket of thousands of look-alike
+            # rows costs thousands of comparisons, not millions, and still joins them into one group.
+            candidates.update((members[0], b) for b in members[1:])
+            candidates.update(itertools.pairwise(members[1:]))
     pairs = [(a, b, jaccard(sets[a], sets[b])) for a, b in sorted(candidates)]
     return [(a, b, round(s, 4)) for a, b, s in pairs if s >= threshold]
 
