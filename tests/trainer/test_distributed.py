@@ -111,6 +111,61 @@ def test_fsdp2_full_finetune_shards_resumes_and_matches_one_process(
     assert any("written by 2 processes, this run has 1" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_fsdp2_peft_trains_like_ddp_and_resumes(
+    tmp_path: Path, llama_dir: Path, train_jsonl: Path, method: str
+) -> None:
+    settings = {"lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "ia3": {}}[method]
+    runs = {}
+    for sharding in ("ddp", "fsdp"):
+        where = tmp_path / sharding
+        cfg = assets.trainer_config(
+            where,
+            llama_dir,
+            train_jsonl,
+            method={"type": method, method: {**settings, "sharding": sharding}},
+            training={"maxSteps": 6, "logEverySteps": 3, "learningRate": 5e-3, **SPLIT},
+            checkpoint={"everySteps": 3, "keepLast": 3},
+        )
+        launch(where, cfg)
+        runs[sharding] = (cfg, manifest(where / "out"))
+    ddp, fsdp = runs["ddp"][1], runs["fsdp"][1]
+    assert fsdp["replicaDigests"] is None and ddp["replicaDigests"] is not None  # sharded, and replicated
+    # The same adapter start (same seed), the same data, the same updates: only the order of sums differs.
+    assert_close(
+        assets.adapter_tensors(tmp_path / "fsdp" / "out"), assets.adapter_tensors(tmp_path / "ddp" / "out"), 1e-5
+    )
+    assert fsdp["finalMetrics"]["evalLoss"] == pytest.approx(ddp["finalMetrics"]["evalLoss"], rel=1e-5)
+    shards = sorted(p.name for p in (assets.checkpoint_at(tmp_path / "fsdp" / "ckpt", 3) / "state").iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+
+    # Resume the sharded adapter from step 3: the same final adapter, exactly.
+    where = tmp_path / "fsdp"
+    first = assets.adapter_tensors(where / "out")
+    shutil.rmtree(assets.checkpoint_at(where / "ckpt", 6))
+    shutil.rmtree(where / "out")
+    launch(where, runs["fsdp"][0])
+    assert manifest(where / "out")["resumedFromStep"] == 3
+    assert_close(assets.adapter_tensors(where / "out"), first, atol=0)
+
+
+def test_dora_on_fsdp2_is_refused_with_the_alternatives(tmp_path: Path, llama_dir: Path, train_jsonl: Path) -> None:
+    cfg = assets.trainer_config(tmp_path, llama_dir, train_jsonl, method={"type": "dora", "lora": {"sharding": "fsdp"}})
+    path = assets.write_config(tmp_path, cfg)
+    exe = shutil.which("kubetune-launch", path=str(Path(sys.executable).parent))
+    assert exe
+    env = assets.worker_env(
+        KUBETUNE_CONFIG=str(path),
+        KUBETUNE_NPROC_PER_NODE="2",
+        KUBETUNE_MASTER_PORT=str(assets.free_port()),
+        KUBETUNE_TERMINATION_LOG=str(tmp_path / "termination-log"),
+    )
+    done = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 78, done.stderr[-3000:]
+    reason = (tmp_path / "termination-log").read_text()
+    assert reason.startswith("method dora with FSDP2") and "use lora, or sharding ddp" in reason
+
+
 def wide_llama_dir(path: Path, hidden: int, layers: int) -> Path:
     """A random Llama whose weights, not the Python runtime, dominate a process's memory."""
     from transformers import AutoModelForCausalLM, LlamaConfig

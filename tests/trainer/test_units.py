@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from kubetune_trainer import errors
-from kubetune_trainer.config import TrainerConfig, load_config
+from kubetune_trainer.config import MethodConfig, TrainerConfig, load_config
 from kubetune_trainer.mfu import flops_per_token, mfu, peak_flops
-from kubetune_trainer.modeling import count_params
+from kubetune_trainer.modeling import count_params, uses_fsdp
 from kubetune_trainer.optim import lr_factor
 
 pytestmark = pytest.mark.trainer
@@ -210,3 +210,28 @@ def test_evaluation_set_names_are_checked_and_unique() -> None:
         EvaluationConfig.model_validate({"sets": [{"name": "Chat_1", "path": "/d"}]})
     with pytest.raises(ValidationError, match="evaluation set names must be unique: chat given more than once"):
         EvaluationConfig.model_validate({"sets": [{"name": "chat", "path": "/a"}, {"name": "chat", "path": "/b"}]})
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize(
+    ("method", "world", "weights", "device", "fsdp"),
+    [
+        ({"type": "full"}, 8, 1 * GIB, 80 * GIB, True),  # full: sharded whenever there are several processes
+        ({"type": "full"}, 1, 100 * GIB, 80 * GIB, False),
+        ({"type": "full", "full": {"sharding": "ddp"}}, 8, 1 * GIB, 80 * GIB, False),
+        ({"type": "lora"}, 8, 16 * GIB, 80 * GIB, False),  # an 8B bf16 base fits: DDP, no all-gathers
+        ({"type": "lora"}, 8, 64 * GIB, 80 * GIB, True),  # a 32B bf16 base leaves too little room: FSDP2
+        ({"type": "qlora"}, 8, 39 * GIB, 80 * GIB, False),  # a 70B 4-bit base fits
+        ({"type": "ia3"}, 8, 64 * GIB, None, False),  # on CPUs there is no device to outgrow
+        ({"type": "lora", "lora": {"sharding": "fsdp"}}, 2, 1, None, True),
+        ({"type": "ia3", "ia3": {"sharding": "ddp"}}, 8, 140 * GIB, 80 * GIB, False),
+        ({"type": "prompt"}, 8, 140 * GIB, 80 * GIB, False),  # virtual tokens are always replicated
+        ({"type": "lora", "lora": {"sharding": "fsdp"}}, 1, 1, None, False),
+    ],
+)
+def test_sharding_auto_shards_a_peft_base_only_when_it_outgrows_half_a_device(
+    method: dict[str, object], world: int, weights: int, device: int | None, fsdp: bool
+) -> None:
+    assert uses_fsdp(MethodConfig.model_validate(method), world, weights, device) is fsdp

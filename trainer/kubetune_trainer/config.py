@@ -26,6 +26,12 @@ PEFT_METHODS: tuple[MethodType, ...] = ("lora", "qlora", "dora", "prefix", "prom
 LORA_FAMILY: tuple[MethodType, ...] = ("lora", "qlora", "dora")
 Precision = Literal["bf16", "fp16", "fp32"]
 Scheduler = Literal["cosine", "linear", "constant"]
+Sharding = Literal["auto", "fsdp", "ddp"]
+PEFT_SHARDING_DESCRIPTION = (
+    "How the method spreads over GPUs. auto: FSDP2 (the frozen base sharded over every GPU of the job) when the base "
+    "takes more than half of one GPU's memory, otherwise DDP (a whole base on every GPU: no all-gathers). fsdp or "
+    "ddp: that one."
+)
 
 
 class Model(BaseModel):
@@ -117,6 +123,7 @@ class LoraSettings(Model):
         ),
     )
     rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r) instead of alpha/r.")
+    sharding: Sharding = Field("auto", description=PEFT_SHARDING_DESCRIPTION)
 
 
 class QuantizationSettings(Model):
@@ -145,10 +152,11 @@ class Ia3Settings(Model):
         default_factory=lambda: ["down_proj"],
         description="The subset of targetModules that are feed-forward layers (their input is rescaled).",
     )
+    sharding: Sharding = Field("auto", description=PEFT_SHARDING_DESCRIPTION)
 
 
 class FullSettings(Model):
-    sharding: Literal["auto", "fsdp", "ddp"] = Field(
+    sharding: Sharding = Field(
         "auto",
         description=(
             "How full fine-tuning spreads over GPUs. auto: FSDP2 (parameters, gradients and optimizer state "
@@ -182,6 +190,17 @@ class MethodConfig(Model):
     @property
     def is_peft(self) -> bool:
         return self.type in PEFT_METHODS
+
+    @property
+    def sharding(self) -> Sharding | None:
+        """The method's sharding setting; None for prefix and prompt tuning (always DDP)."""
+        if self.type in LORA_FAMILY:
+            return self.lora.sharding
+        if self.type == "ia3":
+            return self.ia3.sharding
+        if self.type == "full":
+            return self.full.sharding
+        return None
 
 
 class TrainingConfig(Model):

@@ -157,12 +157,15 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
 def save_model(model: nn.Module, cfg: TrainerConfig, out_dir: Path, sharded: bool, is_main: bool) -> None:
     """Collective under FSDP2 (every rank gathers its shards); only rank 0 writes."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.method.is_peft:
-        if is_main:
-            model.save_pretrained(out_dir)
-        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    if cfg.method.is_peft:
+        # A sharded adapter is gathered first (only its trained tensors: the frozen base is the source's).
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        adapter = get_model_state_dict(model, options=options) if sharded else None
+        if is_main:
+            model.save_pretrained(out_dir, state_dict=adapter)
+        return
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=sharded, cpu_offload=sharded))
     if not is_main:
         return

@@ -4,15 +4,17 @@ Precision: the frozen base of a PEFT method is loaded in the compute dtype (bf16
 adapter kept in fp32; full fine-tuning keeps fp32 master weights. bf16/fp16 compute runs under autocast
 (and, with FSDP2, a matching MixedPrecisionPolicy so all-gathers move half the bytes).
 
-Distribution: PEFT methods and unsharded full fine-tuning are replicated with DDP; full fine-tuning over more
-than one process is sharded with FSDP2 `fully_shard` per decoder layer and at the root (unless
-`method.full.sharding` is ddp).
+Distribution (`uses_fsdp`): full fine-tuning over more than one process is sharded with FSDP2 `fully_shard` per
+decoder layer and at the root (unless `method.full.sharding` is ddp); LoRA, QLoRA and IA3 are sharded the same way
+(frozen base and adapter together) when their `sharding` says fsdp, or auto and the base takes more than half a
+GPU, and replicated with DDP otherwise, as are prefix and prompt tuning.
 
-Sharded loading: a model FSDP2 shards is built with its parameters on the meta device (no memory), sharded,
-and only then given storage: each rank's share of each parameter (its rows: FSDP2 shards dim 0). Each rank reads
-its rows straight from the safetensors files (memory-mapped: a rank touches only its own bytes), so no rank
-ever holds the whole model and per-rank memory at load is about 1/world size of it. A source without
-safetensors (a GGUF file, .bin weights) is read whole by rank 0 only and broadcast shard by shard.
+Sharded loading: a model FSDP2 shards is built with its parameters on the meta device (no memory), a PEFT adapter
+added (initialised on the CPU as on a loaded base, over stand-ins of the base without storage), sharded, and only
+then given storage: each rank's share of each parameter (its rows: FSDP2 shards dim 0). Each rank reads its rows
+straight from the safetensors files (memory-mapped: a rank touches only its own bytes), so no rank ever holds the
+whole model and per-rank memory at load is about 1/world size of it. A source without safetensors (a GGUF file,
+.bin weights) is read whole by rank 0 only and broadcast shard by shard.
 
 Seeding: the caller seeds torch before `build` so adapters start identical on every rank and across retries.
 """
@@ -233,30 +235,43 @@ def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + chunk, rows)
 
 
+def checkpoint_key(name: str) -> str:
+    """A parameter's name in the model's files: PEFT's wrapper adds base_model.model. in front and .base_layer
+    inside the layers it adapts."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @torch.no_grad()
-def load_shards(model: nn.Module, files: dict[str, Path], source: str) -> None:
-    """Fill each parameter's local shard (and each persistent buffer) with its rows from the safetensors files."""
+def load_shards(model: nn.Module, names: list[str], files: dict[str, Path], source: str) -> None:
+    """Fill each named parameter's local shard (and each persistent buffer the files hold) with its rows from the
+    safetensors files."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, Shard
 
-    targets = dict(model.named_parameters())  # tied weights once, under their first name
+    params = dict(model.named_parameters())  # tied weights once, under their first name
+    targets = {n: params[n] for n in names}
     persistent = set(model.state_dict())
-    targets.update({n: b for n, b in model.named_buffers() if n in persistent})
-    missing = sorted(set(targets) - set(files))
+    targets.update({n: b for n, b in model.named_buffers() if n in persistent and checkpoint_key(n) in files})
+    missing = sorted(checkpoint_key(n) for n in targets if checkpoint_key(n) not in files)
     if missing:
         raise PermanentError(f"model.source {source}: the safetensors files lack {', '.join(missing[:5])}")
     by_file: dict[Path, list[str]] = {}
     for name in targets:
-        by_file.setdefault(files[name], []).append(name)
-    for path, names in by_file.items():
+        by_file.setdefault(files[checkpoint_key(name)], []).append(name)
+    for path, in_file in by_file.items():
         with safe_open(path, framework="pt") as f:
-            for name in names:
+            for name in in_file:
                 target = targets[name]
-                stored = f.get_slice(name)
+                stored = f.get_slice(checkpoint_key(name))
                 if list(stored.get_shape()) != list(target.shape):
                     raise PermanentError(
-                        f"model.source {source}: {name} has shape {stored.get_shape()} in {path.name}, the model "
-                        f"config says {list(target.shape)}"
+                        f"model.source {source}: {checkpoint_key(name)} has shape {stored.get_shape()} in "
+                        f"{path.name}, the model config says {list(target.shape)}"
                     )
                 if isinstance(target, DTensor):
                     assert target.placements == (Shard(0),), target.placements
@@ -270,31 +285,65 @@ def load_shards(model: nn.Module, files: dict[str, Path], source: str) -> None:
 
 
 @torch.no_grad()
-def broadcast_from_rank0(model: nn.Module, cfg: TrainerConfig, config: Any, rt: Runtime) -> None:
-    """Rank 0 reads the whole model on the CPU and sends each rank its shard; the others hold nothing extra."""
+def broadcast_from_rank0(model: nn.Module, names: list[str], cfg: TrainerConfig, config: Any, rt: Runtime) -> None:
+    """Rank 0 reads the whole model on the CPU and sends each rank its share of the named parameters; the others
+    hold nothing extra."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     full: dict[str, torch.Tensor] = {}
     if rt.is_main:
-        full = load_model(cfg, config, torch.device("cpu"), None).state_dict()
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        stored = load_model(cfg, config, torch.device("cpu"), None).state_dict()
+        full = {n: stored[checkpoint_key(n)] for n in names}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
     set_model_state_dict(model, full, options=options)
 
 
 def materialize(model: nn.Module, cfg: TrainerConfig, config: Any, rt: Runtime) -> None:
-    """Give a sharded meta model its storage on this rank's device and load this rank's share of the weights."""
-    buffers = {name: b.clone() for name, b in model.named_buffers()}  # to_empty drops them; they are small
+    """Give a sharded model whose base is on the meta device storage on this rank's device, and load this rank's
+    share of the base weights. What already had values (buffers, a PEFT adapter initialised on the CPU) keeps them."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    kept = {name: _local(t).clone() for name, t in tensors if not t.is_meta}  # to_empty drops them; they are small
+    empty = [name for name, p in model.named_parameters() if p.is_meta]
     model.to_empty(device=rt.device)
     with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name in kept:
+                _local(t).copy_(kept[name])
     where, _ = source_kwargs(cfg.model)
     files = {} if cfg.model.gguf_file else safetensors_files(Path(where))
     if files:
-        load_shards(model, files, cfg.model.source)
+        load_shards(model, empty, files, cfg.model.source)
     else:
         log.info("model %s: no safetensors files; rank 0 reads it and sends each rank its shard", cfg.model.source)
-        broadcast_from_rank0(model, cfg, config, rt)
+        broadcast_from_rank0(model, empty, cfg, config, rt)
+
+
+def _replace_params(model: nn.Module, replace: Any) -> set[int]:
+    """Swap parameters for `replace(p)` (None: keep p), a tied parameter for one shared replacement; returns the
+    ids of the replacements."""
+    done: dict[int, nn.Parameter] = {}
+    new_ids: set[int] = set()
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in done:
+                new = replace(p)
+                done[id(p)] = p if new is None else nn.Parameter(new, requires_grad=p.requires_grad)
+                if new is not None:
+                    new_ids.add(id(done[id(p)]))
+            setattr(module, name, done[id(p)])
+    return new_ids
+
+
+def stand_ins(model: nn.Module) -> set[int]:
+    """Meta parameters -> CPU tensors of the same shape and dtype with one shared element (no memory), so that a
+    PEFT adapter added to the model is created and initialised on the CPU exactly as on a loaded base (PEFT moves
+    an adapter to its base layer's device: on the meta device its values would be lost). Returns their ids."""
+    return _replace_params(model, lambda p: torch.zeros((), dtype=p.dtype).expand(p.shape) if p.is_meta else None)
+
+
+def back_to_meta(model: nn.Module, ids: set[int]) -> None:
+    """The stand-ins -> meta parameters again, for FSDP2 to shard without storage; the adapter stays as it is."""
+    _replace_params(model, lambda p: torch.empty_like(p, device="meta") if id(p) in ids else None)
 
 
 def local_bytes(model: nn.Module) -> int:
@@ -405,6 +454,15 @@ def shard_with_fsdp(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return model
 
 
+def shard(model: nn.Module, cfg: TrainerConfig, config: Any, rt: Runtime, standing_in: set[int]) -> None:
+    """FSDP2 over the process group; a base of stand-ins (`stand_ins`) is then loaded, each rank its share."""
+    if standing_in:
+        back_to_meta(model, standing_in)
+    shard_with_fsdp(model, compute_dtype(cfg.training.precision))
+    if standing_in:
+        materialize(model, cfg, config, rt)
+
+
 @dataclass
 class Prepared:
     model: nn.Module  # the model as built (PEFT wrapper or base); what is saved and exported
@@ -415,16 +473,61 @@ class Prepared:
     loaded: dict[str, int]  # this rank: parameter bytes held, peak RSS before and after the model was built
 
 
-def uses_fsdp(cfg: TrainerConfig, world_size: int) -> bool:
-    return not cfg.method.is_peft and world_size > 1 and cfg.method.full.sharding != "ddp"
+def base_bytes(model: nn.Module, cfg: TrainerConfig) -> int:
+    """What the weights (a PEFT method's frozen base) take on one device."""
+    n = sum(p.numel() for p in model.parameters())
+    if cfg.method.type == "qlora":
+        return n * 9 // 16  # 4 bits a weight, plus the quantisation constants
+    return n * load_dtype(cfg).itemsize
+
+
+def device_memory(device: torch.device) -> int | None:
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def uses_fsdp(method: MethodConfig, world_size: int, weights: int, device_bytes: int | None) -> bool:
+    """FSDP2, or DDP (one process: neither). `sharding: auto` shards full fine-tuning whenever there are several
+    processes (weights, gradients and optimizer state all scale with the model), and a PEFT method's frozen base
+    only when it takes more than half a device: a whole base on every device needs no all-gathers, and the other
+    half is for activations and the adapter."""
+    setting = method.sharding
+    if world_size == 1 or setting in (None, "ddp"):
+        return False
+    if setting == "fsdp" or not method.is_peft:
+        return True
+    return device_bytes is not None and weights > device_bytes // 2
 
 
 def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prepared:
     before = peak_rss_bytes()
     config = load_config(cfg.model)
     backend = attention_backend(cfg, config, rt.device, packed)
-    sharded = uses_fsdp(cfg, rt.world_size)
-    base = empty_model(cfg, config, backend) if sharded else load_model(cfg, config, rt.device, backend)
+    skeleton = empty_model(cfg, config, backend)  # parameters on the meta device: a size, and FSDP2's starting point
+    weights, device_bytes = base_bytes(skeleton, cfg), device_memory(rt.device)
+    sharded = uses_fsdp(cfg.method, rt.world_size, weights, device_bytes)
+    if rt.distributed:
+        log.info(
+            "%s over %d ranks (weights %.1f GiB%s)",
+            "FSDP2" if sharded else "DDP",
+            rt.world_size,
+            weights / 2**30,
+            f", device {device_bytes / 2**30:.0f} GiB" if device_bytes else "",
+        )
+    if sharded and cfg.method.type == "dora":
+        raise PermanentError(
+            "method dora with FSDP2 (method.lora.sharding fsdp, or auto with a base over half a GPU) is not supported: "
+            "DoRA's magnitudes start from the whole base weights; use lora, or sharding ddp on GPUs that hold the base"
+        )
+    # QLoRA quantises while loading: each rank loads the whole 4-bit base (stored in the compute dtype, which FSDP2
+    # can shard) on its GPU, then shards it.
+    on_meta = sharded and cfg.method.type != "qlora"
+    standing_in: set[int] = set()
+    if on_meta:
+        base = skeleton
+        standing_in = stand_ins(base)
+    else:
+        base = load_model(cfg, config, rt.device, backend)
+    del skeleton
     model = apply_method(base, cfg, tokenizer)
     counts = count_params(model, base, cfg.method.is_peft)
     log.info(
@@ -440,8 +543,7 @@ def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prep
             layer.compile(dynamic=True)
     train_module: nn.Module = model
     if sharded:
-        shard_with_fsdp(model, compute_dtype(cfg.training.precision))
-        materialize(model, cfg, config, rt)
+        shard(model, cfg, config, rt, standing_in)
     elif rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
