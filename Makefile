@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages venv toolchain images cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator bench-chaos demo demo-down
+.PHONY: help setup system-packages venv toolchain images cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator bench-chaos gpu-check demo demo-down
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ crds: venv ## regenerate crds/ and the chart's copies (CRD, dashboard, alerts, A
 
 bench-trainer: venv ## trainer vs HF Trainer and TRL on SmolLM2: tokens/s, ratio, memory, eval loss (BENCH_ARGS=--gpu: 8B-shaped MFU)
 	$(PY) -m kubetune_trainer.bench $(BENCH_ARGS)
+
+gpu-check: venv ## on one GPU, < 8 min: QLoRA, varlen kernel vs reference, FSDP2 bf16 full and LoRA, 8B-shaped LoRA MFU (GPU_CHECK_ARGS=--dry-run: CPU)
+	hack/gpu-check.sh $(GPU_CHECK_ARGS)
 
 bench-operator: venv toolchain ## kubetune vs Kubeflow Trainer+JobSet, 200 and 500 jobs x 4 workers on fake GPU nodes: requests/job, latency, RSS
 	$(PY) bench/operator_scale.py --jobs 200 500

@@ -98,3 +98,27 @@ def test_a_gpu_job_without_a_usable_gpu_exits_78_through_torchrun(
     assert f"torch {torch.__version__} built for CUDA {torch.version.cuda or 'none'}" in reason
     assert f"driver {here.driver or 'not loaded'}" in reason
     assert not (tmp_path / "ckpt").exists()  # stopped before anything else
+
+
+def gpu_check(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    repo = Path(__file__).resolve().parents[2]
+    environment = assets.worker_env(PYTHON=sys.executable, MASTER_PORT=str(assets.free_port()), **env)
+    return subprocess.run(
+        [str(repo / "hack" / "gpu-check.sh"), *args], cwd=repo, env=environment, capture_output=True, text=True
+    )
+
+
+def test_the_gpu_check_refuses_a_machine_without_a_gpu_and_unknown_checks() -> None:
+    done = gpu_check()
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr
+    done = gpu_check("--only", "fsdp2,warp")
+    assert done.returncode == 2 and "unknown check(s) warp" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_run_trains_fsdp2_loaded_the_sharded_way_like_the_whole_model() -> None:
+    done = gpu_check("--dry-run", "--only", "fsdp2")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("PASS fsdp2-full: losses") for line in lines), done.stdout
+    assert any(line.startswith("PASS fsdp2-lora: losses") for line in lines), done.stdout
