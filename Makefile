@@ -30,13 +30,15 @@ system-packages: ## install the Debian packages the tests and the demo use (hack
 setup: ## Debian packages, the Go-built toolchain and the Python environment (each cached; seconds when warm)
 	@$(MAKE) --no-print-directory -j3 system-packages toolchain venv
 
-images: setup ## the Dockerfile's operator and trainer images, built without a Docker daemon (podman); cached by content
+images: system-packages venv ## the Dockerfile's operator and trainer images, built without a Docker daemon (podman); cached by content
 	@$(PY) -m kubetune_dev.images
 
-demo: setup ## main job: LoRA fine-tune of SmolLM2-135M through the operator on 2 local nodes (CPU, minutes warm)
+# The images build (mostly network and disk) beside the Go build (CPU): a cold start waits for the longer one only.
+demo: ## main job: LoRA fine-tune of SmolLM2-135M through the operator on 2 real local nodes (CPU, minutes warm)
+	@$(MAKE) --no-print-directory -j4 toolchain images
 	@$(PY) -m kubetune_dev.demo
 
-demo-down: venv ## stop what make demo started: its operator, the node agents and the local control plane
+demo-down: venv ## remove what make demo started: its real nodes (processes, mounts, network), operator, control plane
 	@$(PY) -m kubetune_dev.demo down
 
 cluster-up: venv toolchain ## start the local control plane with fake GPU nodes; kubeconfig at .cache/kubeconfig
@@ -50,9 +52,9 @@ lint: venv ## ruff (lint + format) and mypy
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: setup ## everything CI runs: lint, types, and every test tier against a real control plane
+test: ## everything CI runs: lint, types, and every test tier against a real control plane
+	@$(MAKE) --no-print-directory -j4 toolchain images
 	@$(MAKE) --no-print-directory lint
-	@$(PY) -m kubetune_dev.images >/dev/null
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup ## only the fast tier

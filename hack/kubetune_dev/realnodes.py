@@ -56,7 +56,7 @@ DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # the kubelet's device
 SERVICE_IP = "10.96.0.1"  # the `kubernetes` Service: the first address of cluster.SERVICE_CIDR
 CLUSTER_DOMAIN = "cluster.local"
 NODE_PREFIX = "real-node"
-# Label and taint of the real nodes: pods of other tests (for kwok's fake nodes or the node agent's) never land on them.
+# Label and taint of the real nodes: pods of other tests (for kwok's fake nodes) never land on them.
 NODE_LABEL = "kubetune.io/real-node"
 NODE_SELECTOR = {NODE_LABEL: "true"}
 NODE_TOLERATION = {"key": NODE_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"}
@@ -324,6 +324,28 @@ def dnat_rules(slot: Slot, apiserver_port: int) -> list[list[str]]:
     return [
         ["-A", slot.chain, "-d", f"{SERVICE_IP}/32", "-p", "tcp", "--dport", "443", "-j", "DNAT", "--to", destination]
     ]
+
+
+def operator_values(images: dict[str, Image], watch: Iterable[str], over: dict[str, Any]) -> dict[str, Any]:
+    """Chart values for an operator from this checkout's images, on the real nodes, watching `watch`; `over` is
+    merged over them. The CRD is left out unless `over` says crds.install: it is applied apart."""
+    operator, trainer = images["operator"], images["trainer"]
+    trainer_image = {"repository": f"{REGISTRY}/{trainer.repository}", "tag": trainer.key}
+    base: dict[str, Any] = {
+        "crds": {"install": False},
+        "watchNamespaces": list(watch),
+        "image": {"repository": f"{REGISTRY}/{operator.repository}", "tag": operator.key},
+        "trainerImages": {"peft": trainer_image, "full": trainer_image},
+        **PLACEMENT,
+    }
+    return _merge(base, over)
+
+
+def readable_by_pods(root: Path) -> None:
+    """chmod a+rX under `root`: what an admin does to files put on a volume for workers of another uid to read
+    (save_pretrained writes model.safetensors 0600, which a worker running as uid 1000 cannot open)."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -1050,6 +1072,23 @@ class RealNodes:
                             pids |= {int(p) for p in procs.read_text().split()}
         return sorted(pids)
 
+    def memory_use(self, pod_uid: str) -> dict[str, int] | None:
+        """A running pod's memory cgroup (bytes): `working_set`, its usage less inactive page cache (what the kubelet
+        reports and what must fit under the limit), and `max_usage`, the kernel's peak of the usage, page cache
+        included. None when the pod has no cgroup on these nodes (yet, or any more)."""
+        assert self.slot is not None
+        for node in range(self.count):
+            memory = CGROUP_FS / "memory" / self.slot.cgroup_root(node).lstrip("/")
+            for pod_dir in memory.rglob(f"pod{pod_uid}") if memory.is_dir() else []:
+                with contextlib.suppress(OSError, ValueError):
+                    stat = dict(line.split() for line in (pod_dir / "memory.stat").read_text().splitlines())
+                    usage = int((pod_dir / "memory.usage_in_bytes").read_text())
+                    return {
+                        "working_set": max(0, usage - int(stat.get("total_inactive_file", 0))),
+                        "max_usage": int((pod_dir / "memory.max_usage_in_bytes").read_text()),
+                    }
+        return None
+
     def kill(self, namespace: str, pod: str, container: str | None = None, sig: int = signal.SIGKILL) -> list[int]:
         """Send `sig` to every process of a container (SIGKILL: as the OOM killer or a crash would). Returns pids."""
         pids = self.container_pids(namespace, pod, container)
@@ -1079,17 +1118,8 @@ class RealNodes:
         every namespace; in namespaced mode they must exist); `values` are merged over these. Returns the operator
         pod's name once it is Ready. The CRD is left out unless values say crds.install: the test session's
         crd_cluster has it."""
-        operator, trainer = self.images["operator"], self.images["trainer"]
-        trainer_image = {"repository": f"{REGISTRY}/{trainer.repository}", "tag": trainer.key}
-        base: dict[str, Any] = {
-            "crds": {"install": False},
-            "watchNamespaces": list(watch),
-            "image": {"repository": f"{REGISTRY}/{operator.repository}", "tag": operator.key},
-            "trainerImages": {"peft": trainer_image, "full": trainer_image},
-            **PLACEMENT,
-        }
         values_file = self.state_dir / f"values-{namespace}-{release}.json"
-        values_file.write_text(json.dumps(_merge(base, values or {}), indent=1))
+        values_file.write_text(json.dumps(operator_values(self.images, watch, values or {}), indent=1))
         self._helm(
             "upgrade", "--install", release, str(CHART), "--namespace", namespace, "--create-namespace",
             "-f", str(values_file), "--wait", f"--timeout={int(timeout)}s",

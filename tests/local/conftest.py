@@ -19,7 +19,7 @@ from kubetune_dev.nodeagent.testing import LocalNode
 
 TESTS = Path(__file__).resolve().parents[1]
 # Not packages: their directories go on the path as pytest puts them there for their own tests.
-for helpers in ("operator", "trainer"):
+for helpers in ("operator", "trainer", "chart"):
     if str(TESTS / helpers) not in sys.path:
         sys.path.insert(0, str(TESTS / helpers))
 

@@ -1,5 +1,5 @@
 """What `make demo` ships and renders, checked without running it: the dataset against SmolLM2's own chat
-template, and the operator settings taken from the Helm chart."""
+template, the chart values it installs the operator with, and the job's placement on the real nodes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from chart_support import of_kind, one, render, settings_of
 from kubetune_dev import demo
-from kubetune_operator.settings import load_settings
+from kubetune_dev.images import Image
+from kubetune_dev.realnodes import NODE_SELECTOR, NODE_TOLERATION, operator_values
 from kubetune_trainer.data import load_rendered
 
 
@@ -42,11 +44,33 @@ def test_every_row_renders_with_smollm2s_chat_template_within_the_sequence_lengt
         assert len(rendered) == len(rows(path)) and max(lengths) <= max_length
 
 
-def test_the_operator_settings_come_from_the_chart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo, "STATE", tmp_path)
-    settings_file = tmp_path / "settings.yaml"
-    settings_file.write_text(yaml.safe_dump(demo.chart_settings()))
-    settings = load_settings(settings_file)
-    assert settings.namespaces == [demo.NAMESPACE]
-    assert settings.progress_poll_interval_seconds == 5
-    assert 0 < settings.health_port != 8080 and 0 < settings.metrics_port != 9090  # free ports, not the chart's
+def test_the_chart_installs_the_demos_operator_from_this_checkouts_images(tmp_path: Path) -> None:
+    images = {t: Image(t, f"key-{t}") for t in ("operator", "trainer")}
+    values = operator_values(images, [demo.NAMESPACE], demo.CHART_VALUES)
+    docs = render([values], tmp=tmp_path)
+    settings = settings_of(docs)
+    assert settings["namespaces"] == [demo.NAMESPACE]
+    assert settings["progressPollIntervalSeconds"] == 5
+    assert settings["images"] == dict.fromkeys(("peft", "full"), "kubetune.local/kubetune/kubetune-trainer:key-trainer")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["containers"][0]["image"] == "kubetune.local/kubetune/kubetune-operator:key-operator"
+    assert pod["nodeSelector"] == {"kubetune.io/real-node": "true"}
+    assert not of_kind(docs, "CustomResourceDefinition")  # the demo applies the CRD apart
+
+
+def test_the_demo_job_runs_on_the_real_nodes() -> None:
+    resources = yaml.safe_load(demo.EXAMPLE.read_text())["spec"]["resources"]
+    assert resources["nodeSelector"] == NODE_SELECTOR and resources["tolerations"] == [NODE_TOLERATION]
+
+
+# The highest memory use of a demo worker measured under its cgroup on a real node (`make demo` prints it; page
+# cache included): 2.86 GiB in this project's runs, 3.5 GiB in an earlier one; 3Gi was OOM-killed near step 43.
+MEASURED_PEAK_BYTES = 3.5 * 2**30
+HEADROOM = 1.4
+
+
+def test_the_demo_workers_memory_holds_the_peak_measured_on_a_real_node_with_headroom() -> None:
+    memory = yaml.safe_load(demo.EXAMPLE.read_text())["spec"]["resources"]["memory"]
+    number, unit = memory[:-2], memory[-2:]
+    assert unit == "Gi", memory
+    assert float(number) * 2**30 >= MEASURED_PEAK_BYTES * HEADROOM
