@@ -3,11 +3,13 @@
     python bench/chaos.py                 # what `make bench-chaos` runs: 6 jobs, a kill every 6-15 s
     python bench/chaos.py --jobs 4 --seed 7 --every 5 12
 
-A local control plane with two node agents (real processes: launcher -> torchrun -> trainer on CPU), a tiny
-random-initialised Llama, LoRA, 60 steps per job with a checkpoint every 10, half the jobs on two nodes. While
-any job is unfinished, every `--every` seconds one of these happens at random: the operator is SIGKILLed (and
-started again a moment later), or one live trainer process of a random job is SIGKILLed. A sampler watches the
-whole time: the trainer processes of every attempt (/proc), the batch Jobs, and the checkpoints on the claims.
+A local control plane with two real nodes (kubelet + containerd + runc, kubetune_dev.realnodes; workers run the
+trainer image built from this checkout: launcher -> torchrun -> trainer on CPU), a tiny random-initialised Llama,
+LoRA, 60 steps per job with a checkpoint every 10, half the jobs on two nodes. While any job is unfinished, every
+`--every` seconds one of these happens at random: the operator (a host process) is SIGKILLed (and started again a
+moment later), or one live trainer process of a random job is SIGKILLed (seen from the host, as the OOM killer
+would). A sampler watches the whole time: the trainer processes of every attempt (/proc), the batch Jobs, the
+checkpoints on the claims and the step each attempt resumed from (rank 0's log, which goes with its pod).
 
 It prints, per job and in total:
 - jobs, and how many succeeded;
@@ -49,8 +51,8 @@ for path in (REPO / "hack", REPO / "tests" / "trainer"):
 import trainer_assets  # noqa: E402
 import yaml  # noqa: E402
 from kubernetes import client, config  # noqa: E402
-from kubetune_dev.cluster import GpuNodePool, LocalCluster, free_port  # noqa: E402
-from kubetune_dev.nodeagent.testing import LOCAL_NODE_SELECTOR, LOCAL_NODE_TOLERATION, LocalNode, start_nodes  # noqa: E402
+from kubetune_dev.cluster import GpuNodePool, LocalCluster  # noqa: E402
+from kubetune_dev.realnodes import NODE_SELECTOR, NODE_TOLERATION, RealNodes, readable_by_pods  # noqa: E402
 from kubetune_trainer.files import sha256_file  # noqa: E402
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
@@ -60,6 +62,7 @@ CLAIMS = ("models", "datasets", "ft-checkpoints", "ft-models")
 STEPS = 60
 CHECKPOINT_STEP = re.compile(r"step-(\d+)")
 RESUMED = re.compile(r"resumed from \S+ at step (\d+)/")
+POD_LOG = re.compile(rf"{NAMESPACE}_(.+)-r1-a(\d+)-0-\w+_")  # the kubelet's <namespace>_<pod>_<uid> directories
 
 Obj = dict[str, Any]
 
@@ -80,8 +83,8 @@ def spec(nodes: int) -> Obj:
         "resources": {
             "numNodes": nodes,
             "gpusPerNode": 0,
-            "nodeSelector": LOCAL_NODE_SELECTOR,
-            "tolerations": [LOCAL_NODE_TOLERATION],
+            "nodeSelector": NODE_SELECTOR,
+            "tolerations": [NODE_TOLERATION],
         },
         "checkpoint": {"claimName": "ft-checkpoints", "everySteps": 10, "keepLast": 2},
         "output": {"claimName": "ft-models"},
@@ -167,6 +170,7 @@ class Sampler(threading.Thread):
             ]
             if steps:
                 self.seen.checkpoints[name].append((now, max(steps)))
+        b.read_resumes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +189,7 @@ class Bench:
         self.operator_kills = 0
         self.worker_kills: dict[str, list[int]] = defaultdict(list)  # job -> attempts whose trainer was killed
         self.outputs: dict[str, dict[str, str]] = {}  # job -> file -> sha256, when it succeeded
+        self.resumes: dict[tuple[str, int], int] = {}  # (job, attempt) -> the step it resumed from (0: afresh)
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -193,21 +198,20 @@ class Bench:
         self.cluster = LocalCluster(state_dir=self.state, gpu_nodes=GpuNodePool(count=0), cpu_nodes=0).start()
         self.cluster.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
         self.cluster.wait_established("finetunejobs.kubetune.io")
-        self.cluster.create_namespace_with_claims(NAMESPACE, CLAIMS)
-        self.nodes: list[LocalNode] = start_nodes(self.cluster, ["local-node-0", "local-node-1"], self.state / "agents")
-        root = self.nodes[0]
-        trainer_assets.make_model_dir(root.claim_dir(NAMESPACE, "models") / "tiny-llama", "llama")
+        self.nodes = RealNodes(self.cluster).start()
+        self.nodes.create_claims(NAMESPACE, CLAIMS)
+        trainer_assets.make_model_dir(self.nodes.claim_dir(NAMESPACE, "models") / "tiny-llama", "llama")
+        readable_by_pods(self.nodes.claim_dir(NAMESPACE, "models"))
         rows = trainer_assets.rows(160, "prompt_completion")
-        trainer_assets.write_jsonl(root.claim_dir(NAMESPACE, "datasets") / "train.jsonl", rows)
+        trainer_assets.write_jsonl(self.nodes.claim_dir(NAMESPACE, "datasets") / "train.jsonl", rows)
         api_client = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
         self.custom = client.CustomObjectsApi(api_client)
         self.batch = client.BatchV1Api(api_client)
         self.core = client.CoreV1Api(api_client)
         settings = {
+            **self.nodes.operator_settings(),
             "healthPort": 0,
             "metricsPort": 0,
-            "masterPort": free_port(),
-            "trainerMetricsPort": free_port(),
             "progressPollIntervalSeconds": 5,
             "terminationGracePeriodSeconds": 30,
         }
@@ -229,8 +233,8 @@ class Bench:
                 self.operator.wait(30)
             except subprocess.TimeoutExpired:
                 self.operator.kill()
-        for node in getattr(self, "nodes", []):
-            node.stop()
+        if hasattr(self, "nodes"):
+            self.nodes.stop()
         if hasattr(self, "cluster"):
             self.cluster.stop()
 
@@ -243,23 +247,27 @@ class Bench:
 
     def checkpoint_dir(self, name: str) -> Path:
         uid = self.uids.get(name, "-")
-        return (
-            self.nodes[0].claim_dir(NAMESPACE, "ft-checkpoints") / NAMESPACE / name / uid / "runs" / "1" / "checkpoints"
-        )
+        return self.nodes.claim_dir(NAMESPACE, "ft-checkpoints") / NAMESPACE / name / uid / "runs" / "1" / "checkpoints"
 
     def output_dir(self, status: Obj) -> Path:
         claim, _, path = status["output"]["path"].removeprefix("pvc://").partition("/")
-        return self.nodes[0].claim_dir(NAMESPACE, claim) / path
+        return self.nodes.claim_dir(NAMESPACE, claim) / path
+
+    def read_resumes(self) -> None:
+        """Note the step each attempt resumed from, from its rank 0's log on the nodes, while its pod exists (the
+        kubelet deletes the log with the pod). 0 until a log shows a resume: it started afresh."""
+        for node in self.nodes.nodes:
+            for log in node.layout.pod_logs.glob(f"{NAMESPACE}_*/trainer/*.log"):
+                m = POD_LOG.match(log.parent.parent.name)
+                if not m:
+                    continue
+                key = (m.group(1), int(m.group(2)))
+                found = RESUMED.findall(log.read_text(errors="replace"))
+                self.resumes[key] = int(found[-1]) if found else self.resumes.get(key, 0)
 
     def resumed_step(self, name: str, attempt: int) -> int | None:
-        """The step attempt `attempt` resumed from, from its rank 0's log (0: it started afresh; None: no log)."""
-        pods = sorted((self.state / "agents" / "pods").glob(f"{NAMESPACE}_{name}-r1-a{attempt}-0-*"))
-        logs = sorted(p for pod in pods for p in (pod / "logs" / "trainer").glob("*.log"))
-        if not logs:
-            return None
-        text = "".join(p.read_text(errors="replace") for p in logs)
-        found = RESUMED.findall(text)
-        return int(found[-1]) if found else 0
+        """The step attempt `attempt` resumed from (0: it started afresh; None: its log was never seen)."""
+        return self.resumes.get((name, attempt))
 
     # -- chaos ------------------------------------------------------------------------------------
 

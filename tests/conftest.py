@@ -40,9 +40,6 @@ from kubetune_operator.api import CRD_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Session fixtures `local_nodes` / `node_agent`: process-based nodes that run pods for real.
-pytest_plugins = ["kubetune_dev.nodeagent.testing"]
-
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Every test belongs to a tier; a test without an explicit one is a unit test.

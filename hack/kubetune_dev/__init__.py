@@ -1,2 +1,2 @@
-"""Development and test tooling for kubetune: the local control plane, its toolchain, and the
-local node agent. Not shipped with kubetune and not meant for production clusters."""
+"""Development and test tooling for kubetune: the local control plane, its toolchain, the images built from the
+Dockerfile and the real nodes that run them. Not shipped with kubetune and not meant for production clusters."""

@@ -345,8 +345,8 @@ class LocalCluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--authorization-mode=RBAC",
             "--allow-privileged=true",
-            # `kubectl logs` for pods of a local node agent: the API server calls the agent's kubelet port with
-            # a client certificate from the cluster CA, which is all the agent accepts.
+            # `kubectl logs` and `exec` for pods of the real nodes: the API server calls their kubelets with a
+            # client certificate from the cluster CA, which their x509 authentication accepts.
             f"--kubelet-client-certificate={certs['admin']}",
             f"--kubelet-client-key={certs['admin-key']}",
             # Real nodes' names are not in DNS; their InternalIP is their bridge's gateway on this host.

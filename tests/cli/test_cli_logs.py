@@ -1,5 +1,6 @@
-"""`kubectl finetune logs` reads real worker processes (run by the local node agent) through the API server's pod
-log endpoint. The workers are an Indexed Job named and labelled as the operator names an attempt's."""
+"""`kubectl finetune logs` reads real worker containers (on the session's real nodes) through the API server's pod
+log endpoint, which asks their kubelet. The workers are an Indexed Job named and labelled as the operator names an
+attempt's."""
 
 from __future__ import annotations
 
@@ -13,19 +14,18 @@ import cli_helpers as h
 import pytest
 from cli_helpers import EXECUTABLE, Cli, error, ok
 from kubetune_dev.cluster import LocalCluster
-from kubetune_dev.nodeagent.testing import LocalNode, start_nodes
+from kubetune_dev.realnodes import RealNodes
 from kubetune_operator.names import COMPLETION_INDEX_LABEL, LABEL_ATTEMPT, LABEL_JOB, LABEL_RUN, attempt_name
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def node(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
-    """A local node agent of this module's own. (The node agent's session fixtures, imported into a second
-    conftest, would start a second pair of agents under the same node names as tests/nodeagent's.)"""
-    (agent,) = start_nodes(cluster, ["cli-local-node"], tmp_path_factory.mktemp("cli-nodeagent"))
-    yield agent
-    agent.stop()
+@pytest.fixture
+def signal_claim(real_nodes: RealNodes, namespace: str) -> Iterator[str]:
+    """A claim the workers and the test share: the test's go-ahead is a file on it."""
+    real_nodes.create_claims(namespace, ["signal"])
+    yield "signal"
+    real_nodes.delete_claims(namespace)
 
 
 # Rank 0 logs, then waits for the test's go-ahead on a shared claim, so `logs -f` must really follow it.
@@ -40,11 +40,11 @@ print(f"rank {rank}: step 10 loss 1.5000", flush=True)
 """
 
 
-def attempt_job(job: str, attempt: int, *, workers: int, placement: dict[str, object]) -> dict[str, object]:
+def attempt_job(job: str, attempt: int, *, workers: int, image: str, placement: dict[str, object]) -> dict[str, object]:
     labels = {LABEL_JOB: job, LABEL_RUN: "1", LABEL_ATTEMPT: str(attempt)}
     container = {
         "name": "trainer",
-        "image": "ignored",
+        "image": image,
         "command": ["python", "-c", WORKER],
         "volumeMounts": [{"name": "signal", "mountPath": "/signal"}],
     }
@@ -85,21 +85,16 @@ def wait_for_phase(
 
 
 def test_logs_of_each_rank_followed_live_and_by_attempt(
-    cli: Cli, crd_cluster: LocalCluster, namespace: str, node: LocalNode
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, real_nodes: RealNodes, signal_claim: str
 ) -> None:
+    node, image = real_nodes.nodes[0], real_nodes.image("operator")  # the small image: Python is all they need
     h.apply(crd_cluster, namespace, h.manifest("support-bot"))
     assert error(cli("logs", "support-bot", "-n", namespace)) == (
         'FineTuneJob "support-bot" has not started any workers yet: `kubectl finetune watch support-bot` follows it'
     )
-    claim = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "signal"},
-        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}},
-    }
-    h.apply(crd_cluster, namespace, claim)
     h.set_status(crd_cluster, namespace, "support-bot", h.training(10))
-    h.apply(crd_cluster, namespace, attempt_job("support-bot", 1, workers=2, placement=node.placement))
+    first = attempt_job("support-bot", 1, workers=2, image=image, placement=real_nodes.placement)
+    h.apply(crd_cluster, namespace, first)
     wait_for_phase(crd_cluster, namespace, 0, "Running")
 
     follow = subprocess.Popen(
@@ -111,7 +106,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     )
     try:
         assert follow.stdout is not None and follow.stdout.readline() == "rank 0: loaded 2 shards\n"
-        (node.claim_dir(namespace, "signal") / "go").touch()
+        (real_nodes.claim_dir(namespace, signal_claim) / "go").touch()
         assert follow.stdout.read() == "rank 0: step 10 loss 1.5000\n"
         assert follow.wait(timeout=20) == 0
     finally:
@@ -138,7 +133,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     h.set_status(crd_cluster, namespace, "support-bot", h.training(10, attempt=2))
     gate = "kubetune.io/cli-test-gate"
     gated = {**node.placement, "nodeSelector": {**node.node_selector, gate: namespace}}  # unique to this test
-    h.apply(crd_cluster, namespace, attempt_job("support-bot", 2, workers=1, placement=gated))
+    h.apply(crd_cluster, namespace, attempt_job("support-bot", 2, workers=1, image=image, placement=gated))
     pending = error(cli("logs", "support-bot", "-n", namespace))
     assert pending.startswith("worker support-bot-r1-a2-0-")
     assert pending.endswith(" has not started yet: add --follow to wait for its log")
@@ -157,6 +152,7 @@ def test_logs_of_each_rank_followed_live_and_by_attempt(
     finally:
         waiting.kill()
         waiting.wait()
+        crd_cluster.kubectl("label", "node", node.name, f"{gate}-")  # the nodes serve the whole session
     assert (waiting.returncode, out, err) == (0, "rank 0: loaded 2 shards\nrank 0: step 10 loss 1.5000\n", "")
 
 
@@ -175,7 +171,7 @@ for r in rows:
 
 
 def test_samples_of_a_finished_run_side_by_side_from_rank_0s_log(
-    cli: Cli, crd_cluster: LocalCluster, namespace: str, node: LocalNode, tmp_path: Path
+    cli: Cli, crd_cluster: LocalCluster, namespace: str, real_nodes: RealNodes, tmp_path: Path
 ) -> None:
     samples = {"evaluation": {"samples": {"source": "pvc://datasets/prompts.jsonl"}}}
     h.apply(crd_cluster, namespace, h.manifest("answers", **samples))
@@ -185,7 +181,7 @@ def test_samples_of_a_finished_run_side_by_side_from_rank_0s_log(
         'FineTuneJob "no-prompts" has no spec.evaluation.samples: give it prompts to answer'
     )
     h.set_status(crd_cluster, namespace, "answers", h.succeeded())
-    job = attempt_job("answers", 1, workers=1, placement=node.placement)
+    job = attempt_job("answers", 1, workers=1, image=real_nodes.image("operator"), placement=real_nodes.placement)
     job["spec"]["template"]["spec"]["containers"][0]["command"] = ["python", "-c", ANSWERING_WORKER]  # type: ignore[index]
     job["spec"]["template"]["spec"]["volumes"] = []  # type: ignore[index]
     job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"] = []  # type: ignore[index]

@@ -1,8 +1,10 @@
-"""Fixtures for full local runs: the real operator runs the real trainer through the session's two node agents.
+"""Fixtures for full local runs: the real operator runs the real trainer on the session's two real nodes (kubelet +
+containerd + runc, the trainer image built from this checkout).
 
-One operator and one namespace per test module; the namespace's claims are directories of the agents' root,
-filled here as a cluster admin would fill a volume: a tiny random-initialised Llama with its tokenizer, and
-datasets. The helpers of the operator and trainer tiers are reused.
+One operator and one namespace per test module; the namespace's claims are hostPath volumes, filled here as a
+cluster admin would fill a volume: a tiny random-initialised Llama with its tokenizer, and datasets. The operator
+runs as a host process (its log at hand for failures; it reaches rank 0 by pod IP); `make demo` runs it in-cluster.
+The helpers of the operator, trainer and chart tiers are reused.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-from kubetune_dev.cluster import LocalCluster, free_port
-from kubetune_dev.nodeagent.testing import LocalNode
+from kubetune_dev.cluster import LocalCluster
+from kubetune_dev.realnodes import RealNodes, readable_by_pods
 
 TESTS = Path(__file__).resolve().parents[1]
 # Not packages: their directories go on the path as pytest puts them there for their own tests.
@@ -36,26 +37,25 @@ def api(crd_cluster: LocalCluster) -> Api:
 
 
 @pytest.fixture(scope="module")
-def ns(crd_cluster: LocalCluster, local_nodes: list[LocalNode]) -> Iterator[str]:
+def ns(crd_cluster: LocalCluster, real_nodes: RealNodes) -> Iterator[str]:
     """A namespace with the four claims; the model claim holds the tiny model, the dataset claim good rows."""
     name = f"ktl-{uuid.uuid4().hex[:8]}"
-    crd_cluster.create_namespace_with_claims(name, CLAIMS)
-    node = local_nodes[0]
-    trainer_assets.make_model_dir(node.claim_dir(name, "models") / MODEL, "llama")
+    real_nodes.create_claims(name, CLAIMS)
+    trainer_assets.make_model_dir(real_nodes.claim_dir(name, "models") / MODEL, "llama")
     rows = trainer_assets.rows(160, "prompt_completion")
-    trainer_assets.write_jsonl(node.claim_dir(name, "datasets") / "train.jsonl", rows)
+    trainer_assets.write_jsonl(real_nodes.claim_dir(name, "datasets") / "train.jsonl", rows)
+    readable_by_pods(real_nodes.claim_dir(name, "models"))
     yield name
     crd_cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    real_nodes.delete_claims(name)
 
 
 @pytest.fixture(scope="module")
-def operator(crd_cluster: LocalCluster, ns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    """The operator for the module's namespace. Free rendezvous and metrics ports: other sessions on this machine
-    may train at the same time, and pods of different agent roots can get the same loopback address."""
-    op = Operator(crd_cluster, tmp_path_factory.mktemp("operator"), [ns])
-    settings = yaml.safe_load(op.settings_path.read_text())
-    settings.update(masterPort=free_port(), trainerMetricsPort=free_port())
-    op.settings_path.write_text(yaml.safe_dump(settings))
+def operator(
+    crd_cluster: LocalCluster, real_nodes: RealNodes, ns: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    """The operator for the module's namespace, its workers running this checkout's trainer image."""
+    op = Operator(crd_cluster, tmp_path_factory.mktemp("operator"), [ns], settings=real_nodes.operator_settings())
     op.start()
     yield op
     op.stop()

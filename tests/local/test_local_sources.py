@@ -1,7 +1,7 @@
 """FineTuneJobs whose model and data live in S3, trained for real: the operator gives the workers the keys from a
-Secret (secretKeyRef env) and the store's endpoint (trainer config), the session's two node agents run them, and
-the trainer downloads from an S3-compatible server on localhost (moto, s3_server.py) into the job's cache on the
-checkpoint claim, once for both nodes."""
+Secret (secretKeyRef env) and the store's endpoint (trainer config), the session's two real nodes run them, and
+the trainer downloads from an S3-compatible server on the host (moto, s3_server.py, on the first node's bridge
+address, which pods of both nodes reach) into the job's cache on the checkpoint claim, once for both nodes."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import trainer_assets
 from e2e_support import Api, Operator, condition, wait_phase
 from kubetune_dev.cluster import LocalCluster
-from kubetune_dev.nodeagent.testing import LOCAL_NODE_SELECTOR, LOCAL_NODE_TOLERATION, LocalNode
+from kubetune_dev.realnodes import NODE_SELECTOR, NODE_TOLERATION, RealNodes
 from s3_server import BUCKET, S3Server, s3_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,9 +26,10 @@ RUN_TIMEOUT = 300  # a job from apply to its end, on 2 busy cores
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+def s3(tmp_path_factory: pytest.TempPathFactory, real_nodes: RealNodes) -> Iterator[S3Server]:
     tmp = tmp_path_factory.mktemp("s3")
-    with s3_server(tmp) as server:
+    assert real_nodes.slot is not None
+    with s3_server(tmp, host=real_nodes.slot.gateway(0)) as server:
         server.put_dir("models/tiny-llama", trainer_assets.make_model_dir(tmp / "model", "llama"))
         rows = trainer_assets.rows(120, "prompt_completion")
         obstore.put(server.store(), "data/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
@@ -51,8 +52,8 @@ def spec(s3: S3Server, keys: str) -> dict[str, Any]:
         "resources": {
             "numNodes": 2,
             "gpusPerNode": 0,
-            "nodeSelector": LOCAL_NODE_SELECTOR,
-            "tolerations": [LOCAL_NODE_TOLERATION],
+            "nodeSelector": NODE_SELECTOR,
+            "tolerations": [NODE_TOLERATION],
         },
         "checkpoint": {"claimName": "ft-checkpoints", "everySteps": 3},
         "output": {"claimName": "ft-models"},
@@ -61,7 +62,7 @@ def spec(s3: S3Server, keys: str) -> dict[str, Any]:
 
 
 def test_trains_from_s3_with_keys_from_a_secret_and_one_download_for_both_nodes(
-    crd_cluster: LocalCluster, api: Api, ns: str, operator: Operator, local_nodes: list[LocalNode], s3: S3Server
+    crd_cluster: LocalCluster, api: Api, ns: str, operator: Operator, real_nodes: RealNodes, s3: S3Server
 ) -> None:
     secret(crd_cluster, ns, "s3-keys", s3.credentials())
     before = s3.downloads()
@@ -69,16 +70,15 @@ def test_trains_from_s3_with_keys_from_a_secret_and_one_download_for_both_nodes(
     api.apply(ns, name, spec(s3, "s3-keys"))
     status = wait_phase(api, operator, ns, name, "Succeeded", timeout=RUN_TIMEOUT)
 
-    node = local_nodes[0]
     claim, _, path = status["output"]["path"].removeprefix("pvc://").partition("/")
-    manifest = json.loads((node.claim_dir(ns, claim) / path / "manifest.json").read_text())
+    manifest = json.loads((real_nodes.claim_dir(ns, claim) / path / "manifest.json").read_text())
     assert manifest["worldSize"] == 2 and manifest["finalMetrics"]["steps"] == 6
     model_etags = s3.etags("models/tiny-llama")
     assert {o["key"]: o["etag"] for o in manifest["sources"]["model"]["objects"]} == model_etags
     assert manifest["sources"]["dataset"]["objects"][0]["etag"] == s3.etags("data")["data/train.jsonl"]
     # Two nodes, one download of each object, into the job's cache on the checkpoint claim.
     assert s3.downloads_since(before) == {**dict.fromkeys(model_etags, 1), "data/train.jsonl": 1}
-    cache = node.claim_dir(ns, "ft-checkpoints") / ns / name / "cache" / "sources"
+    cache = real_nodes.claim_dir(ns, "ft-checkpoints") / ns / name / "cache" / "sources"
     assert sorted(p.name[:3] for p in cache.iterdir()) == ["s3-", "s3-"]
     # The keys reached the workers only through the Secret: not the run's ConfigMap, the status or the events.
     config_maps = crd_cluster.kubectl("get", "configmaps", "-n", ns, "-o", "json").stdout

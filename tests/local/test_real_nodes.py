@@ -174,7 +174,7 @@ def test_logs_exec_and_claims_shared_by_both_nodes(crd_cluster: LocalCluster, re
 def test_a_container_over_its_memory_limit_is_oom_killed(
     crd_cluster: LocalCluster, real_nodes: RealNodes, ns: str
 ) -> None:
-    """What the node agent hid: no memory limit was enforced, so a job sized too small passed locally."""
+    """A job sized too small fails here as on any cluster (examples/demo-lora.yaml's memory is sized to this)."""
     grow = "x = bytearray(300 * 2**20); print('allocated', flush=True)"
     limits = {"resources": {"limits": {"memory": "128Mi"}, "requests": {"memory": "128Mi"}}}
     apply(

@@ -232,8 +232,7 @@ class Api:
         self.core.patch_namespaced_pod_status(pod, namespace, patch)  # a JSON patch: the IP list replaced
 
 
-# Loopback addresses for fake trainers (Linux routes all of 127/8 to the loopback), apart from the node agents'
-# 127.0.0.x.
+# Loopback addresses for fake trainers (Linux routes all of 127/8 to the loopback), apart from 127.0.0.x.
 _TRAINER_HOSTS = (f"127.42.{i // 250}.{i % 250 + 1}" for i in itertools.count())
 
 

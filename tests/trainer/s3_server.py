@@ -95,21 +95,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     # A bare TCP connect: an HTTP request would use up one of the unauthenticated setup requests.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, "moto_server exited"
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.1)
     raise TimeoutError("moto_server did not listen")
 
 
 @contextmanager
-def s3_server(tmp: Path) -> Iterator[S3Server]:
-    """A running server with the bucket BUCKET and a user's key; stopped on exit."""
+def s3_server(tmp: Path, host: str = "127.0.0.1") -> Iterator[S3Server]:
+    """A running server with the bucket BUCKET and a user's key, listening on `host` (an address pods reach, for
+    workers on real nodes); stopped on exit."""
     built = subprocess.run([REPO / "hack" / "moto.sh"], capture_output=True, text=True, check=True)
     env_dir = Path(built.stdout.split()[-1])
     port = free_port()
@@ -117,14 +118,14 @@ def s3_server(tmp: Path) -> Iterator[S3Server]:
     server_env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4", "PYTHONUNBUFFERED": "1"}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [env_dir / "bin" / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+            [env_dir / "bin" / "moto_server", "-H", host, "-p", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=server_env,
         )
     try:
-        _wait_for_port(port, proc)
-        url = f"http://127.0.0.1:{port}"
+        _wait_for_port(host, port, proc)
+        url = f"http://{host}:{port}"
         setup = subprocess.run([env_dir / "bin" / "python", "-c", SETUP, url, BUCKET], capture_output=True, text=True)
         assert setup.returncode == 0, setup.stderr
         key = json.loads(setup.stdout)
