@@ -332,3 +332,23 @@ def test_s3_errors_are_permanent_only_when_retrying_cannot_help(error: str, reas
         assert permanent is None
     else:
         assert permanent is not None and str(permanent).startswith(f"model source s3://b/m: {reason}")
+
+
+def test_evaluation_sets_and_samples_come_from_s3_too(tmp_path: Path, s3: S3Server, aws_env: None) -> None:
+    obstore.put(s3.store(), "eval/general.jsonl", eval_rows().encode())
+    prompts = json.dumps({"prompt": "repeat apple 2 times: "}) + "\n"
+    obstore.put(s3.store(), "eval/prompts.jsonl", prompts.encode())
+    evaluation = {
+        "sets": [{"name": "general", "path": f"s3://{BUCKET}/eval/general.jsonl"}],
+        "samples": {"path": f"s3://{BUCKET}/eval/prompts.jsonl", "maxNewTokens": 4},
+    }
+    before = s3.downloads()
+    result = run(TrainerConfig.model_validate(s3_config(tmp_path, s3, evaluation=evaluation)), assets.cpu_runtime())
+    assert result["evalSets"]["general"]["baseLoss"] > 0
+    downloaded = s3.downloads_since(before)
+    assert downloaded["eval/general.jsonl"] == 1 and downloaded["eval/prompts.jsonl"] == 1
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [o["key"] for o in manifest["sources"]["evaluation set general"]["objects"]] == ["eval/general.jsonl"]
+    assert [o["key"] for o in manifest["sources"]["samples"]["objects"]] == ["eval/prompts.jsonl"]
+    [sample] = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert sample["prompt"] == "repeat apple 2 times: "
