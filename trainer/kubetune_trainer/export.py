@@ -7,7 +7,7 @@ merged/                                            output.mergeAdapter: base + a
 metrics.jsonl                                      one record per log step (appended while training)
 data-report.json                                   the data report, written before training (datareport.py)
 samples.jsonl                                      base and fine-tuned answers to evaluation.samples (samples.py)
-loss.png                                           training and eval loss curves
+loss.png                                           training, eval and evaluation set loss curves
 manifest.json                                      written last: who trained it (identity), base model, dataset
                                                    hashes, downloaded sources (ETags, commits), config, final
                                                    metrics, world size, versions, output checksums
@@ -144,6 +144,13 @@ def plot_loss(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.plot(*zip(*train, strict=True), label="train loss")
     if evals:
         ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    sets: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for name, figures in (r.get("evalSets") or {}).items():
+            if figures.get("loss") is not None:
+                sets.setdefault(name, []).append((r["step"], figures["loss"]))
+    for name, points in sets.items():
+        ax.plot(*zip(*points, strict=True), marker="s", linestyle="--", label=f"{name} (evaluation set)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
