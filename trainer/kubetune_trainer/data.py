@@ -15,6 +15,9 @@ Formats, and which tokens carry the loss:
   when the tokenizer has one, else the classic Alpaca prompt as prompt_completion.
 - sharegpt `{conversations: [{from, value}]}`: mapped to messages (human/user, gpt/assistant, system).
 
+Under torchrun, each node reads and tokenises once (`prepare_once_per_node`): its local rank 0 prepares the data and
+writes the arrays; the node's other ranks memory-map them, so the node holds one copy.
+
 A tokenised sample stores its token ids and its labels already shifted (label[i] is the token the model must
 predict after token i, or -100), so packing samples side by side never links one sample to the next.
 """
@@ -25,6 +28,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +41,7 @@ from .config import DatasetConfig, DatasetFormat
 from .errors import PermanentError
 from .files import sha256_file
 from .progress import Report, no_report
+from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -510,3 +516,74 @@ def prepare(cfg: DatasetConfig, tokenizer: Any, seed: int, report: Report = no_r
     if evaluation is not None and len(evaluation) == 0:
         evaluation = None
     return PreparedData(train, evaluation, files, eval_files)
+
+
+# ----------------------------------------------------------------------------------------------
+# One tokenisation per node
+# ----------------------------------------------------------------------------------------------
+
+SAMPLE_ARRAYS = ("ids", "labels", "offsets")
+
+
+def save_prepared(data: PreparedData, directory: Path) -> None:
+    """The prepared data as .npy arrays (memory-mappable) and a JSON file for the rest."""
+    parts: dict[str, Any] = {}
+    for name, samples in (("train", data.train), ("eval", data.eval)):
+        if samples is None:
+            continue
+        for array in SAMPLE_ARRAYS:
+            np.save(directory / f"{name}-{array}.npy", getattr(samples, array))
+        parts[name] = {"truncated": samples.truncated, "dropped": samples.dropped}
+    files = {"files": [vars(f) for f in data.files], "evalFiles": [vars(f) for f in data.eval_files]}
+    (directory / "prepared.json").write_text(json.dumps({"samples": parts, **files}))
+
+
+def load_prepared(directory: Path) -> PreparedData:
+    """What save_prepared wrote, the arrays memory-mapped read-only: every process of a node maps the same pages."""
+    meta = json.loads((directory / "prepared.json").read_text())
+
+    def samples(name: str) -> Samples | None:
+        counts = meta["samples"].get(name)
+        if counts is None:
+            return None
+        arrays = {a: np.load(directory / f"{name}-{a}.npy", mmap_mode="r") for a in SAMPLE_ARRAYS}
+        return Samples(**arrays, **counts)
+
+    train = samples("train")
+    assert train is not None
+    return PreparedData(
+        train,
+        samples("eval"),
+        [SourceFile(**f) for f in meta["files"]],
+        [SourceFile(**f) for f in meta["evalFiles"]],
+    )
+
+
+def prepare_once_per_node(rt: Runtime, make: Callable[[], PreparedData]) -> PreparedData:
+    """Local rank 0 of each node reads and tokenises (`make`); the node's other ranks wait, then map its arrays,
+    so a pod of 8 processes tokenises once and holds one copy in memory (the page cache), not 8 (collective).
+    A bad row is reported by every rank alike."""
+    if not rt.distributed:
+        return make()
+    directory: str | None = None
+    problem: str | None = None
+    if rt.local_rank == 0:
+        try:
+            data = make()
+        except PermanentError as e:
+            problem = str(e)
+        else:
+            directory = tempfile.mkdtemp(prefix="kubetune-data-")
+            save_prepared(data, Path(directory))
+            del data
+    shared = rt.gather_objects((directory, problem))
+    problems = [p for _, p in shared if p]
+    if problems:
+        raise PermanentError(problems[0])
+    mine = shared[rt.rank - rt.local_rank][0]  # torchrun numbers a node's ranks consecutively from its local rank 0
+    assert mine is not None
+    prepared = load_prepared(Path(mine))
+    rt.barrier()  # every rank has mapped the files: they can go (the mappings stay)
+    if directory:
+        shutil.rmtree(directory)
+    return prepared

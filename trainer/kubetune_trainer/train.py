@@ -31,7 +31,7 @@ import torch
 
 from . import checkpoint, datareport, evalsets, export, mfu, samples, sources
 from .config import TrainerConfig
-from .data import PreparedData, Samples, prepare
+from .data import PreparedData, Samples, prepare, prepare_once_per_node
 from .errors import PermanentError, Stopped, Terminated
 from .loss import accepts_logits_to_keep, cross_entropy_sum
 from .modeling import Prepared, build, check_supported, compute_dtype, load_tokenizer, peak_rss_bytes
@@ -145,7 +145,10 @@ class Run:
         if cfg.dataset.packing and not self.packed:
             log.info("packing is off for %s tuning: its virtual tokens belong to every sample", cfg.method.type)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.data: PreparedData = prepare(cfg.dataset, self.tokenizer, cfg.training.seed, self.progress.setup)
+        dataset, seed = cfg.dataset, cfg.training.seed
+        self.data: PreparedData = prepare_once_per_node(
+            rt, lambda: prepare(dataset, self.tokenizer, seed, self.progress.setup)
+        )
         self.ckpt.bind(self._dataset_digests())
         lengths = self.data.train.lengths()
         self.bins = self._bins(self.data.train)
