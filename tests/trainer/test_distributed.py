@@ -111,6 +111,22 @@ def test_fsdp2_full_finetune_shards_resumes_and_matches_one_process(
     assert any("written by 2 processes, this run has 1" in r.getMessage() for r in caplog.records)
 
 
+def test_fsdp2_without_safetensors_rank_0_reads_and_sends_the_shards(
+    tmp_path: Path, llama_dir: Path, train_jsonl: Path
+) -> None:
+    # The same model with .bin weights: no rows to read per rank, so rank 0 loads it and broadcasts each shard.
+    bin_dir = tmp_path / "bin-model"
+    shutil.copytree(llama_dir, bin_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.save(load_file(llama_dir / "model.safetensors"), bin_dir / "pytorch_model.bin")
+    sections: dict[str, Any] = {"method": {"type": "full"}, "training": {"maxSteps": 3, "learningRate": 1e-3, **SPLIT}}
+    results = {}
+    for name, model in (("bin", bin_dir), ("safetensors", llama_dir)):
+        where = tmp_path / name
+        launch(where, assets.trainer_config(where, model, train_jsonl, **sections))
+        results[name] = load_file(where / "out" / "model.safetensors")
+    assert_close(results["bin"], results["safetensors"], atol=0)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_fsdp2_peft_trains_like_ddp_and_resumes(
     tmp_path: Path, llama_dir: Path, train_jsonl: Path, method: str
