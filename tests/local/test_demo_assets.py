@@ -29,7 +29,16 @@ def test_the_held_out_questions_are_new_and_their_answers_are_taught() -> None:
     assert len(train) >= 200 and len(heldout) >= 20
     assert not {q for q, _ in heldout} & {q for q, _ in train}
     assert {a for _, a in heldout} <= {a for _, a in train}  # each held-out question is about a trained fact
-    assert demo.sample_questions() == heldout[: demo.SAMPLE_QUESTIONS]
+
+
+def test_the_job_evaluates_itself_on_everyday_questions_and_answers_held_out_ones() -> None:
+    train, general = rows(demo.TRAIN_DATA), rows(demo.GENERAL_DATA)
+    assert len(general) >= 20 and not {q for q, _ in general} & {q for q, _ in train}
+    assert not any("Lumaquill" in q + a for q, a in general)  # another domain than the training data
+    evaluation = yaml.safe_load(demo.EXAMPLE.read_text())["spec"]["evaluation"]
+    claim_path = f"pvc://datasets/{demo.DATASET_DIR}/"
+    assert [s["source"] for s in evaluation["sets"]] == [claim_path + "general.jsonl"]
+    assert evaluation["samples"]["source"] == claim_path + "heldout.jsonl"  # questions it never trains on
 
 
 @pytest.mark.trainer

@@ -731,15 +731,21 @@ def _wrapped(text: str, width: int) -> list[str]:
     return textwrap.wrap(text, width) or [""]
 
 
+def _labelled(label: str, text: str, width: int) -> list[str]:
+    """`label` then the text, wrapped, its further lines indented under the first."""
+    lines = _wrapped(text, width - 13)
+    return [f"  {label:<11}{lines[0]}", *(" " * 13 + line for line in lines[1:])]
+
+
 def samples_text(samples: Sequence[Obj], width: int = 120) -> str:
     """Each prompt, its reference answer if any, then the base and the fine-tuned answer in two columns."""
     column = max(20, (width - 5) // 2)
     lines: list[str] = []
     for i, s in enumerate(samples, 1):
         lines.append(f"[{i}] {s.get('row') or ''}".rstrip())
-        lines += ["  prompt:    " + line for line in _wrapped(str(s.get("prompt") or ""), width - 13)]
+        lines += _labelled("prompt:", str(s.get("prompt") or ""), width)
         if s.get("reference"):
-            lines += ["  reference: " + line for line in _wrapped(str(s["reference"]), width - 13)]
+            lines += _labelled("reference:", str(s["reference"]), width)
         cut = s.get("truncated") or {}
         base = str(s.get("base") or "") + (" [...]" if cut.get("base") else "")
         tuned = str(s.get("tuned") or "") + (" [...]" if cut.get("tuned") else "")
