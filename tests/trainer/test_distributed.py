@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import trainer_assets as assets
+from kubetune_trainer import evalsets
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.train import run
 from safetensors.torch import load_file
@@ -56,9 +57,11 @@ def test_ddp_lora_ranks_agree_and_match_one_process(tmp_path: Path, llama_dir: P
     launch(two, assets.trainer_config(two, llama_dir, train_jsonl, training={**training, **SPLIT}))
     m = manifest(two / "out")
     assert m["worldSize"] == 2 and len(m["replicaDigests"]) == 2 and len(set(m["replicaDigests"])) == 1
-    # The launcher's termination message on success: rank 0's final figures, as in the manifest.
+    # The launcher's termination message on success: rank 0's final figures, as in the manifest (the data report
+    # summary left to the manifest and the status).
     final = json.loads((two / "termination-log").read_text())
-    assert final == {"finalMetrics": m["finalMetrics"], "output": str(two / "out")}
+    assert final == {"finalMetrics": evalsets.message_figures(m["finalMetrics"]), "output": str(two / "out")}
+    assert "dataReport" in m["finalMetrics"] and "dataReport" not in final["finalMetrics"]
     assert final["finalMetrics"]["steps"] == 10 and final["finalMetrics"]["evalLoss"] > 0
 
     one = tmp_path / "one"
