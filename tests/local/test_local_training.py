@@ -162,10 +162,11 @@ def test_status_progress_matches_the_trainer_metrics_up_to_every_step_done(
     for progress in seen:
         assert progress.get("totalSteps") == 100 or progress["step"] == 0, progress  # unknown while loading
         if progress.get("loss") is not None:
-            # rank 0 reports the loss of its latest log step (every 5 steps), as metrics.jsonl records it
-            latest = max(step for step in logged if step <= progress["step"])
+            # rank 0 reports the loss of its latest log step (every 5 steps), as metrics.jsonl records it; a log
+            # step is counted done before its loss is reduced over the ranks, so the one before may still show
+            earlier = sorted(step for step in logged if step <= progress["step"])[-2:]
             # status keeps 4 decimals
-            assert progress["loss"] == round(logged[latest], 4), (progress, logged)
+            assert progress["loss"] in [round(logged[step], 4) for step in earlier], (progress, logged)
         for point in progress.get("history", []):
             assert point["loss"] == round(logged[point["step"]], 4), (point, logged)
     # A succeeded run shows every step done.
