@@ -285,7 +285,7 @@ class _Families:
                 "kubetune_job_tokens_per_second": p.tokens_per_second,
                 "kubetune_job_last_progress_timestamp_seconds": _ts(p.updated_at),
             }
-            for r in p.eval_sets:
+            for r in p.eval_sets or []:
                 for metric, value in (
                     ("kubetune_job_eval_set_loss", r.loss),
                     ("kubetune_job_eval_set_base_loss", r.base_loss),

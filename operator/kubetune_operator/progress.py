@@ -306,7 +306,7 @@ def to_status(
         loss=finite(report.loss),
         eval_loss=finite(report.eval_loss),
         base_eval_loss=finite(report.base_eval_loss),
-        eval_sets=eval_set_results(report.eval_sets),
+        eval_sets=eval_set_results(report.eval_sets) or None,
         data_report=data_summary(report.data_report),
         tokens_per_second=finite(report.tokens_per_second, low=0),
         mfu=finite(report.mfu, low=0, high=1),

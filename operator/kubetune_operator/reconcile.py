@@ -487,7 +487,7 @@ def end_run(
             "attempts": status.attempt,
             "final_loss": progress.loss if progress else None,
             "final_eval_loss": progress.eval_loss if progress else None,
-            "final_eval_sets": progress.eval_sets if progress else [],
+            "final_eval_sets": progress.eval_sets if progress else None,
             "output": output,
             "gpu_hours": cost.gpu_hours if cost else None,
             "cost_usd": cost.usd if cost else None,
@@ -527,7 +527,7 @@ def succeed_run(p: Pass, status: FineTuneJobStatus, run: RunRecord, completed_at
     uri = output_uri(p.owner.namespace, p.owner.name, p.owner.uid, p.trained(run), run.run)
     progress = status.progress
     gate = eval_gate(
-        p.spec.evaluation, progress.eval_loss if progress else None, progress.eval_sets if progress else []
+        p.spec.evaluation, progress.eval_loss if progress else None, (progress.eval_sets if progress else None) or []
     )
     if gate is not None:
         kept = status.model_copy(update={"output": OutputStatus(path=uri, promoted=False)})
@@ -948,7 +948,7 @@ def final_progress(final: FinalReport, previous: Progress | None, at: datetime |
         loss=loss,
         eval_loss=eval_loss,
         base_eval_loss=finite(m.base_eval_loss),
-        eval_sets=sets,
+        eval_sets=sets or None,
         data_report=previous.data_report if previous else None,
         tokens_per_second=finite(m.tokens_per_second, low=0),
         mfu=previous.mfu if previous else None,

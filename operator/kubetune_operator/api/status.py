@@ -164,8 +164,8 @@ class Progress(ApiModel):
     loss: Loss | None = Field(None, description="Latest training loss.")
     eval_loss: Loss | None = Field(None, description="Latest evaluation loss.")
     base_eval_loss: Loss | None = Field(None, description="The base model's evaluation loss, before training.")
-    eval_sets: list[EvalSetResult] = Field(
-        default_factory=list,
+    eval_sets: list[EvalSetResult] | None = Field(
+        None,
         max_length=MAX_EVAL_SETS,
         description="Each evaluation set's figures at the latest evaluation, against the base model's.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
@@ -275,8 +275,8 @@ class RunRecord(ApiModel):
     attempts: int | None = Field(None, ge=1, description="Attempts the run used.")
     final_loss: Loss | None = Field(None, description="Training loss at the end of the run.")
     final_eval_loss: Loss | None = Field(None, description="Evaluation loss at the end of the run.")
-    final_eval_sets: list[EvalSetResult] = Field(
-        default_factory=list,
+    final_eval_sets: list[EvalSetResult] | None = Field(
+        None,
         max_length=MAX_EVAL_SETS,
         description="Each evaluation set's figures at the end of the run, against the base model's.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
