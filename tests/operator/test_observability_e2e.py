@@ -112,7 +112,6 @@ def test_progress_reaches_the_status_kubectl_get_and_the_operator_metrics(
         "eta": "10m",
         "etaSeconds": 600,
         "history": [{"step": 120, "loss": 1.5, "evalLoss": 1.6}],
-        "evalSets": [],  # no evaluation sets in this spec
         "pinned": [],  # no hf:// sources to pin
     }
     checkpoint = status["checkpoint"]
