@@ -6,7 +6,6 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +21,7 @@ pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
 
 def launch(tmp: Path, cfg: dict[str, Any], nproc: int = 2) -> subprocess.CompletedProcess[str]:
-    path = assets.write_config(tmp, cfg)
-    exe = shutil.which("kubetune-launch", path=str(Path(sys.executable).parent))
-    assert exe
-    env = assets.worker_env(
-        KUBETUNE_CONFIG=str(path),
-        KUBETUNE_NPROC_PER_NODE=str(nproc),
-        KUBETUNE_MASTER_PORT=str(assets.free_port()),
-        KUBETUNE_TERMINATION_LOG=str(tmp / "termination-log"),
-    )
-    done = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=300)
+    done = assets.run_launcher(tmp, assets.write_config(tmp, cfg), nproc)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -170,16 +160,7 @@ def test_fsdp2_peft_trains_like_ddp_and_resumes(
 
 def test_dora_on_fsdp2_is_refused_with_the_alternatives(tmp_path: Path, llama_dir: Path, train_jsonl: Path) -> None:
     cfg = assets.trainer_config(tmp_path, llama_dir, train_jsonl, method={"type": "dora", "lora": {"sharding": "fsdp"}})
-    path = assets.write_config(tmp_path, cfg)
-    exe = shutil.which("kubetune-launch", path=str(Path(sys.executable).parent))
-    assert exe
-    env = assets.worker_env(
-        KUBETUNE_CONFIG=str(path),
-        KUBETUNE_NPROC_PER_NODE="2",
-        KUBETUNE_MASTER_PORT=str(assets.free_port()),
-        KUBETUNE_TERMINATION_LOG=str(tmp_path / "termination-log"),
-    )
-    done = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=300)
+    done = assets.run_launcher(tmp_path, assets.write_config(tmp_path, cfg))
     assert done.returncode == 78, done.stderr[-3000:]
     reason = (tmp_path / "termination-log").read_text()
     assert reason.startswith("method dora with FSDP2") and "use lora, or sharding ddp" in reason

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,16 +79,7 @@ def test_a_gpu_job_without_a_usable_gpu_exits_78_through_torchrun(
     tmp_path: Path, llama_dir: Path, train_jsonl: Path
 ) -> None:
     cfg = assets.write_config(tmp_path, assets.trainer_config(tmp_path, llama_dir, train_jsonl))
-    exe = shutil.which("kubetune-launch", path=str(Path(sys.executable).parent))
-    assert exe
-    env = assets.worker_env(
-        KUBETUNE_CONFIG=str(cfg),
-        KUBETUNE_NPROC_PER_NODE="2",
-        KUBETUNE_GPUS_PER_NODE="2",
-        KUBETUNE_MASTER_PORT=str(assets.free_port()),
-        KUBETUNE_TERMINATION_LOG=str(tmp_path / "termination-log"),
-    )
-    done = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=180)
+    done = assets.run_launcher(tmp_path, cfg, timeout=180, KUBETUNE_GPUS_PER_NODE="2")
     assert done.returncode == 78, done.stderr[-3000:]
     reason = (tmp_path / "termination-log").read_text()
     # The test environment hides every GPU (CUDA_VISIBLE_DEVICES=""): whatever this machine has, none is usable.

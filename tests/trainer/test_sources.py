@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -254,17 +253,7 @@ def test_two_ranks_train_on_one_download(tmp_path: Path, s3: S3Server) -> None:
     """Under torchrun, rank 0 plans and downloads; rank 1 takes its plan and waits for the copy."""
     before = s3.downloads()
     cfg = s3_config(tmp_path, s3, training={"batchSizePerDevice": 1, "gradientAccumulationSteps": 2})
-    path = assets.write_config(tmp_path, cfg)
-    exe = shutil.which("kubetune-launch", path=str(Path(sys.executable).parent))
-    assert exe
-    env = assets.worker_env(
-        **s3.credentials(),
-        KUBETUNE_CONFIG=str(path),
-        KUBETUNE_NPROC_PER_NODE="2",
-        KUBETUNE_MASTER_PORT=str(assets.free_port()),
-        KUBETUNE_TERMINATION_LOG=str(tmp_path / "termination-log"),
-    )
-    done = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=300)
+    done = assets.run_launcher(tmp_path, assets.write_config(tmp_path, cfg), **s3.credentials())
     assert done.returncode == 0, done.stderr[-4000:]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["worldSize"] == 2 and len(set(manifest["replicaDigests"])) == 1

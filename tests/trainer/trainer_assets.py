@@ -163,6 +163,24 @@ def worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_launcher(tmp: Path, config: Path, nproc: int = 2, timeout: float = 300, **env: str) -> Any:
+    """The kubetune-launch console script, as a pod runs it, on one node of `nproc` local ranks (a CompletedProcess)."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("kubetune-launch", path=str(Path(sys.executable).parent))
+    assert exe, "the kubetune-launch console script is not installed in this environment"
+    full_env = worker_env(
+        KUBETUNE_CONFIG=str(config),
+        KUBETUNE_NPROC_PER_NODE=str(nproc),
+        KUBETUNE_MASTER_PORT=str(free_port()),
+        KUBETUNE_TERMINATION_LOG=str(tmp / "termination-log"),
+        **env,
+    )
+    return subprocess.run([exe], env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
 def cpu_runtime() -> Any:
     """A single-process CPU runtime for in-process runs, whatever accelerator the machine has."""
     import torch
