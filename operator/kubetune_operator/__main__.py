@@ -22,7 +22,7 @@ from kubetune_operator.api import GROUP, KIND, PLURAL, VERSION
 from kubetune_operator.controller import Controller
 from kubetune_operator.health import start_health_server
 from kubetune_operator.kube import ApiError, Connection
-from kubetune_operator.kube_async import AsyncKube
+from kubetune_operator.kube_async import AsyncKube, connections_for
 from kubetune_operator.metrics import serve
 from kubetune_operator.settings import OperatorSettings, load_settings
 
@@ -51,7 +51,7 @@ async def wait_for_crd(kube: AsyncKube, poll: float = CRD_POLL_SECONDS) -> None:
 
 
 async def run_operator(settings: OperatorSettings, namespaces: list[str]) -> None:
-    kube = AsyncKube(Connection.load())
+    kube = AsyncKube(Connection.load(), connections_for(settings.reconcile_workers))
     controller = Controller(kube, settings)
     kopf_settings = kopf.OperatorSettings()
     controller.configure(kopf_settings, namespaces)

@@ -22,14 +22,22 @@ from kubetune_operator.kube import (
     resource_path,
 )
 
-# Connections to the API server at most: each TLS connection holds a 256 KiB read buffer (asyncio's), and more
-# requests in flight than this only queue in the API server instead of here.
-MAX_CONNECTIONS = 16
+# Requests one reconcile may have in flight at once: its children are created together (a claim, the config,
+# the Service and the Job).
+REQUESTS_PER_RECONCILE = 4
+
+
+def connections_for(reconcile_workers: int) -> int:
+    """Connections to the API server: enough that no reconcile waits for one (a wait here is reconcile latency
+    the API server never caused), plus one for the event poster. Each TLS connection holds a 256 KiB read buffer
+    (asyncio's), so the cap follows the workers rather than a large constant."""
+    return reconcile_workers * REQUESTS_PER_RECONCILE + 1
 
 
 class AsyncKube:
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, max_connections: int = connections_for(1)) -> None:
         self.connection = connection
+        self.max_connections = max_connections
         self.requests: Counter[str] = Counter()
         self._ssl = connection.ssl_context()
         self._session: aiohttp.ClientSession | None = None
@@ -51,7 +59,7 @@ class AsyncKube:
         self.requests[f"{method} {resource_of(path)}"] += 1
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=READ_TIMEOUT + CONNECT_TIMEOUT, connect=CONNECT_TIMEOUT)
-            connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ssl=self._ssl)
+            connector = aiohttp.TCPConnector(limit=self.max_connections, ssl=self._ssl)
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
         try:
             async with self._session.request(
