@@ -69,7 +69,16 @@ class BenchCluster(LocalCluster):
     """The local cluster with controller-manager and scheduler client limits fit for thousands of pods."""
 
     def _kcm_args(self, certs: dict[str, Path]) -> list[str]:
-        return [*super()._kcm_args(certs), "--kube-api-qps=300", "--kube-api-burst=500", "--concurrent-job-syncs=50"]
+        # One kwok process heartbeats every fake node; on a loaded 2-core machine a beat can come later than the
+        # default 50 s grace, and the node lifecycle controller then marks that node's pods not Ready for good
+        # (kwok does not replay the Ready stage): a FineTuneJob waiting for its rank 0 would never be Running.
+        return [
+            *super()._kcm_args(certs),
+            "--kube-api-qps=300",
+            "--kube-api-burst=500",
+            "--concurrent-job-syncs=50",
+            "--node-monitor-grace-period=10m",
+        ]
 
     def _scheduler_args(self) -> list[str]:
         return [*super()._scheduler_args(), "--kube-api-qps=300", "--kube-api-burst=500"]
