@@ -17,7 +17,14 @@ import pytest
 import trainer_assets as assets
 from kubetune_trainer import checkpoint
 from kubetune_trainer.errors import PermanentError, most_telling
-from kubetune_trainer.launch import LaunchSpec, outcome, spec_from_env, torchrun_command, wait_for_address
+from kubetune_trainer.launch import (
+    LaunchSpec,
+    outcome,
+    spec_from_env,
+    torchrun_command,
+    wait_for_address,
+    worker_env,
+)
 
 pytestmark = pytest.mark.trainer
 
@@ -114,6 +121,12 @@ def test_outcome_prefers_the_workers_reason() -> None:
     code, reason = outcome(-9, [])
     assert code == 137 and reason is not None and "before any worker reported a reason" in reason
     assert most_telling([(0, "")]) is None
+
+
+def test_workers_get_a_fixed_malloc_mmap_threshold_unless_the_pod_sets_one(tmp_path: Path) -> None:
+    env = worker_env({"PATH": "/bin"}, tmp_path)
+    assert env == {"PATH": "/bin", "MALLOC_MMAP_THRESHOLD_": "1048576", "KUBETUNE_EXIT_STATUS_DIR": str(tmp_path)}
+    assert worker_env({"MALLOC_MMAP_THRESHOLD_": "65536"}, tmp_path)["MALLOC_MMAP_THRESHOLD_"] == "65536"
 
 
 def launcher_env(tmp: Path, config: Path, **extra: str) -> dict[str, str]:
