@@ -245,7 +245,8 @@ def write_manifest(
         "worldSize": world_size,
         "replicaDigests": replica_digests,  # weight checksum on each DDP rank (all equal); null under FSDP
         "parameters": parameters,
-        # Per rank: parameter bytes held, peak RSS before and once the model was built, and after training.
+        # Per rank: parameter bytes held, peak RSS (whole process, ru_maxrss) before and once the model was built,
+        # after training, and after the final evaluation and the export.
         "memory": memory,
         "resumedFromStep": resumed_from_step,
         "identity": cfg.identity.model_dump(by_alias=True),

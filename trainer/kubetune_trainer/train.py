@@ -571,7 +571,7 @@ class Run:
     def finish(self) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
         digests = self.replica_digests()
-        memory = rt.gather_objects({**self.prepared.loaded, "peakRssBytesTrained": peak_rss_bytes()})
+        trained = peak_rss_bytes()
         if self.last_eval is None and self.evaluates:
             result = self.evaluate()
             if result:
@@ -579,6 +579,10 @@ class Run:
         self.ckpt.check_fence()  # a superseded attempt exports nothing
         self.progress.set_state("exporting")
         export.save_model(self.prepared.model, cfg, self.out_dir, self.prepared.sharded, rt.is_main)
+        # Exporting a sharded full fine-tune gathers the whole model on rank 0 (on the CPU): a peak of its own.
+        memory = rt.gather_objects(
+            {**self.prepared.loaded, "peakRssBytesTrained": trained, "peakRssBytesExported": peak_rss_bytes()}
+        )
         final = {
             "steps": self.step,
             "trainLoss": self.last_loss,
