@@ -166,33 +166,10 @@ def test_dora_on_fsdp2_is_refused_with_the_alternatives(tmp_path: Path, llama_di
     assert reason.startswith("method dora with FSDP2") and "use lora, or sharding ddp" in reason
 
 
-def wide_llama_dir(path: Path, hidden: int, layers: int) -> Path:
-    """A random Llama whose weights, not the Python runtime, dominate a process's memory."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    tok = assets.make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,
-        num_hidden_layers=layers,
-        num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64,
-        max_position_embeddings=256,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_fsdp2_loads_each_ranks_share_and_peak_memory_falls_with_the_ranks(
     tmp_path: Path, train_jsonl: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    model_dir = wide_llama_dir(tmp_path / "model", hidden=1024, layers=12)
+    model_dir = assets.wide_llama_dir(tmp_path / "model", hidden=1024, layers=12)
     sections: dict[str, Any] = {
         "method": {"type": "full"},
         "dataset": {"maxSeqLength": 64, "evalSplit": 0.0},

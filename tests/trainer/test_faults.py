@@ -49,11 +49,6 @@ def events(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def losses_by_step(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
 def tree(*roots: Path, skip: str | None = None) -> dict[str, tuple[int, int, int]]:
     """Every file under the roots: (inode, size, mtime) by path, except under directories named `skip`."""
     found = {}
@@ -131,7 +126,7 @@ def test_kills_anywhere_in_the_save_window_lose_no_checkpoint(
     assert last.returncode == 0, last.stderr[-3000:]
     a, b = assets.adapter_tensors(ref / "out"), assets.adapter_tensors(cut / "out")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert losses_by_step(cut / "out") == losses_by_step(ref / "out")
+    assert assets.losses_by_step(cut / "out") == assets.losses_by_step(ref / "out")
 
 
 def test_sigterm_right_after_a_save_does_not_save_again(tmp_path: Path, llama_dir: Path, train_jsonl: Path) -> None:

@@ -33,11 +33,6 @@ def trainer_cmd(config: Path) -> list[str]:
     return [sys.executable, "-m", "kubetune_trainer", "--config", str(config)]
 
 
-def losses_by_step(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
 @pytest.mark.slow
 def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path: Path, llama_dir: Path, train_jsonl: Path) -> None:
     """Tolerance: none. On CPU the resumed run must be bitwise identical to an uninterrupted one."""
@@ -69,7 +64,7 @@ def test_kill_9_then_rerun_ends_with_the_same_weights(tmp_path: Path, llama_dir:
     for name in a:
         assert torch.equal(a[name], b[name]), name
     # The loss history, written before and after the kill, is the uninterrupted one.
-    assert losses_by_step(cut_dir / "out") == losses_by_step(ref_dir / "out")
+    assert assets.losses_by_step(cut_dir / "out") == assets.losses_by_step(ref_dir / "out")
     ref_manifest = json.loads((ref_dir / "out" / "manifest.json").read_text())
     assert manifest["finalMetrics"]["evalLoss"] == ref_manifest["finalMetrics"]["evalLoss"]
 

@@ -1,5 +1,5 @@
-"""Offline test assets for the trainer: a BPE tokenizer trained in-process, tiny random Llama / Qwen2
-models built from configs, a small learnable dataset in every format, and trainer configs."""
+"""Offline test assets for the trainer: a BPE tokenizer trained in-process, tiny (and wide) random Llama /
+Qwen2 models built from configs, a small learnable dataset in every format, and trainer configs."""
 
 from __future__ import annotations
 
@@ -111,6 +111,32 @@ def make_model_dir(path: Path, arch: str = "llama", seed: int = 0) -> Path:
     return path
 
 
+def wide_llama_dir(path: Path, hidden: int, layers: int) -> Path:
+    """A random Llama whose weights, not the Python runtime, dominate a process's memory: hidden // 64 heads, an MLP
+    11/4 as wide, the test tokenizer's 384 tokens. Saved in files of at most 1 GB, so saving holds no second copy of
+    a big model."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = make_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path, max_shard_size="1GB")
+    tok.save_pretrained(path)
+    return path
+
+
 def trainer_config(tmp: Path, model_dir: Path, data: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A complete trainer config document (camelCase, as the operator renders it); sections override."""
     cfg: dict[str, Any] = {
@@ -193,6 +219,12 @@ def adapter_tensors(out_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(out_dir / "adapter_model.safetensors")
+
+
+def losses_by_step(out: Path) -> dict[int, float]:
+    """The training loss logged at each step (metrics.jsonl of an output directory)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def checkpoint_at(root: Path, step: int) -> Path:
