@@ -7,7 +7,7 @@ export PYTHONPATH := $(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)/hack
 PY := .cache/venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages venv toolchain images cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator bench-chaos gpu-check demo demo-down
+.PHONY: help setup system-packages venv toolchain images cluster-up cluster-down lint test test-unit test-e2e crds bench-trainer bench-operator bench-chaos bench-sharded gpu-check demo demo-down
 
 help:
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -75,6 +75,9 @@ gpu-check: venv ## on one GPU, < 8 min: QLoRA, varlen kernel vs reference, FSDP2
 
 bench-operator: venv toolchain ## kubetune vs Kubeflow Trainer+JobSet, 200 and 500 jobs x 4 workers on fake GPU nodes: requests/job, latency, RSS
 	$(PY) bench/operator_scale.py --jobs 200 500
+
+bench-sharded: venv ## FSDP2 on 4 CPU ranks (gloo), full and LoRA: training state >= 2x a rank's peak RSS, rank < 60% of 1 process, exact resume
+	$(PY) bench/sharded_memory.py $(BENCH_ARGS)
 
 bench-chaos: venv toolchain ## real trainings while the operator and workers are killed at random: duplicates, lost checkpoints/outputs, extra restarts (all 0)
 	$(PY) bench/chaos.py $(BENCH_ARGS)
