@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention
+from . import attention, fused_lora
 from .config import MethodConfig, ModelConfig, TrainerConfig
 from .errors import PermanentError
 from .runtime import Runtime
@@ -426,6 +426,9 @@ def apply_method(model: Any, cfg: TrainerConfig, tokenizer: Any) -> Any:
         raise PermanentError(f"method {method.type}: {e}") from None
     if method.type == "prompt" and method.prompt.init_text:
         _init_prompt_from_text(pmodel, tokenizer, method.prompt.init_text)
+    fused = fused_lora.fuse(pmodel)
+    if fused:
+        log.info("%d LoRA layers add their update inside one matmul (fused_lora)", fused)
     for p in pmodel.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
