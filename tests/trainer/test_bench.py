@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trainer_assets as assets
 from kubetune_trainer import bench
+from kubetune_trainer.modeling import decoder_layers
 
 pytestmark = pytest.mark.trainer
 
@@ -105,3 +106,26 @@ def test_one_arm_trains_and_evaluates_the_real_smollm2(tmp_path: Path) -> None:
     r = bench.Result(**json.loads(done.stdout.strip().splitlines()[-1]))
     assert r.tokens > 0 and r.seconds > 0 and r.padding == 0.0 and len(r.tokens_per_step) == 2
     assert 0 < r.eval_loss < 10 and r.peak_rss > 2**28  # a real model: far below ln(49152) = 10.8
+
+
+def test_compile_reaches_every_arm(tmp_path: Path) -> None:
+    """`--compile` compiles the decoder blocks of this trainer and of the baselines alike, or of none."""
+    model_dir = assets.make_model_dir(tmp_path / "model")
+    spec = bench.Spec(
+        arm=bench.OURS,
+        model=str(model_dir),
+        train="train.jsonl",
+        eval="eval.jsonl",
+        out=str(tmp_path / "run"),
+        steps=2,
+        rows_per_micro=2,
+        micro_tokens=64,
+        accumulation=1,
+        learning_rate=1e-3,
+    )
+    assert bench.parse(["--compile"]).compile and not bench.parse([]).compile
+    for compiled in (False, True):
+        flagged = bench.Spec(**{**bench.asdict(spec), "compile": compiled})
+        assert bench.kubetune_config(flagged).training.compile is compiled
+        layers = decoder_layers(bench.load_lora_model(str(model_dir), flagged.compile))
+        assert layers and all((layer._compiled_call_impl is not None) is compiled for layer in layers)

@@ -17,6 +17,9 @@ Printed per arm: real (non-padding) tokens/s over the timed steps (the first ste
 against the best baseline, the padding fraction of what the model was fed, peak RSS, and the eval loss of the
 trained adapter on held-out rows (the same evaluation code for every arm: quality at equal training).
 
+`--compile`: every arm compiles each decoder block with torch.compile (dynamic shapes), this trainer through its
+`training.compile`, the baselines the same way before training; the compilation falls in the untimed first step.
+
 `--gpu`: tokens/s and MFU of LoRA r16 on a Llama-3.1-8B-shaped model (random weights, bf16) on one CUDA GPU:
 this trainer's packed rows with the varlen kernel against TRL padding-free (flash attention when the
 flash-attn package is installed, else sdpa). It exits with code 2 without a GPU; `--gpu --dry-run` runs the same
@@ -143,6 +146,7 @@ class Spec:
     accumulation: int
     learning_rate: float
     eval_rows: int | None = None
+    compile: bool = False  # every arm: each decoder block through torch.compile (dynamic shapes)
 
 
 @dataclass
@@ -216,15 +220,22 @@ def evaluate(model: Any, samples: Any) -> float:
     return total / count
 
 
-def load_lora_model(model_dir: str) -> Any:
+def load_lora_model(model_dir: str, compile: bool = False) -> Any:
+    """The baselines' model; `compile`: each decoder block compiled as this trainer's `training.compile` does."""
     import peft
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .modeling import decoder_layers
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa")
     torch.manual_seed(0)
     config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=PROJECTIONS, task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
+    lora = peft.get_peft_model(model, config)
+    if compile:
+        for layer in decoder_layers(lora):
+            layer.compile(dynamic=True)
+    return lora
 
 
 def timed_window(stamps: list[float], step_tokens: list[int], step_slots: list[int], result: Result) -> None:
@@ -236,13 +247,11 @@ def timed_window(stamps: list[float], step_tokens: list[int], step_slots: list[i
     result.tokens_per_step = step_tokens[: steps + 1]
 
 
-def arm_kubetune(spec: Spec) -> Result:
+def kubetune_config(spec: Spec) -> Any:
     from .config import TrainerConfig
-    from .runtime import init_runtime
-    from .train import run
 
     out = Path(spec.out)
-    cfg = TrainerConfig.model_validate(
+    return TrainerConfig.model_validate(
         {
             "model": {"source": spec.model},
             "dataset": {"path": spec.train, "format": "messages", "maxSeqLength": spec.micro_tokens},
@@ -257,13 +266,21 @@ def arm_kubetune(spec: Spec) -> Result:
                 "precision": "bf16",
                 "logEverySteps": 1,
                 "seed": 0,
+                "compile": spec.compile,
             },
             "checkpoint": {"dir": str(out / "ckpt"), "everySteps": 1_000_000, "keepLast": 1},
             "output": {"dir": str(out / "model")},
             "metrics": {"port": 0},
         }
     )
-    run(cfg, init_runtime())
+
+
+def arm_kubetune(spec: Spec) -> Result:
+    from .runtime import init_runtime
+    from .train import run
+
+    out = Path(spec.out)
+    run(kubetune_config(spec), init_runtime())
     result = Result(peak_rss=peak_rss(), load=os.getloadavg()[0])
     records = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokensTotal" in r and "loss" in r]
@@ -349,7 +366,7 @@ def arm_hf(spec: Spec) -> Result:
 
     tokenizer = load_tokenizer(ModelConfig(source=spec.model))
     rows = hf_rows(load_samples(spec.model, spec.train))
-    model = load_lora_model(spec.model)
+    model = load_lora_model(spec.model, spec.compile)
     if spec.arm == "hf-flatten":
         collator: Any = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE)
     else:
@@ -376,7 +393,7 @@ def arm_trl(spec: Spec) -> Result:
 
     tokenizer = load_tokenizer(ModelConfig(source=spec.model))
     rows = hf_rows(load_samples(spec.model, spec.train))
-    model = load_lora_model(spec.model)
+    model = load_lora_model(spec.model, spec.compile)
     args = training_arguments(
         spec,
         SFTConfig,
@@ -482,6 +499,7 @@ def workload_spec(name: str, model: Path, work: Path, args: argparse.Namespace) 
         accumulation=args.accumulation,
         learning_rate=args.learning_rate,
         eval_rows=args.eval_rows,
+        compile=args.compile,
     )
     shape = {"rows": len(lengths), "median": percentile(lengths, 0.5), "p95": percentile(lengths, 0.95), "mean": mean}
     return spec, shape
@@ -525,6 +543,7 @@ def compare(args: argparse.Namespace) -> int:
         f"model: SmolLM2-135M-Instruct, bf16 base, LoRA r16 on {', '.join(PROJECTIONS)}; {args.steps} optimizer steps "
         f"(the first untimed), lr {args.learning_rate} constant; ~{args.tokens_per_step} real tokens per step in "
         f"{args.accumulation} micro-batches; median of {args.repeat} interleaved runs per arm"
+        + ("; every arm with each decoder block compiled (torch.compile, dynamic shapes)" if args.compile else "")
     )
     for w in args.workloads:
         spec, shape = specs[w]
@@ -782,6 +801,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--repeat", type=int, default=2, help="interleaved runs per arm (the median counts)")
+    parser.add_argument(
+        "--compile", action="store_true", help="every arm compiles each decoder block (torch.compile, dynamic shapes)"
+    )
     parser.add_argument("--eval-rows", type=int, default=None, help="held-out rows to evaluate (default: all)")
     parser.add_argument("--seq", type=int, default=4096, help="--gpu: packed row length")
     parser.add_argument(
