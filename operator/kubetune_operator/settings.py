@@ -76,7 +76,7 @@ class OperatorSettings(SettingsModel):
         600.0, gt=0, description="How often an idle job (finished, suspended) is re-reconciled to catch drift."
     )
     # 8: at 200 jobs x 4 workers all pods ran as soon as with 32 (31-32 s vs 28-32 s, the scheduler and the Job
-    # controller set the pace) and peak RSS was 121 MiB instead of 168 (each worker keeps 4 API connections).
+    # controller set the pace) and peak RSS was 121 MiB instead of 168 (each worker has up to 4 API connections).
     reconcile_workers: int = Field(
         8, ge=1, le=256, description="FineTuneJobs reconciled concurrently (each mostly waits on the API server)."
     )
