@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trainer_assets as assets
@@ -78,23 +79,19 @@ def test_gpu_mode_dry_run_exercises_both_arms_on_the_cpu() -> None:
     assert "ratio (kubetune / trl tokens/s): " in done.stdout
 
 
+def small_spec(model: Path, train: Path, held: Path, out: Path, **overrides: Any) -> bench.Spec:
+    """A two-step run of this trainer's arm on short packed rows."""
+    shape: dict[str, Any] = dict(steps=2, rows_per_micro=2, micro_tokens=256, accumulation=1, learning_rate=1e-3)
+    return bench.Spec(
+        arm=bench.OURS, model=str(model), train=str(train), eval=str(held), out=str(out), **{**shape, **overrides}
+    )
+
+
 @pytest.mark.slow
 def test_one_arm_trains_and_evaluates_the_real_smollm2(tmp_path: Path) -> None:
     model = bench.smollm2_dir(tmp_path / "cache")
     train, held = bench.write_workload("short", tmp_path / "data")
-    spec = bench.Spec(
-        arm=bench.OURS,
-        model=str(model),
-        train=str(train),
-        eval=str(held),
-        out=str(tmp_path / "run"),
-        steps=2,
-        rows_per_micro=2,
-        micro_tokens=256,
-        accumulation=1,
-        learning_rate=1e-3,
-        eval_rows=2,
-    )
+    spec = small_spec(model, train, held, tmp_path / "run", eval_rows=2)
     done = subprocess.run(
         [sys.executable, "-m", "kubetune_trainer.bench", "--arm-spec", json.dumps(bench.asdict(spec))],
         capture_output=True,
@@ -111,21 +108,9 @@ def test_one_arm_trains_and_evaluates_the_real_smollm2(tmp_path: Path) -> None:
 def test_compile_reaches_every_arm(tmp_path: Path) -> None:
     """`--compile` compiles the decoder blocks of this trainer and of the baselines alike, or of none."""
     model_dir = assets.make_model_dir(tmp_path / "model")
-    spec = bench.Spec(
-        arm=bench.OURS,
-        model=str(model_dir),
-        train="train.jsonl",
-        eval="eval.jsonl",
-        out=str(tmp_path / "run"),
-        steps=2,
-        rows_per_micro=2,
-        micro_tokens=64,
-        accumulation=1,
-        learning_rate=1e-3,
-    )
     assert bench.parse(["--compile"]).compile and not bench.parse([]).compile
     for compiled in (False, True):
-        flagged = bench.Spec(**{**bench.asdict(spec), "compile": compiled})
+        flagged = small_spec(model_dir, Path("train.jsonl"), Path("eval.jsonl"), tmp_path / "run", compile=compiled)
         assert bench.kubetune_config(flagged).training.compile is compiled
         layers = decoder_layers(bench.load_lora_model(str(model_dir), flagged.compile))
         assert layers and all((layer._compiled_call_impl is not None) is compiled for layer in layers)

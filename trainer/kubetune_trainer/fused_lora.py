@@ -28,24 +28,23 @@ def fused_class() -> type:
     from peft.tuners.lora.layer import Linear
 
     class FusedLinear(Linear):  # type: ignore[misc]
-        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        def fused_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+            """The one plain adapter this call can fuse, or None to leave it to peft."""
             adapters = self.active_adapters
-            plain = (
-                not args
-                and not kwargs
-                and not self.disable_adapters
-                and not self.merged
-                and len(adapters) == 1
-                and adapters[0] in self.lora_A
-                and adapters[0] not in self.lora_variant
-            )
-            if not plain:
-                return super().forward(x, *args, **kwargs)  # type: ignore[no-any-return]
+            if args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1:
+                return None
             name = adapters[0]
-            a, b = self.lora_A[name], self.lora_B[name]
-            autocast = torch.is_autocast_enabled(x.device.type)
-            if b.bias is not None or (not autocast and x.dtype != a.weight.dtype):
+            if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+                return None
+            if not torch.is_autocast_enabled(x.device.type) and x.dtype != self.lora_A[name].weight.dtype:
+                return None
+            return str(name)
+
+        def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            name = self.fused_adapter(x, args, kwargs)
+            if name is None:
                 return super().forward(x, *args, **kwargs)  # type: ignore[no-any-return]
+            a, b = self.lora_A[name], self.lora_B[name]
             result = self.base_layer(x)
             down = F.linear(self.lora_dropout[name](x), a.weight)
             shape = result.shape
