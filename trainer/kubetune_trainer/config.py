@@ -240,6 +240,13 @@ class TrainingConfig(Model):
         False, description="Recompute activations in the backward pass: less memory, about 20% slower."
     )
     compile: bool = Field(False, description="Compile each decoder block with torch.compile.")
+    fused_kernels: bool | None = Field(
+        None,
+        description=(
+            "Compiled RMSNorm and SiLU-gate kernels for Llama-family layers. Unset: on for models of 100M "
+            "parameters or more when the device has a compiler and compile is off."
+        ),
+    )
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     log_every_steps: int = Field(10, ge=1, description="Log and publish metrics every N optimizer steps.")
     eval_every_steps: int | None = Field(

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import attention, fused_lora
+from . import attention, fused_lora, fused_ops
 from .config import MethodConfig, ModelConfig, TrainerConfig
 from .errors import PermanentError
 from .runtime import Runtime
@@ -541,6 +541,8 @@ def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prep
         100 * counts.trainable / max(counts.total, 1),
         cfg.method.type,
     )
+    if fused_ops.wanted(cfg.training.fused_kernels, cfg.training.compile, counts.total, rt.device):
+        log.info("%d norms and MLP gates run compiled kernels (fused_ops)", fused_ops.fuse(model))
     if cfg.training.compile:
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
