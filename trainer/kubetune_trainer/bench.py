@@ -614,11 +614,12 @@ def random_samples(vocab: int, rows: int, seq: int, seed: int) -> Any:
 
 
 def gpu_kubetune(config: Any, device: str, seq: int, steps: int, warmup: int) -> dict[str, float]:
-    """This trainer's model path (packed attention backend, LoRA in fp32 on a bf16 base, its loss) on packed rows."""
+    """This trainer's model path (packed attention backend, LoRA in fp32 on a bf16 base, fused norms and gates, its
+    loss) on packed rows."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from . import attention, mfu
+    from . import attention, fused_ops, mfu
     from .config import TrainerConfig
     from .modeling import apply_method, count_params
     from .optim import make_optimizer
@@ -643,6 +644,7 @@ def gpu_kubetune(config: Any, device: str, seq: int, steps: int, warmup: int) ->
     )
     model = apply_method(base, cfg, tokenizer=None)
     counts = count_params(model, base, is_peft=True)
+    fused_ops.apply(model, cfg.training, counts.total, torch.device(device))
     optimizer = make_optimizer(model, cfg.training, torch.device(device))
     samples = random_samples(config.vocab_size, 64 * (warmup + steps), seq, 0)
     bins = pack_bins(samples.lengths(), seq)

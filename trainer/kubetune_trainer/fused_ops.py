@@ -68,6 +68,13 @@ def wanted(setting: bool | None, whole_blocks_compiled: bool, parameters: int, d
     return not whole_blocks_compiled and parameters >= AUTO_MIN_PARAMETERS and has_compiler(device)
 
 
+def apply(model: nn.Module, training: Any, parameters: int, device: torch.device) -> int:
+    """Fuse when `wanted` for this training config (`fusedKernels`, `compile`); returns how many modules run fused."""
+    if not wanted(training.fused_kernels, training.compile, parameters, device):
+        return 0
+    return fuse(model)
+
+
 def _silu_gated(module: nn.Module) -> bool:
     act = getattr(module, "act_fn", None)
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"

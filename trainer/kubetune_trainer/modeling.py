@@ -541,8 +541,8 @@ def build(cfg: TrainerConfig, tokenizer: Any, rt: Runtime, packed: bool) -> Prep
         100 * counts.trainable / max(counts.total, 1),
         cfg.method.type,
     )
-    if fused_ops.wanted(cfg.training.fused_kernels, cfg.training.compile, counts.total, rt.device):
-        log.info("%d norms and MLP gates run compiled kernels (fused_ops)", fused_ops.fuse(model))
+    if fused := fused_ops.apply(model, cfg.training, counts.total, rt.device):
+        log.info("%d norms and MLP gates run compiled kernels (fused_ops)", fused)
     if cfg.training.compile:
         for layer in decoder_layers(model):
             layer.compile(dynamic=True)
