@@ -36,7 +36,6 @@ def page_faults_per_round(mode: str) -> list[int]:
     return list(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_the_trainer_reuses_freed_blocks_where_the_default_allocator_faults_them_in_every_step() -> None:
     default = page_faults_per_round("default")
     trainer = page_faults_per_round("trainer")
