@@ -18,6 +18,7 @@ busy benchmark process does not distort them):
   own users (each controller has its own client certificate) received during the phase, watches included;
 - reconcile latency: kubetune's own (every reconcile, API calls included); Trainer's TrainJob reconciles from its
   controller-runtime histogram (bucket-interpolated);
+- how long the API server took to answer the controllers' writes (audit log: received to response complete);
 - the controllers' peak RSS (VmHWM) and CPU time; the machine's load average.
 
 The controller-manager and scheduler get higher client QPS than their defaults (20 and 50), as a cluster of this
@@ -247,7 +248,12 @@ def workload_figures(api: Api, namespace: str, t0: float) -> Obj:
 def request_figures(local: LocalCluster, users: tuple[str, ...], start: float, end: float, jobs: int) -> Obj:
     requests = [r for r in audit_requests(local.audit_log) if r.user in users and start <= r.received < end]
     by_kind = Counter(f"{r.verb} {r.resource}" for r in requests)
+    # How long the API server took to answer the controllers' writes: what a reconcile that writes waits for at
+    # least, and what a burst of the controllers' own requests (or of the pods they cause) drives up.
+    writes = [r.seconds * 1000 for r in requests if r.verb in ("create", "update", "patch", "delete")]
     return {
+        "api_write_p50_ms": round(percentile(writes, 0.50), 1),
+        "api_write_p90_ms": round(percentile(writes, 0.90), 1),
         "api_requests": len(requests),
         "api_requests_per_job": round(len(requests) / jobs, 2),
         "api_requests_by_user": dict(Counter(r.user for r in requests)),
@@ -449,14 +455,16 @@ def report(results: list[Obj]) -> str:
             ("API requests per job", "api_requests_per_job", "{:.2f}"),
             ("reconcile p50 (ms)", "reconcile_p50_ms", "{:.1f}"),
             ("reconcile p99 (ms)", "reconcile_p99_ms", "{:.1f}"),
+            ("API server time per write p50 (ms)", "api_write_p50_ms", "{:.1f}"),
+            ("API server time per write p90 (ms)", "api_write_p90_ms", "{:.1f}"),
             ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"),
             ("controller CPU (s)", "cpu_s", "{:.0f}"),
         ]
         lines.append(f"\nN = {jobs} jobs x {ours['workers_per_job']} workers")
-        lines.append(f"  {'':30} {'kubetune':>14} {'Kubeflow+JobSet':>16}")
+        lines.append(f"  {'':36} {'kubetune':>14} {'Kubeflow+JobSet':>16}")
         for label, key, fmt in rows:
-            lines.append(f"  {label:30} {fmt.format(ours[key]):>14} {fmt.format(theirs[key]):>16}")
-        lines.append(f"  {'load average 1m (mean/max)':30} {_load(ours):>14} {_load(theirs):>16}")
+            lines.append(f"  {label:36} {fmt.format(ours[key]):>14} {fmt.format(theirs[key]):>16}")
+        lines.append(f"  {'load average 1m (mean/max)':36} {_load(ours):>14} {_load(theirs):>16}")
         lines.append("  API requests per job by verb and resource:")
         kinds = sorted(set(ours["api_requests_by_kind"]) | set(theirs["api_requests_by_kind"]))
         kinds.sort(key=lambda k: -(ours["api_requests_by_kind"].get(k, 0) + theirs["api_requests_by_kind"].get(k, 0)))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -530,6 +531,9 @@ class AuditedRequest:
     resource: str
     code: int
     received: float  # seconds since the epoch
+    # How long the API server took to answer (received to response complete); NaN for a watch, logged when
+    # its response starts.
+    seconds: float
 
 
 def audit_requests(log: Path) -> list[AuditedRequest]:
@@ -548,7 +552,9 @@ def audit_requests(log: Path) -> list[AuditedRequest]:
                 resource += "/" + ref["subresource"]
             received = datetime.fromisoformat(event["requestReceivedTimestamp"]).timestamp()
             code = (event.get("responseStatus") or {}).get("code", 0)
-            requests.append(AuditedRequest(event["user"]["username"], event["verb"], resource, code, received))
+            done = datetime.fromisoformat(event["stageTimestamp"]).timestamp()
+            seconds = done - received if event["stage"] == "ResponseComplete" else math.nan
+            requests.append(AuditedRequest(event["user"]["username"], event["verb"], resource, code, received, seconds))
     return requests
 
 
