@@ -13,7 +13,8 @@ then stops the controllers and deletes the namespace before the next phase.
 
 Per phase, counted from the first second of the burst of creations (server timestamps, one-second resolution, so a
 busy benchmark process does not distort them):
-- when the last Job was created and the last worker pod was Running;
+- when the last Job was created and the last worker pod was Running, and when the median worker pod was created,
+  scheduled and Running (a backlog before the scheduler shows as the gap between the first two);
 - API requests per job by verb and resource, from the API server's audit log: every request of the controllers'
   own users (each controller has its own client certificate) received during the phase, watches included;
 - reconcile latency: kubetune's own (every reconcile, API calls included); Trainer's TrainJob reconciles from its
@@ -237,8 +238,16 @@ def workload_figures(api: Api, namespace: str, t0: float) -> Obj:
     jobs = api.items(f"/apis/batch/v1/namespaces/{namespace}/jobs")
     pods = api.items(f"/api/v1/namespaces/{namespace}/pods")
     started = [ts(p["status"]["startTime"]) - t0 for p in pods if p["status"].get("startTime")]
+    scheduled = [
+        ts(c["lastTransitionTime"]) - t0
+        for p in pods
+        for c in p["status"].get("conditions") or []
+        if c["type"] == "PodScheduled" and c["status"] == "True"
+    ]
     return {
         "all_jobs_created_s": max((ts(j["metadata"]["creationTimestamp"]) for j in jobs), default=math.nan) - t0,
+        "pods_created_p50_s": percentile([ts(p["metadata"]["creationTimestamp"]) - t0 for p in pods], 0.5),
+        "pods_scheduled_p50_s": percentile(scheduled, 0.5),
         "pods_running_p50_s": percentile(started, 0.5),
         "all_pods_running_s": max(started, default=math.nan),
         "pods_running": sum(1 for p in pods if p["status"].get("phase") == "Running"),
@@ -450,6 +459,8 @@ def report(results: list[Obj]) -> str:
         ours, theirs = by_tool["kubetune"], by_tool["kubeflow"]
         rows = [
             ("all Jobs created (s)", "all_jobs_created_s", "{:.0f}"),
+            ("pods created, median (s)", "pods_created_p50_s", "{:.0f}"),
+            ("pods scheduled, median (s)", "pods_scheduled_p50_s", "{:.0f}"),
             ("pods Running, median (s)", "pods_running_p50_s", "{:.0f}"),
             ("all pods Running (s)", "all_pods_running_s", "{:.0f}"),
             ("API requests per job", "api_requests_per_job", "{:.2f}"),

@@ -75,12 +75,11 @@ class OperatorSettings(SettingsModel):
     resync_seconds: float = Field(
         600.0, gt=0, description="How often an idle job (finished, suspended) is re-reconciled to catch drift."
     )
-    # 4: while a burst of jobs saturates the API server, more workers only lengthen each request (its latency
-    # grows with the requests in flight) without starting pods sooner: the Job controller and the scheduler set
-    # that pace. At 500 jobs x 4 workers, 4 reconciled with p99 796 ms and all pods ran after 83 s; 8: 1,167 ms
-    # and 85 s. Fewer than 4 lets a status write wait behind a queue of first reconciles.
+    # 2: while a burst of jobs saturates the API server, more workers only lengthen each request (its latency
+    # grows with the requests in flight) and pile pods up before the scheduler; no pod runs sooner (README, the
+    # operator benchmark). A fleet of thousands of running jobs on a slow API server may want more.
     reconcile_workers: int = Field(
-        4, ge=1, le=256, description="FineTuneJobs reconciled concurrently (each mostly waits on the API server)."
+        2, ge=1, le=256, description="FineTuneJobs reconciled concurrently (each mostly waits on the API server)."
     )
     pricing: Pricing = Field(
         default_factory=Pricing, description="Prices per GPU-hour for cost tracking and budgets (USD)."
