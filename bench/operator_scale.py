@@ -95,6 +95,16 @@ def ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
+def became_true(objects: list[Obj], condition: str, t0: float) -> list[float]:
+    """Seconds after t0 at which each object's `condition` last became True (objects without it left out)."""
+    return [
+        ts(c["lastTransitionTime"]) - t0
+        for o in objects
+        for c in (o.get("status") or {}).get("conditions") or []
+        if c["type"] == condition and c["status"] == "True"
+    ]
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
@@ -238,16 +248,10 @@ def workload_figures(api: Api, namespace: str, t0: float) -> Obj:
     jobs = api.items(f"/apis/batch/v1/namespaces/{namespace}/jobs")
     pods = api.items(f"/api/v1/namespaces/{namespace}/pods")
     started = [ts(p["status"]["startTime"]) - t0 for p in pods if p["status"].get("startTime")]
-    scheduled = [
-        ts(c["lastTransitionTime"]) - t0
-        for p in pods
-        for c in p["status"].get("conditions") or []
-        if c["type"] == "PodScheduled" and c["status"] == "True"
-    ]
     return {
         "all_jobs_created_s": max((ts(j["metadata"]["creationTimestamp"]) for j in jobs), default=math.nan) - t0,
         "pods_created_p50_s": percentile([ts(p["metadata"]["creationTimestamp"]) - t0 for p in pods], 0.5),
-        "pods_scheduled_p50_s": percentile(scheduled, 0.5),
+        "pods_scheduled_p50_s": percentile(became_true(pods, "PodScheduled", t0), 0.5),
         "pods_running_p50_s": percentile(started, 0.5),
         "all_pods_running_s": max(started, default=math.nan),
         "pods_running": sum(1 for p in pods if p["status"].get("phase") == "Running"),
@@ -336,12 +340,7 @@ def run_kubetune(local: LocalCluster, api: Api, jobs: int, workers: int, args: a
         operator.terminate()
         operator.wait(60)
         summary = operator_summary(log)
-        running_since = [
-            ts(c["lastTransitionTime"]) - t0
-            for f in api.items(path)
-            for c in (f.get("status") or {}).get("conditions") or []
-            if c["type"] == "Running" and c["status"] == "True"
-        ]
+        running_since = became_true(api.items(path), "Running", t0)
         return {
             "tool": "kubetune",
             "missed": missed,
